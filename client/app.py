@@ -1,0 +1,55 @@
+"""The Flower ClientApp: a thin adapter from Flower messages to `fahr_core.site.SiteRuntime`.
+
+The SuperNode passes the site's config file in its node config (`site-config`); nothing about
+the site comes from the server except the global weights, the round and the model settings.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fahr_core.config import ModelConfig, load_site_config
+from fahr_core.site import SiteRuntime
+
+app = ClientApp()
+log = logging.getLogger("fahr_client")
+
+
+def _runtime(context: Context) -> SiteRuntime:
+    path = context.node_config.get("site-config")
+    if not path:
+        raise RuntimeError("SuperNode was started without node config 'site-config'; use `fahr-client start`")
+    return SiteRuntime(load_site_config(str(path)))
+
+
+def _round_info(msg: Message) -> tuple[ModelConfig, int, int]:
+    config = msg.content["config"]
+    return ModelConfig.from_record(config), int(config["server-round"]), int(config["num-rounds"])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site = _runtime(context)
+    spec, server_round, num_rounds = _round_info(msg)
+    state, metrics = site.train_round(msg.content["arrays"].to_torch_state_dict(), spec, server_round, num_rounds)
+    return Message(
+        RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics),
+                    "site": ConfigRecord({"name": site.cfg.name})}),
+        reply_to=msg,
+    )
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    site = _runtime(context)
+    spec, server_round, num_rounds = _round_info(msg)
+    meta = {"server_round": server_round, "num_rounds": num_rounds,
+            "run_id": int(msg.metadata.run_id), "fahr_version": str(msg.content["config"].get("fahr-version", ""))}
+    metrics, _ = site.evaluate(msg.content["arrays"].to_torch_state_dict(), spec, meta)
+    return Message(
+        RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.cfg.name})}),
+        reply_to=msg,
+    )

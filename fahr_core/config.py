@@ -1,0 +1,223 @@
+"""One typed configuration object per role, read from TOML and validated once at the edge.
+
+Everything inside fahr takes these objects; only this module knows the file format, so a bad
+file fails here with a message that names the file and the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fahr_core.io import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable, or has a bad key or value."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which ViT to build: `vit_base` is FAHR-Face's ViT-B/16; `vit_small`/`vit_tiny` suit CPUs."""
+
+    arch: str = "vit_base"
+    img_size: int = 112
+    encoder_checkpoint: str = ""  # safetensors file of MAE-pretrained encoder weights; "" = random init
+    n_intervals: int = 10  # follow-up intervals of the discrete-time hazard head
+    horizon_years: float = 10.0  # follow-up beyond this is censored at it
+
+    def to_record(self) -> dict[str, str | int | float]:
+        """What the server tells every site each round, so all sites build the same model."""
+        return {"arch": self.arch, "img-size": self.img_size, "n-intervals": self.n_intervals,
+                "horizon-years": self.horizon_years}
+
+    @classmethod
+    def from_record(cls, record: dict) -> ModelConfig:
+        try:
+            return cls(arch=str(record["arch"]), img_size=int(record["img-size"]),
+                       n_intervals=int(record["n-intervals"]), horizon_years=float(record["horizon-years"]))
+        except KeyError as e:
+            raise ValueError(f"server message lacks model setting {e}") from None
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """The site's DP budget for the whole federation (all rounds, all runs) and its clipping norm."""
+
+    epsilon: float = 8.0
+    delta: float = 0.0  # 0 = choose 1 / (10 n) from the site's training set, below 1/n as required
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_epochs: int = 1
+    batch_size: int = 32  # expected Poisson batch size: sample rate = batch_size / n
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    trainable: str = "all"  # "all", "head" or "last:N": what DP-SGD updates (see SurvivalViT.set_trainable)
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A hospital site: where its cohort lives, how it is split, and what it may spend."""
+
+    name: str
+    data: Path  # folder holding cohort.csv and the photos it names
+    workdir: Path  # site state: privacy ledger, caches, received weights, reports
+    split_seed: int = 0
+    test_fraction: float = 0.3
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.workdir / "privacy_ledger.json"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.workdir / "report"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The federation: rounds, how many sites must take part, the model every site trains."""
+
+    rounds: int = 3
+    min_sites: int = 2
+    fraction_train: float = 1.0
+    address: str = "127.0.0.1"
+    port: int = 8000  # the SuperLink's one HTTP port (Fleet, Control and Runtime APIs)
+    workdir: Path = Path("fahr-server-run")
+    round_timeout_s: float = 1800.0
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def _section(cls: type, raw: dict[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from table `raw`, naming the offending key on any error."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(known)}")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        default = known[name].default
+        if isinstance(default, bool) or default is None or isinstance(value, dict):
+            values[name] = value
+            continue
+        want = Path if isinstance(default, Path) else type(default)
+        try:
+            if want is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+                values[name] = float(value)
+            elif want is Path and isinstance(value, str):
+                values[name] = Path(value)
+            elif isinstance(value, want) and not isinstance(value, bool):
+                values[name] = value
+            else:
+                raise TypeError
+        except TypeError:
+            raise ConfigError(
+                f"{where}.{name}: expected {want.__name__}, got {type(value).__name__} {value!r}"
+            ) from None
+    return values
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def site_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> SiteConfig:
+    """Validate a parsed site TOML. Relative paths are taken relative to `base` (the file's folder)."""
+    site = dict(raw.get("site", {}))
+    _check("name" in site, f"{source}: [site] needs 'name'")
+    _check("data" in site, f"{source}: [site] needs 'data' (the folder with cohort.csv)")
+    site.setdefault("workdir", str(Path(site["data"]) / ".fahr"))
+    defaults = {"split_seed": 0, "test_fraction": 0.3}
+    for key in ("name", "data", "workdir"):
+        _check(isinstance(site[key], str) and site[key], f"{source}: [site].{key} must be a non-empty string")
+    extra = sorted(set(site) - {"name", "data", "workdir", *defaults})
+    _check(not extra, f"{source}: [site] unknown key(s) {', '.join(extra)}")
+    privacy = PrivacyConfig(**_section(PrivacyConfig, raw.get("privacy", {}), f"{source} [privacy]"))
+    train = TrainConfig(**_section(TrainConfig, raw.get("train", {}), f"{source} [train]"))
+    unknown_tables = sorted(set(raw) - {"site", "privacy", "train"})
+    _check(not unknown_tables, f"{source}: unknown table(s) {', '.join(unknown_tables)}")
+    cfg = SiteConfig(
+        name=site["name"],
+        data=(base / site["data"]).resolve(),
+        workdir=(base / site["workdir"]).resolve(),
+        split_seed=int(site.get("split_seed", 0)),
+        test_fraction=float(site.get("test_fraction", 0.3)),
+        privacy=privacy,
+        train=train,
+    )
+    _check(0.0 < cfg.test_fraction < 1.0, f"{source}: [site].test_fraction must be in (0, 1)")
+    _check(cfg.privacy.epsilon > 0, f"{source}: [privacy].epsilon must be > 0")
+    _check(0.0 <= cfg.privacy.delta < 1.0, f"{source}: [privacy].delta must be in [0, 1)")
+    _check(cfg.privacy.max_grad_norm > 0, f"{source}: [privacy].max_grad_norm must be > 0")
+    _check(cfg.train.local_epochs >= 1, f"{source}: [train].local_epochs must be >= 1")
+    _check(cfg.train.batch_size >= 1, f"{source}: [train].batch_size must be >= 1")
+    _check(cfg.train.lr > 0, f"{source}: [train].lr must be > 0")
+    return cfg
+
+
+def server_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> ServerConfig:
+    fed = dict(raw.get("federation", {}))
+    model = ModelConfig(**_section(ModelConfig, raw.get("model", {}), f"{source} [model]"))
+    values = _section(ServerConfig, fed, f"{source} [federation]")
+    if "workdir" in values:
+        values["workdir"] = (base / values["workdir"]).resolve()
+    unknown_tables = sorted(set(raw) - {"federation", "model"})
+    _check(not unknown_tables, f"{source}: unknown table(s) {', '.join(unknown_tables)}")
+    cfg = ServerConfig(**values, model=model)
+    _check(cfg.rounds >= 1, f"{source}: [federation].rounds must be >= 1")
+    _check(cfg.min_sites >= 1, f"{source}: [federation].min_sites must be >= 1")
+    _check(0 < cfg.fraction_train <= 1, f"{source}: [federation].fraction_train must be in (0, 1]")
+    _check(cfg.model.arch in ARCHS, f"{source}: [model].arch must be one of {', '.join(ARCHS)}")
+    _check(cfg.model.img_size % 16 == 0, f"{source}: [model].img_size must be a multiple of 16")
+    _check(cfg.model.n_intervals >= 2, f"{source}: [model].n_intervals must be >= 2")
+    return cfg
+
+
+ARCHS = ("vit_base", "vit_small", "vit_tiny", "vit_micro")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
+def load_site_config(path: Path) -> SiteConfig:
+    path = Path(path)
+    return site_config_from_dict(_read_toml(path), str(path), path.parent)
+
+
+def load_server_config(path: Path) -> ServerConfig:
+    path = Path(path)
+    return server_config_from_dict(_read_toml(path), str(path), path.parent)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def dump_site_config(cfg: SiteConfig, path: Path) -> None:
+    """Write `cfg` as TOML (atomically), with paths as given; used by `fahr cohort simulate` and the demo."""
+    lines = ["[site]"]
+    for key in ("name", "data", "workdir", "split_seed", "test_fraction"):
+        lines.append(f"{key} = {_toml_value(getattr(cfg, key))}")
+    for table, obj in (("privacy", cfg.privacy), ("train", cfg.train)):
+        lines += ["", f"[{table}]"] + [f"{k} = {_toml_value(v)}" for k, v in asdict(obj).items()]
+    atomic_write_text(Path(path), "\n".join(lines) + "\n")

@@ -1,0 +1,129 @@
+"""The site's privacy ledger: one RDP accountant whose history lives on disk at the site.
+
+Every DP-SGD step the site has ever taken, in any round of any federation run, is one entry of
+the accountant's history (noise multiplier, sample rate, steps). Epsilon is always computed by
+composing that whole history in one accountant; summing per-round epsilons, or starting a fresh
+engine each round, would either overstate or (much worse) understate what was spent.
+
+The file is rewritten atomically after each round, so a crash leaves the previous ledger whole.
+A round is recorded *before* its update leaves the site: a crash between the two can only make
+the ledger pessimistic, never optimistic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opacus.accountants import RDPAccountant
+
+from fahr_core.io import atomic_write_json
+
+Step = tuple[float, float, int]  # (noise multiplier, sample rate, number of steps)
+
+
+class BudgetExceeded(RuntimeError):
+    """A round would take the site past its epsilon budget; the site refuses to train."""
+
+
+def epsilon_of(history: list[Step], delta: float) -> float:
+    """Epsilon of the composition of every step in `history`, at `delta` (RDP accountant)."""
+    if not history:
+        return 0.0
+    acc = RDPAccountant()
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+@dataclass
+class PrivacyLedger:
+    path: Path
+    budget: float
+    delta: float
+    history: list[Step] = field(default_factory=list)
+    rounds: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, path: Path, budget: float, delta: float) -> PrivacyLedger:
+        """Load the ledger at `path`, or start an empty one. Budget and delta may not drift."""
+        path = Path(path)
+        if not path.exists():
+            return cls(path=path, budget=budget, delta=delta)
+        try:
+            raw = json.loads(path.read_text())
+            ledger = cls(
+                path=path,
+                budget=float(raw["budget"]),
+                delta=float(raw["delta"]),
+                history=[(float(s), float(q), int(n)) for s, q, n in raw["history"]],
+                rounds=list(raw["rounds"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: privacy ledger is unreadable ({e}); refusing to train") from None
+        if not math.isclose(ledger.delta, delta, rel_tol=1e-9):
+            raise ValueError(
+                f"{path}: delta was {ledger.delta:g} for earlier rounds and is now {delta:g}; "
+                "a site's delta cannot change once it has spent privacy"
+            )
+        if budget < ledger.budget:
+            raise ValueError(f"{path}: budget lowered from {ledger.budget:g} to {budget:g}; refusing")
+        ledger.budget = budget
+        return ledger
+
+    @property
+    def epsilon(self) -> float:
+        return epsilon_of(self.history, self.delta)
+
+    def epsilon_after(self, step: Step) -> float:
+        return epsilon_of([*self.history, step], self.delta)
+
+    def calibrate(self, sample_rate: float, steps_this_round: int, rounds_left: int) -> float:
+        """Smallest noise multiplier such that `rounds_left` rounds like this one fit the budget.
+
+        The remaining budget is spread evenly over the rounds still planned, so the site does not
+        spend everything in round 1. Bisection on the composed epsilon (monotone in sigma).
+        """
+        planned = (sample_rate, steps_this_round * max(rounds_left, 1))
+
+        def eps(sigma: float) -> float:
+            return epsilon_of([*self.history, (sigma, *planned)], self.delta)
+
+        lo, hi = 0.3, 1.0
+        while eps(hi) > self.budget:
+            hi *= 2
+            if hi > 1e4:
+                raise BudgetExceeded(
+                    f"privacy budget exhausted: epsilon spent {self.epsilon:.3f} of {self.budget:g}; "
+                    "no noise level lets this site train another round"
+                )
+        if eps(lo) <= self.budget:
+            return lo
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if eps(mid) <= self.budget else (mid, hi)
+        return hi
+
+    def check(self, step: Step) -> float:
+        """Epsilon after `step`; raises BudgetExceeded if that is over budget."""
+        after = self.epsilon_after(step)
+        if after > self.budget * (1 + 1e-9):
+            raise BudgetExceeded(
+                f"round refused: epsilon would reach {after:.3f}, over the site's budget "
+                f"{self.budget:g} (already spent {self.epsilon:.3f})"
+            )
+        return after
+
+    def record(self, step: Step, info: dict) -> float:
+        """Add a round's steps, persist atomically, and return the new cumulative epsilon."""
+        self.check(step)
+        self.history.append((float(step[0]), float(step[1]), int(step[2])))
+        eps = self.epsilon
+        self.rounds.append({**info, "noise_multiplier": step[0], "sample_rate": step[1],
+                            "steps": step[2], "epsilon_after": eps})
+        atomic_write_json(self.path, {
+            "budget": self.budget, "delta": self.delta, "accountant": "rdp",
+            "history": [list(h) for h in self.history], "rounds": self.rounds, "epsilon": eps,
+        })
+        return eps

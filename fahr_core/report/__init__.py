@@ -1,0 +1,1 @@
+"""Per-site and federation-wide validation reports (summary.json + self-contained report.html)."""

@@ -1,0 +1,130 @@
+"""Everything a hospital site does in a federation round, callable without Flower.
+
+Flower starts a fresh ClientApp process for every message, so nothing lives in memory between
+rounds: the site's state is on disk in its workdir (privacy ledger, decoded-face cache, last
+global weights, report). The ClientApp in fahr_client is a thin adapter over `SiteRuntime`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fahr_core.cohort import Cohort, load_cohort, split_patients
+from fahr_core.config import ModelConfig, SiteConfig
+from fahr_core.faces.images import load_faces
+from fahr_core.io import atomic_write_json
+from fahr_core.models.checkpoint import save_weights
+from fahr_core.models.vit import SurvivalViT
+from fahr_core.privacy.ledger import PrivacyLedger
+from fahr_core.privacy.outbound import check_outbound
+from fahr_core.train.local import SurvivalData, patient_risk, site_delta, train_dp
+
+log = logging.getLogger(__name__)
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SiteSplit:
+    train: SurvivalData
+    test: SurvivalData
+    cohort: Cohort
+
+
+def _as_data(cohort: Cohort, images: np.ndarray, index: dict[Path, int]) -> SurvivalData:
+    return SurvivalData(
+        images=images,
+        photos=tuple(tuple(index[p] for p in pt.photos) for pt in cohort.patients),
+        time=cohort.time.astype(np.float32),
+        event=cohort.event.astype(np.int64),
+    )
+
+
+class SiteRuntime:
+    def __init__(self, cfg: SiteConfig):
+        self.cfg = cfg
+        cfg.workdir.mkdir(parents=True, exist_ok=True)
+
+    def load(self, img_size: int) -> SiteSplit:
+        """Validate the cohort (CohortError lists every bad row), split it, decode the faces once."""
+        cohort = load_cohort(self.cfg.data)
+        train, test = split_patients(cohort, self.cfg.test_fraction, self.cfg.split_seed)
+        photos = sorted({p for pt in cohort.patients for p in pt.photos})
+        images = load_faces(photos, img_size, self.cfg.workdir / "cache")
+        index = {p: i for i, p in enumerate(photos)}
+        return SiteSplit(_as_data(train, images, index), _as_data(test, images, index), cohort)
+
+    def ledger(self, n_train: int) -> PrivacyLedger:
+        p = self.cfg.privacy
+        return PrivacyLedger.open(self.cfg.ledger_path, p.epsilon, site_delta(p, n_train))
+
+    def _model(self, spec: ModelConfig, state: State) -> SurvivalViT:
+        model = SurvivalViT(spec.arch, spec.img_size, spec.n_intervals)
+        model.load_state_dict(state)
+        return model
+
+    def train_round(self, state: State, spec: ModelConfig, server_round: int, num_rounds: int) -> tuple[
+        State, dict[str, float]
+    ]:
+        """One round of local DP training from the global `state`; returns weights and metrics to send."""
+        if self.cfg.train.threads:
+            torch.set_num_threads(self.cfg.train.threads)
+        split = self.load(spec.img_size)
+        model = self._model(spec, state)
+        ledger = self.ledger(len(split.train))
+        stats = train_dp(
+            model, split.train, self.cfg.train, self.cfg.privacy, ledger,
+            rounds_left=num_rounds - server_round + 1, horizon=spec.horizon_years,
+            seed=self.cfg.split_seed * 100_003 + server_round,
+            round_info={"server_round": server_round, "num_rounds": num_rounds},
+        )
+        new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        metrics = {
+            "num-examples": stats.n, "train-loss": stats.loss, "epsilon": stats.epsilon,
+            "delta": stats.delta, "epsilon-budget": ledger.budget, "noise-multiplier": stats.noise_multiplier,
+            "sample-rate": stats.sample_rate, "steps": stats.steps, "train-seconds": stats.seconds,
+        }
+        check_outbound(new_state, state, metrics)
+        log.info("site %s round %d: loss %.4f, epsilon %.3f / %g", self.cfg.name, server_round,
+                 stats.loss, stats.epsilon, ledger.budget)
+        return new_state, metrics
+
+    def evaluate(self, state: State, spec: ModelConfig, meta: dict) -> tuple[dict[str, float], dict]:
+        """Score the held-out split with the global model and write the site's validation report.
+
+        Returns the scalar metrics for the server and the report's summary (aggregates only).
+        """
+        from fahr_core.report.site import write_site_report  # lifelines/matplotlib: evaluation only
+
+        split = self.load(spec.img_size)
+        model = self._model(spec, state)
+        risk = patient_risk(model, split.test)
+        save_weights(self.cfg.workdir / "global_model.safetensors", state,
+                     {"arch": spec.arch, "img_size": str(spec.img_size)})
+        ledger = self.ledger(len(split.train))
+        privacy = {"epsilon": ledger.epsilon, "delta": ledger.delta, "budget": ledger.budget,
+                   "accountant": "RDP (Opacus), composed over every round in the site ledger",
+                   "rounds_trained": len(ledger.rounds), "max_grad_norm": self.cfg.privacy.max_grad_norm}
+        meta = {**meta, "model": asdict(spec), "site_config": {"split_seed": self.cfg.split_seed,
+                "test_fraction": self.cfg.test_fraction, "train_patients": len(split.train)}}
+        summary = write_site_report(self.cfg.report_dir, self.cfg.name, split.test.time, split.test.event,
+                                    risk, privacy, meta)
+        atomic_write_json(self.cfg.workdir / "last_evaluation.json", {"meta": meta, "privacy": privacy})
+        c = summary.get("c_index")
+        ci = summary.get("c_index_ci") or [None, None]
+        hr = summary.get("hr_top_vs_bottom") or {}
+        candidates = {
+            "num-examples": summary["n"], "events": summary["events"], "c-index": c,
+            "c-index-low": ci[0], "c-index-high": ci[1], "epsilon": ledger.epsilon,
+            "hr-top-bottom": hr.get("hr"), "hr-low": hr.get("ci_low"), "hr-high": hr.get("ci_high"),
+            "logrank-p": summary.get("logrank_p"),
+        }
+        metrics = {k: float(v) for k, v in candidates.items() if v is not None}
+        metrics["num-examples"] = int(summary["n"])
+        check_outbound({}, {}, metrics)
+        return metrics, summary

@@ -1,0 +1,144 @@
+"""One local DP-SGD training pass at a site, and risk scoring of patients.
+
+Privacy unit = the patient. The dataset is indexed by patient and each draw picks one of the
+patient's photos, so a patient with several photos still contributes one clipped gradient per
+step; with the per-patient loss in fahr_core.survival.losses, Opacus' per-sample clipping then
+bounds each patient's influence and the accountant's epsilon is a patient-level guarantee.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fahr_core.config import PrivacyConfig, TrainConfig
+from fahr_core.faces.images import to_input
+from fahr_core.models.vit import SurvivalViT
+from fahr_core.privacy.ledger import PrivacyLedger
+from fahr_core.survival.losses import discrete_hazard_nll
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SurvivalData:
+    """Decoded faces and outcomes of one set of patients (a site's train or test split)."""
+
+    images: np.ndarray  # uint8 (n_photos, 3, H, W)
+    photos: tuple[tuple[int, ...], ...]  # per patient: indices into `images`
+    time: np.ndarray  # float (n_patients,)
+    event: np.ndarray  # int (n_patients,)
+
+    def __len__(self) -> int:
+        return len(self.photos)
+
+
+class _PatientDataset(Dataset):
+    def __init__(self, data: SurvivalData, seed: int):
+        self.data = data
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        photo = self.data.photos[i][self.rng.integers(len(self.data.photos[i]))]
+        return (
+            torch.from_numpy(self.data.images[photo]),
+            torch.tensor(self.data.time[i], dtype=torch.float32),
+            torch.tensor(self.data.event[i], dtype=torch.float32),
+        )
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    n: int
+    loss: float
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    epsilon: float
+    delta: float
+    seconds: float
+
+
+def site_delta(privacy: PrivacyConfig, n: int) -> float:
+    """The configured delta, or 1/(10 n): delta must stay well below 1/n to mean anything."""
+    return privacy.delta if privacy.delta > 0 else 1.0 / (10 * max(n, 1))
+
+
+def train_dp(
+    model: SurvivalViT,
+    data: SurvivalData,
+    train: TrainConfig,
+    privacy: PrivacyConfig,
+    ledger: PrivacyLedger,
+    rounds_left: int,
+    horizon: float,
+    seed: int,
+    round_info: dict,
+) -> RoundStats:
+    """Run `train.local_epochs` of DP-SGD (Poisson sampling) and record the spend in `ledger`.
+
+    The noise multiplier is calibrated so that this and the `rounds_left - 1` rounds after it fit
+    the remaining budget; the ledger refuses the round (BudgetExceeded) before any step is taken
+    if it would not fit.
+    """
+    from opacus import PrivacyEngine  # heavy import: only sites that train pay for it
+
+    start = time.perf_counter()
+    n = len(data)
+    if n < 2:
+        raise ValueError(f"site has {n} training patient(s); DP-SGD needs at least 2")
+    torch.manual_seed(seed)
+    q = min(1.0, train.batch_size / n)
+    steps_per_epoch = max(1, math.ceil(1 / q))
+    steps = steps_per_epoch * train.local_epochs
+    sigma = ledger.calibrate(q, steps, rounds_left)
+    ledger.check((sigma, q, steps))
+
+    model.set_trainable(train.trainable)
+    loader = DataLoader(_PatientDataset(data, seed), batch_size=train.batch_size, shuffle=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    model.train()
+    engine = PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings():
+        # Opacus warns about secure RNG (not used: torch's PRNG, see docs/privacy.md).
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        dp_model, optimizer, dp_loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+            max_grad_norm=privacy.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
+        )
+    dp_model.train()
+    total, seen = 0.0, 0
+    for _ in range(train.local_epochs):
+        for x, t, e in dp_loader:
+            if len(x) == 0:  # an empty Poisson batch: skipping it releases less than was accounted
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            eta, alpha = dp_model(to_input(x))
+            loss = discrete_hazard_nll(eta, alpha, t, e, horizon)
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(x)
+            seen += len(x)
+    dp_model.remove_hooks()
+    epsilon = ledger.record((sigma, q, steps), round_info)
+    return RoundStats(
+        n=n, loss=total / max(seen, 1), steps=steps, sample_rate=q, noise_multiplier=sigma,
+        epsilon=epsilon, delta=ledger.delta, seconds=time.perf_counter() - start,
+    )
+
+
+def patient_risk(model: SurvivalViT, data: SurvivalData, batch_size: int = 64) -> np.ndarray:
+    """Risk score per patient: the mean of eta over the patient's photos."""
+    eta = model.risk(to_input(data.images), batch_size).numpy()
+    return np.array([eta[list(idx)].mean() for idx in data.photos])

@@ -1,0 +1,103 @@
+"""`fahr-server`: run a federation: start a SuperLink, submit the fahr run, stream its progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fahr_core.config import ConfigError, ServerConfig, load_server_config
+from fahr_core.processes import port_free
+from fahr_server.flower import (
+    console_script, flower_env, start_superlink, write_app, write_cli_connection,
+)
+
+app = typer.Typer(help="The fahr federation server.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _main() -> None:
+    """The fahr federation server."""
+
+
+def run_federation(cfg: ServerConfig, config_path: Path, insecure: bool, echo=print) -> int:
+    """Start a SuperLink, run the federation to its end, stop the SuperLink. Returns an exit code."""
+    work = cfg.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    for stale in ("run.json",):
+        (work / stale).unlink(missing_ok=True)
+    if not port_free(cfg.address, cfg.port):
+        echo(f"error: {cfg.address}:{cfg.port} is in use (another SuperLink?); set [federation].port")
+        return 2
+    env = flower_env(work / "flwr-home")
+    app_dir = write_app(work / "app", config_path)
+    write_cli_connection(work / "flwr-home", f"{cfg.address}:{cfg.port}", insecure)
+    echo(f"starting SuperLink on {cfg.address}:{cfg.port} (logs: {work / 'superlink.log'})")
+    link = start_superlink(cfg.address, cfg.port, work / "superlink.db", work / "superlink.log", env, insecure)
+    runner = None
+
+    def _stop(signum, _frame):  # Ctrl-C or SIGTERM: take everything we started down with us
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        echo(f"submitting run: {cfg.rounds} rounds, at least {cfg.min_sites} sites, model {cfg.model.arch}")
+        with (work / "run.log").open("ab") as log:
+            runner = subprocess.Popen(
+                [console_script("flwr"), "run", str(app_dir), "fahr", "--stream"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=work,
+                start_new_session=True,
+            )
+            for line in runner.stdout:
+                log.write(line)
+                log.flush()
+                echo(line.decode(errors="replace").rstrip())
+            code = runner.wait()
+        summary = work / "run.json"
+        if not summary.exists():
+            echo(f"error: the run ended without finishing (flwr exit code {code}); see {work / 'run.log'} "
+                 f"and {work / 'superlink.log'}")
+            return code or 1
+        done = json.loads(summary.read_text())
+        echo(f"federation finished: {len(done['completed_rounds'])} rounds, sites reporting: "
+             f"{', '.join(done['sites_reporting']) or 'none'}")
+        echo(f"global weights: {work / 'global_model.safetensors'}")
+        echo(f"federation report: {work / 'report' / 'report.html'}")
+        return 0
+    except KeyboardInterrupt:
+        echo("interrupted: stopping the federation")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if runner is not None and runner.poll() is None:
+            runner.terminate()
+        link.stop()
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="server TOML ([federation], [model])")],
+    insecure: Annotated[bool, typer.Option(help="plain HTTP; for loopback tests only")] = False,
+) -> None:
+    """Run a federation to its end and write the global report."""
+    try:
+        cfg = load_server_config(config)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if not insecure:
+        typer.echo("error: TLS is not wired yet in this version; pass --insecure (loopback only)", err=True)
+        raise typer.Exit(2)
+    typer.secho("WARNING: --insecure: traffic between server and sites is NOT encrypted. Loopback tests only.",
+                fg=typer.colors.RED, err=True)
+    raise typer.Exit(run_federation(cfg, config.resolve(), insecure, echo=typer.echo))
+
+
+if __name__ == "__main__":
+    sys.exit(app())
