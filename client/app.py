@@ -34,10 +34,17 @@ def _round_info(msg: Message) -> tuple[ModelConfig, int, int]:
 def train(msg: Message, context: Context) -> Message:
     site = _runtime(context)
     spec, server_round, num_rounds = _round_info(msg)
-    state, metrics = site.train_round(msg.content["arrays"].to_torch_state_dict(), spec, server_round, num_rounds)
+    state, metrics = site.train_round(
+        msg.content["arrays"].to_torch_state_dict(), spec, server_round, num_rounds
+    )
     return Message(
-        RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics),
-                    "site": ConfigRecord({"name": site.cfg.name})}),
+        RecordDict(
+            {
+                "arrays": ArrayRecord(state),
+                "metrics": MetricRecord(metrics),
+                "site": ConfigRecord({"name": site.cfg.name}),
+            }
+        ),
         reply_to=msg,
     )
 
@@ -46,8 +53,12 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     site = _runtime(context)
     spec, server_round, num_rounds = _round_info(msg)
-    meta = {"server_round": server_round, "num_rounds": num_rounds,
-            "run_id": int(msg.metadata.run_id), "fahr_version": str(msg.content["config"].get("fahr-version", ""))}
+    meta = {
+        "server_round": server_round,
+        "num_rounds": num_rounds,
+        "run_id": int(msg.metadata.run_id),
+        "fahr_version": str(msg.content["config"].get("fahr-version", "")),
+    }
     metrics, _ = site.evaluate(msg.content["arrays"].to_torch_state_dict(), spec, meta)
     return Message(
         RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.cfg.name})}),

@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from fahr_server.flower import flower_env, start_supernode
 
 from fahr_core.cohort import CohortError, load_cohort
 from fahr_core.config import ConfigError, SiteConfig, load_site_config
-from fahr_server.flower import flower_env, start_supernode
 
-app = typer.Typer(help="A fahr hospital site.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="A fahr hospital site.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+)
 
 SiteOpt = Annotated[str, typer.Option("--site", help="site name; must match [site].name in the config")]
 ConfigOpt = Annotated[
@@ -55,7 +57,9 @@ def check(site: SiteOpt, config: ConfigOpt = None) -> None:
 def start(
     site: SiteOpt,
     config: ConfigOpt = None,
-    superlink: Annotated[str, typer.Option(help="the server's SuperLink address host:port")] = "127.0.0.1:8000",
+    superlink: Annotated[
+        str, typer.Option(help="the server's SuperLink address host:port")
+    ] = "127.0.0.1:8000",
     runtime_port: Annotated[int, typer.Option(help="local port of this SuperNode's runtime API")] = 9094,
     insecure: Annotated[bool, typer.Option(help="plain HTTP; for loopback tests only")] = False,
 ) -> None:
@@ -69,12 +73,21 @@ def start(
     if not insecure:
         typer.echo("error: TLS is not wired yet in this version; pass --insecure (loopback only)", err=True)
         raise typer.Exit(2)
-    typer.secho("WARNING: --insecure: traffic to the server is NOT encrypted. Loopback tests only.",
-                fg=typer.colors.RED, err=True)
+    typer.secho(
+        "WARNING: --insecure: traffic to the server is NOT encrypted. Loopback tests only.",
+        fg=typer.colors.RED,
+        err=True,
+    )
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     log_path = cfg.workdir / "supernode.log"
-    node = start_supernode(superlink, {"site": cfg.name, "site-config": str(path)},
-                           runtime_port, log_path, flower_env(cfg.workdir / "flwr-home"), insecure)
+    node = start_supernode(
+        superlink,
+        {"site": cfg.name, "site-config": str(path)},
+        runtime_port,
+        log_path,
+        flower_env(cfg.workdir / "flwr-home"),
+        insecure,
+    )
     typer.echo(f"site {cfg.name}: {n} patients; SuperNode connecting to {superlink} (logs: {log_path})")
 
     def _stop(signum, _frame):

@@ -30,14 +30,22 @@ class ModelConfig:
 
     def to_record(self) -> dict[str, str | int | float]:
         """What the server tells every site each round, so all sites build the same model."""
-        return {"arch": self.arch, "img-size": self.img_size, "n-intervals": self.n_intervals,
-                "horizon-years": self.horizon_years}
+        return {
+            "arch": self.arch,
+            "img-size": self.img_size,
+            "n-intervals": self.n_intervals,
+            "horizon-years": self.horizon_years,
+        }
 
     @classmethod
     def from_record(cls, record: dict) -> ModelConfig:
         try:
-            return cls(arch=str(record["arch"]), img_size=int(record["img-size"]),
-                       n_intervals=int(record["n-intervals"]), horizon_years=float(record["horizon-years"]))
+            return cls(
+                arch=str(record["arch"]),
+                img_size=int(record["img-size"]),
+                n_intervals=int(record["n-intervals"]),
+                horizon_years=float(record["horizon-years"]),
+            )
         except KeyError as e:
             raise ValueError(f"server message lacks model setting {e}") from None
 

@@ -68,9 +68,9 @@ class SiteRuntime:
         model.load_state_dict(state)
         return model
 
-    def train_round(self, state: State, spec: ModelConfig, server_round: int, num_rounds: int) -> tuple[
-        State, dict[str, float]
-    ]:
+    def train_round(
+        self, state: State, spec: ModelConfig, server_round: int, num_rounds: int
+    ) -> tuple[State, dict[str, float]]:
         """One round of local DP training from the global `state`; returns weights and metrics to send."""
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
@@ -78,20 +78,37 @@ class SiteRuntime:
         model = self._model(spec, state)
         ledger = self.ledger(len(split.train))
         stats = train_dp(
-            model, split.train, self.cfg.train, self.cfg.privacy, ledger,
-            rounds_left=num_rounds - server_round + 1, horizon=spec.horizon_years,
+            model,
+            split.train,
+            self.cfg.train,
+            self.cfg.privacy,
+            ledger,
+            rounds_left=num_rounds - server_round + 1,
+            horizon=spec.horizon_years,
             seed=self.cfg.split_seed * 100_003 + server_round,
             round_info={"server_round": server_round, "num_rounds": num_rounds},
         )
         new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         metrics = {
-            "num-examples": stats.n, "train-loss": stats.loss, "epsilon": stats.epsilon,
-            "delta": stats.delta, "epsilon-budget": ledger.budget, "noise-multiplier": stats.noise_multiplier,
-            "sample-rate": stats.sample_rate, "steps": stats.steps, "train-seconds": stats.seconds,
+            "num-examples": stats.n,
+            "train-loss": stats.loss,
+            "epsilon": stats.epsilon,
+            "delta": stats.delta,
+            "epsilon-budget": ledger.budget,
+            "noise-multiplier": stats.noise_multiplier,
+            "sample-rate": stats.sample_rate,
+            "steps": stats.steps,
+            "train-seconds": stats.seconds,
         }
         check_outbound(new_state, state, metrics)
-        log.info("site %s round %d: loss %.4f, epsilon %.3f / %g", self.cfg.name, server_round,
-                 stats.loss, stats.epsilon, ledger.budget)
+        log.info(
+            "site %s round %d: loss %.4f, epsilon %.3f / %g",
+            self.cfg.name,
+            server_round,
+            stats.loss,
+            stats.epsilon,
+            ledger.budget,
+        )
         return new_state, metrics
 
     def evaluate(self, state: State, spec: ModelConfig, meta: dict) -> tuple[dict[str, float], dict]:
@@ -104,24 +121,46 @@ class SiteRuntime:
         split = self.load(spec.img_size)
         model = self._model(spec, state)
         risk = patient_risk(model, split.test)
-        save_weights(self.cfg.workdir / "global_model.safetensors", state,
-                     {"arch": spec.arch, "img_size": str(spec.img_size)})
+        save_weights(
+            self.cfg.workdir / "global_model.safetensors",
+            state,
+            {"arch": spec.arch, "img_size": str(spec.img_size)},
+        )
         ledger = self.ledger(len(split.train))
-        privacy = {"epsilon": ledger.epsilon, "delta": ledger.delta, "budget": ledger.budget,
-                   "accountant": "RDP (Opacus), composed over every round in the site ledger",
-                   "rounds_trained": len(ledger.rounds), "max_grad_norm": self.cfg.privacy.max_grad_norm}
-        meta = {**meta, "model": asdict(spec), "site_config": {"split_seed": self.cfg.split_seed,
-                "test_fraction": self.cfg.test_fraction, "train_patients": len(split.train)}}
-        summary = write_site_report(self.cfg.report_dir, self.cfg.name, split.test.time, split.test.event,
-                                    risk, privacy, meta)
+        privacy = {
+            "epsilon": ledger.epsilon,
+            "delta": ledger.delta,
+            "budget": ledger.budget,
+            "accountant": "RDP (Opacus), composed over every round in the site ledger",
+            "rounds_trained": len(ledger.rounds),
+            "max_grad_norm": self.cfg.privacy.max_grad_norm,
+        }
+        meta = {
+            **meta,
+            "model": asdict(spec),
+            "site_config": {
+                "split_seed": self.cfg.split_seed,
+                "test_fraction": self.cfg.test_fraction,
+                "train_patients": len(split.train),
+            },
+        }
+        summary = write_site_report(
+            self.cfg.report_dir, self.cfg.name, split.test.time, split.test.event, risk, privacy, meta
+        )
         atomic_write_json(self.cfg.workdir / "last_evaluation.json", {"meta": meta, "privacy": privacy})
         c = summary.get("c_index")
         ci = summary.get("c_index_ci") or [None, None]
         hr = summary.get("hr_top_vs_bottom") or {}
         candidates = {
-            "num-examples": summary["n"], "events": summary["events"], "c-index": c,
-            "c-index-low": ci[0], "c-index-high": ci[1], "epsilon": ledger.epsilon,
-            "hr-top-bottom": hr.get("hr"), "hr-low": hr.get("ci_low"), "hr-high": hr.get("ci_high"),
+            "num-examples": summary["n"],
+            "events": summary["events"],
+            "c-index": c,
+            "c-index-low": ci[0],
+            "c-index-high": ci[1],
+            "epsilon": ledger.epsilon,
+            "hr-top-bottom": hr.get("hr"),
+            "hr-low": hr.get("ci_low"),
+            "hr-high": hr.get("ci_high"),
             "logrank-p": summary.get("logrank_p"),
         }
         metrics = {k: float(v) for k, v in candidates.items() if v is not None}

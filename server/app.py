@@ -11,6 +11,7 @@ import time
 from importlib.metadata import version
 
 import torch
+from fahr_server.strategy import FahrFedAvg
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -19,7 +20,6 @@ from fahr_core.io import atomic_write_json
 from fahr_core.models.checkpoint import load_encoder_weights
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.report.federation import write_federation_report
-from fahr_server.strategy import FahrFedAvg
 
 app = ServerApp()
 log = logging.getLogger("fahr_server")
@@ -32,13 +32,16 @@ def initial_model(cfg: ServerConfig, seed: int = 0) -> SurvivalViT:
     if m.encoder_checkpoint:
         load_encoder_weights(model.encoder, m.encoder_checkpoint)
     else:
-        log.warning("no encoder_checkpoint configured: the encoder starts from random weights, "
-                    "not from FAHR-Face MAE pre-training")
+        log.warning(
+            "no encoder_checkpoint configured: the encoder starts from random weights, "
+            "not from FAHR-Face MAE pre-training"
+        )
     return model
 
 
 def site_summary(evaluation: dict) -> dict:
     """A site's aggregate evaluation metrics in the shape the federation report reads."""
+
     def get(key: str):
         return evaluation.get(key)
 
@@ -46,9 +49,16 @@ def site_summary(evaluation: dict) -> dict:
     hr = None
     if get("hr-top-bottom") is not None:
         hr = {"hr": get("hr-top-bottom"), "ci_low": get("hr-low"), "ci_high": get("hr-high")}
-    return {"site": evaluation["site"], "n": int(get("num-examples") or 0), "events": int(get("events") or 0),
-            "c_index": get("c-index"), "c_index_ci": ci if None not in ci else None,
-            "hr_top_vs_bottom": hr, "logrank_p": get("logrank-p"), "privacy": {"epsilon": get("epsilon")}}
+    return {
+        "site": evaluation["site"],
+        "n": int(get("num-examples") or 0),
+        "events": int(get("events") or 0),
+        "c_index": get("c-index"),
+        "c_index_ci": ci if None not in ci else None,
+        "hr_top_vs_bottom": hr,
+        "logrank_p": get("logrank-p"),
+        "privacy": {"epsilon": get("epsilon")},
+    }
 
 
 @app.main()
@@ -58,18 +68,36 @@ def main(grid: Grid, context: Context) -> None:
     fahr_version = version("fahr")
     meta = {"fahr_version": fahr_version, "arch": cfg.model.arch, "img_size": str(cfg.model.img_size)}
     strategy = FahrFedAvg(cfg.workdir, cfg.rounds, cfg.min_sites, cfg.fraction_train, meta)
-    round_config = ConfigRecord({**cfg.model.to_record(), "num-rounds": cfg.rounds, "fahr-version": fahr_version})
+    round_config = ConfigRecord(
+        {**cfg.model.to_record(), "num-rounds": cfg.rounds, "fahr-version": fahr_version}
+    )
     started = time.time()
     result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(initial_model(cfg).state_dict()), num_rounds=cfg.rounds,
-        timeout=cfg.round_timeout_s, train_config=round_config, evaluate_config=round_config,
+        grid=grid,
+        initial_arrays=ArrayRecord(initial_model(cfg).state_dict()),
+        num_rounds=cfg.rounds,
+        timeout=cfg.round_timeout_s,
+        train_config=round_config,
+        evaluate_config=round_config,
     )
     summaries = [site_summary(e) for e in strategy.site_evaluations]
-    report = write_federation_report(cfg.workdir / "report", summaries, {
-        **meta, "rounds": cfg.rounds, "run_id": int(context.run_id), "seconds": round(time.time() - started, 1),
-    })
-    atomic_write_json(cfg.workdir / "run.json", {
-        "rounds": cfg.rounds, "completed_rounds": sorted(result.train_metrics_clientapp),
-        "sites_reporting": [s["site"] for s in summaries], "c_index_weighted_mean": report["c_index_weighted_mean"],
-    })
+    report = write_federation_report(
+        cfg.workdir / "report",
+        summaries,
+        {
+            **meta,
+            "rounds": cfg.rounds,
+            "run_id": int(context.run_id),
+            "seconds": round(time.time() - started, 1),
+        },
+    )
+    atomic_write_json(
+        cfg.workdir / "run.json",
+        {
+            "rounds": cfg.rounds,
+            "completed_rounds": sorted(result.train_metrics_clientapp),
+            "sites_reporting": [s["site"] for s in summaries],
+            "c_index_weighted_mean": report["c_index_weighted_mean"],
+        },
+    )
     log.info("federation report: %s", cfg.workdir / "report" / "report.html")

@@ -11,14 +11,23 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from fahr_server.flower import (
+    console_script,
+    flower_env,
+    start_superlink,
+    write_app,
+    write_cli_connection,
+)
 
 from fahr_core.config import ConfigError, ServerConfig, load_server_config
 from fahr_core.processes import port_free
-from fahr_server.flower import (
-    console_script, flower_env, start_superlink, write_app, write_cli_connection,
-)
 
-app = typer.Typer(help="The fahr federation server.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="The fahr federation server.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
 
 @app.callback()
@@ -39,7 +48,9 @@ def run_federation(cfg: ServerConfig, config_path: Path, insecure: bool, echo=pr
     app_dir = write_app(work / "app", config_path)
     write_cli_connection(work / "flwr-home", f"{cfg.address}:{cfg.port}", insecure)
     echo(f"starting SuperLink on {cfg.address}:{cfg.port} (logs: {work / 'superlink.log'})")
-    link = start_superlink(cfg.address, cfg.port, work / "superlink.db", work / "superlink.log", env, insecure)
+    link = start_superlink(
+        cfg.address, cfg.port, work / "superlink.db", work / "superlink.log", env, insecure
+    )
     runner = None
 
     def _stop(signum, _frame):  # Ctrl-C or SIGTERM: take everything we started down with us
@@ -51,7 +62,10 @@ def run_federation(cfg: ServerConfig, config_path: Path, insecure: bool, echo=pr
         with (work / "run.log").open("ab") as log:
             runner = subprocess.Popen(
                 [console_script("flwr"), "run", str(app_dir), "fahr", "--stream"],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=work,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **env},
+                cwd=work,
                 start_new_session=True,
             )
             for line in runner.stdout:
@@ -61,12 +75,16 @@ def run_federation(cfg: ServerConfig, config_path: Path, insecure: bool, echo=pr
             code = runner.wait()
         summary = work / "run.json"
         if not summary.exists():
-            echo(f"error: the run ended without finishing (flwr exit code {code}); see {work / 'run.log'} "
-                 f"and {work / 'superlink.log'}")
+            echo(
+                f"error: the run ended without finishing (flwr exit code {code}); see {work / 'run.log'} "
+                f"and {work / 'superlink.log'}"
+            )
             return code or 1
         done = json.loads(summary.read_text())
-        echo(f"federation finished: {len(done['completed_rounds'])} rounds, sites reporting: "
-             f"{', '.join(done['sites_reporting']) or 'none'}")
+        echo(
+            f"federation finished: {len(done['completed_rounds'])} rounds, sites reporting: "
+            f"{', '.join(done['sites_reporting']) or 'none'}"
+        )
         echo(f"global weights: {work / 'global_model.safetensors'}")
         echo(f"federation report: {work / 'report' / 'report.html'}")
         return 0
@@ -94,8 +112,11 @@ def run(
     if not insecure:
         typer.echo("error: TLS is not wired yet in this version; pass --insecure (loopback only)", err=True)
         raise typer.Exit(2)
-    typer.secho("WARNING: --insecure: traffic between server and sites is NOT encrypted. Loopback tests only.",
-                fg=typer.colors.RED, err=True)
+    typer.secho(
+        "WARNING: --insecure: traffic between server and sites is NOT encrypted. Loopback tests only.",
+        fg=typer.colors.RED,
+        err=True,
+    )
     raise typer.Exit(run_federation(cfg, config.resolve(), insecure, echo=typer.echo))
 
 

@@ -22,8 +22,12 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     """Flower's processes start further Flower executables by name, so this environment's bin goes first."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {"FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "PATH": path}
+    return {
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": path,
+    }
 
 
 def console_script(name: str) -> str:
@@ -42,7 +46,9 @@ def write_app(app_dir: Path, config_path: Path) -> Path:
     keeps the bundle tiny. The run config carries the absolute path of the server config.
     """
     ver = version("fahr")
-    atomic_write_text(app_dir / "pyproject.toml", f"""[build-system]
+    atomic_write_text(
+        app_dir / "pyproject.toml",
+        f"""[build-system]
 requires = ["setuptools"]
 build-backend = "setuptools.build_meta"
 
@@ -62,26 +68,41 @@ clientapp = "fahr_client.app:app"
 
 [tool.flwr.app.config]
 config-path = "{config_path.resolve()}"
-""")
+""",
+    )
     return app_dir
 
 
-def write_cli_connection(flwr_home: Path, address: str, insecure: bool, root_cert: Path | None = None) -> None:
+def write_cli_connection(
+    flwr_home: Path, address: str, insecure: bool, root_cert: Path | None = None
+) -> None:
     """The `flwr` CLI's connection file: one SuperLink named `fahr`."""
     tls = "insecure = true" if insecure else f'root-certificates = "{root_cert}"'
-    atomic_write_text(flwr_home / "config.toml", f"""[superlink]
+    atomic_write_text(
+        flwr_home / "config.toml",
+        f"""[superlink]
 default = "fahr"
 
 [superlink.fahr]
 address = "{address}"
 {tls}
-""")
+""",
+    )
 
 
-def start_superlink(host: str, port: int, database: Path, log_path: Path, env: dict[str, str],
-                    insecure: bool = True) -> Managed:
-    cmd = [console_script("flower-superlink"), "--disable-runtime-dependency-installation",
-           "--host", host, "--port", str(port), "--database", str(database)]
+def start_superlink(
+    host: str, port: int, database: Path, log_path: Path, env: dict[str, str], insecure: bool = True
+) -> Managed:
+    cmd = [
+        console_script("flower-superlink"),
+        "--disable-runtime-dependency-installation",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(database),
+    ]
     if insecure:
         cmd.append("--insecure")
     link = Managed("flower-superlink", cmd, log_path, env)
@@ -89,11 +110,24 @@ def start_superlink(host: str, port: int, database: Path, log_path: Path, env: d
     return link
 
 
-def start_supernode(superlink: str, node_config: dict[str, str], runtime_port: int, log_path: Path,
-                    env: dict[str, str], insecure: bool = True) -> Managed:
+def start_supernode(
+    superlink: str,
+    node_config: dict[str, str],
+    runtime_port: int,
+    log_path: Path,
+    env: dict[str, str],
+    insecure: bool = True,
+) -> Managed:
     pairs = " ".join(f'{k}="{v}"' for k, v in node_config.items())
-    cmd = [console_script("flower-supernode"), "--superlink", superlink, "--node-config", pairs,
-           "--port", str(runtime_port)]
+    cmd = [
+        console_script("flower-supernode"),
+        "--superlink",
+        superlink,
+        "--node-config",
+        pairs,
+        "--port",
+        str(runtime_port),
+    ]
     if insecure:
         cmd.append("--insecure")
     return Managed("flower-supernode", cmd, log_path, env)

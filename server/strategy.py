@@ -28,17 +28,24 @@ def site_of(msg: Message) -> str:
 
 
 class FahrFedAvg(FedAvg):
-    def __init__(self, workdir: Path, num_rounds: int, min_sites: int, fraction_train: float,
-                 metadata: dict[str, str]):
-        super().__init__(fraction_train=fraction_train, fraction_evaluate=1.0, min_train_nodes=min_sites,
-                         min_evaluate_nodes=min_sites, min_available_nodes=min_sites)
+    def __init__(
+        self, workdir: Path, num_rounds: int, min_sites: int, fraction_train: float, metadata: dict[str, str]
+    ):
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=1.0,
+            min_train_nodes=min_sites,
+            min_evaluate_nodes=min_sites,
+            min_available_nodes=min_sites,
+        )
         self.workdir = workdir
         self.num_rounds = num_rounds
         self.metadata = metadata
         self.site_evaluations: list[dict] = []
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         if server_round != self.num_rounds:
             return []
         return super().configure_evaluate(server_round, arrays, config, grid)
@@ -46,15 +53,19 @@ class FahrFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
-        record = {"round": server_round, "sites": {
-            site_of(m): dict(m.content["metrics"]) for m in replies if not m.has_error()
-        }, "failures": [str(m.error.reason) for m in replies if m.has_error()]}
+        record = {
+            "round": server_round,
+            "sites": {site_of(m): dict(m.content["metrics"]) for m in replies if not m.has_error()},
+            "failures": [str(m.error.reason) for m in replies if m.has_error()],
+        }
         with (self.workdir / "rounds.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         if arrays is not None:
             state = arrays.to_torch_state_dict()
             meta = {**self.metadata, "round": str(server_round)}
-            save_weights(self.workdir / "checkpoints" / f"global_round_{server_round:03d}.safetensors", state, meta)
+            save_weights(
+                self.workdir / "checkpoints" / f"global_round_{server_round:03d}.safetensors", state, meta
+            )
             save_weights(self.workdir / "global_model.safetensors", state, meta)
             log.info("round %d: global weights saved (%d sites)", server_round, len(record["sites"]))
         return arrays, metrics

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
-import dataclasses
+import shutil
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from fahr_server.local import run_local_federation
 
 from fahr_core.cohort import SimulationParams, demo_faces_dir, load_labelled_faces, simulate_sites
 from fahr_core.config import (
-    PrivacyConfig, SiteConfig, TrainConfig, dump_site_config, load_server_config, load_site_config,
+    PrivacyConfig,
+    SiteConfig,
+    TrainConfig,
+    dump_site_config,
+    load_site_config,
 )
 from fahr_core.io import atomic_write_text
-from fahr_core.processes import Managed
-from fahr_server.cli import run_federation
-from fahr_server.flower import console_script
 
-app = typer.Typer(help="fahr research tools.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-cohort_app = typer.Typer(help="Cohorts: simulate semi-synthetic sites from labelled faces.", no_args_is_help=True)
+app = typer.Typer(
+    help="fahr research tools.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+)
+cohort_app = typer.Typer(
+    help="Cohorts: simulate semi-synthetic sites from labelled faces.", no_args_is_help=True
+)
 app.add_typer(cohort_app, name="cohort")
 
 DEMO_ENCODER = demo_faces_dir() / "encoder_vit_micro.safetensors"
@@ -35,18 +41,26 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 @cohort_app.command("simulate")
 def simulate(
     out: Annotated[Path, typer.Option(help="folder to write one site folder per site into")],
-    faces: Annotated[Path | None, typer.Option(help="UTKFace-layout folder (labels.csv); default: bundled")] = None,
+    faces: Annotated[
+        Path | None, typer.Option(help="UTKFace-layout folder (labels.csv); default: bundled")
+    ] = None,
     sizes: Annotated[str, typer.Option(help="patients per site, comma-separated")] = "120,90,60",
     mean_ages: Annotated[str, typer.Option(help="centre of each site's age mix")] = "42,55,68",
-    rates: Annotated[str, typer.Option(help="deaths per person-year at age 50, per site")] = "0.02,0.03,0.015",
+    rates: Annotated[
+        str, typer.Option(help="deaths per person-year at age 50, per site")
+    ] = "0.02,0.03,0.015",
     names: Annotated[str, typer.Option(help="site names, comma-separated (default site1, site2, ...)")] = "",
     seed: Annotated[int, typer.Option()] = 0,
     overwrite: Annotated[bool, typer.Option(help="replace existing simulated files")] = False,
 ) -> None:
     """Write semi-synthetic site folders: real faces, Gompertz survival on age and sex (docs/site-data.md)."""
     n = [int(x) for x in _floats(sizes, "--sizes")]
-    params = SimulationParams(n_sites=len(n), site_sizes=tuple(n), site_mean_ages=_floats(mean_ages, "--mean-ages"),
-                              site_baseline_rates=_floats(rates, "--rates"))
+    params = SimulationParams(
+        n_sites=len(n),
+        site_sizes=tuple(n),
+        site_mean_ages=_floats(mean_ages, "--mean-ages"),
+        site_baseline_rates=_floats(rates, "--rates"),
+    )
     site_names = names.split(",") if names else [f"site{i + 1}" for i in range(len(n))]
     records = load_labelled_faces(faces or demo_faces_dir())
     for d in simulate_sites(records, out, params, seed, site_names, overwrite):
@@ -66,18 +80,23 @@ def demo(
     names = ["maastro", "boston", "leiden"]
     params = SimulationParams(site_sizes=(150, 120, 90))
     typer.echo(f"simulating {len(names)} sites from the bundled faces into {sites_dir}")
-    simulate_sites(load_labelled_faces(demo_faces_dir()), sites_dir, params, seed=0, site_names=names,
-                   overwrite=True)
+    simulate_sites(
+        load_labelled_faces(demo_faces_dir()), sites_dir, params, seed=0, site_names=names, overwrite=True
+    )
     for name in names:  # a fresh run: each site's ledger, caches and report start empty
         cfg = SiteConfig(
-            name=name, data=Path("."), workdir=Path(".fahr"),
+            name=name,
+            data=Path("."),
+            workdir=Path(".fahr"),
             privacy=PrivacyConfig(epsilon=8.0, max_grad_norm=1.0),
             train=TrainConfig(local_epochs=3, batch_size=16, lr=2e-3, trainable="last:1", threads=1),
         )
         dump_site_config(cfg, sites_dir / name / "site.toml")
-        _rmtree(sites_dir / name / ".fahr")
+        shutil.rmtree(sites_dir / name / ".fahr", ignore_errors=True)
     server_toml = out / "server.toml"
-    atomic_write_text(server_toml, f"""[federation]
+    atomic_write_text(
+        server_toml,
+        f"""[federation]
 rounds = {rounds}
 min_sites = {len(names)}
 port = {port}
@@ -85,35 +104,18 @@ workdir = "server"
 
 [model]
 arch = "vit_micro"
-encoder_checkpoint = "{DEMO_ENCODER if DEMO_ENCODER.exists() else ''}"
-""")
-    _rmtree(out / "server")
-    clients = []
-    try:
-        for i, name in enumerate(names):
-            log = out / f"{name}.log"
-            clients.append(Managed(name, [console_script("fahr-client"), "start", "--site", name, "--config",
-                                          str(sites_dir / name / "site.toml"), "--superlink", f"127.0.0.1:{port}",
-                                          "--runtime-port", str(port + 100 + i), "--insecure"], log))
-        code = run_federation(load_server_config(server_toml), server_toml, insecure=True, echo=typer.echo)
-    finally:
-        for c in clients:
-            c.stop()
+encoder_checkpoint = "{DEMO_ENCODER if DEMO_ENCODER.exists() else ""}"
+""",
+    )
+    shutil.rmtree(out / "server", ignore_errors=True)
+    code = run_local_federation(server_toml, [sites_dir / n / "site.toml" for n in names], echo=typer.echo)
     if code:
-        for c in clients:
-            typer.echo(f"--- {c.name} (last lines)\n{c.tail()}")
         raise typer.Exit(code)
     typer.echo(f"\ndemo finished in {time.monotonic() - started:.0f} s. Reports:")
     for name in names:
         report = load_site_config(sites_dir / name / "site.toml").report_dir / "report.html"
         typer.echo(f"  site {name}: {report}")
     typer.echo(f"  federation: {out / 'server' / 'report' / 'report.html'}")
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -60,8 +60,14 @@ def build_encoder(arch: str, img_size: int = 112) -> VisionTransformer:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(SHAPES)}")
     s = SHAPES[arch]
     enc = VisionTransformer(
-        img_size=img_size, patch_size=PATCH, embed_dim=s.dim, depth=s.depth, num_heads=s.heads,
-        num_classes=0, global_pool="avg", class_token=True,
+        img_size=img_size,
+        patch_size=PATCH,
+        embed_dim=s.dim,
+        depth=s.depth,
+        num_heads=s.heads,
+        num_classes=0,
+        global_pool="avg",
+        class_token=True,
     )
     with torch.no_grad():
         enc.pos_embed.copy_(sincos_pos_embed(s.dim, img_size // PATCH))

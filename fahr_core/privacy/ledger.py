@@ -120,10 +120,24 @@ class PrivacyLedger:
         self.check(step)
         self.history.append((float(step[0]), float(step[1]), int(step[2])))
         eps = self.epsilon
-        self.rounds.append({**info, "noise_multiplier": step[0], "sample_rate": step[1],
-                            "steps": step[2], "epsilon_after": eps})
-        atomic_write_json(self.path, {
-            "budget": self.budget, "delta": self.delta, "accountant": "rdp",
-            "history": [list(h) for h in self.history], "rounds": self.rounds, "epsilon": eps,
-        })
+        self.rounds.append(
+            {
+                **info,
+                "noise_multiplier": step[0],
+                "sample_rate": step[1],
+                "steps": step[2],
+                "epsilon_after": eps,
+            }
+        )
+        atomic_write_json(
+            self.path,
+            {
+                "budget": self.budget,
+                "delta": self.delta,
+                "accountant": "rdp",
+                "history": [list(h) for h in self.history],
+                "rounds": self.rounds,
+                "epsilon": eps,
+            },
+        )
         return eps

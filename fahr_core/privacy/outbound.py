@@ -13,11 +13,27 @@ from collections.abc import Mapping
 
 import torch
 
-ALLOWED_METRICS = frozenset({
-    "num-examples", "train-loss", "epsilon", "delta", "epsilon-budget", "noise-multiplier", "sample-rate",
-    "steps", "train-seconds", "events", "c-index", "c-index-low", "c-index-high", "hr-top-bottom",
-    "hr-low", "hr-high", "logrank-p",
-})
+ALLOWED_METRICS = frozenset(
+    {
+        "num-examples",
+        "train-loss",
+        "epsilon",
+        "delta",
+        "epsilon-budget",
+        "noise-multiplier",
+        "sample-rate",
+        "steps",
+        "train-seconds",
+        "events",
+        "c-index",
+        "c-index-low",
+        "c-index-high",
+        "hr-top-bottom",
+        "hr-low",
+        "hr-high",
+        "logrank-p",
+    }
+)
 
 
 class OutboundViolation(RuntimeError):
@@ -32,7 +48,9 @@ def check_outbound(
     """Raise OutboundViolation unless `arrays` mirror `reference` and `metrics` are allowed scalars."""
     if set(arrays) != set(reference):
         extra, missing = sorted(set(arrays) - set(reference)), sorted(set(reference) - set(arrays))
-        raise OutboundViolation(f"weights differ from the global model: extra {extra[:5]}, missing {missing[:5]}")
+        raise OutboundViolation(
+            f"weights differ from the global model: extra {extra[:5]}, missing {missing[:5]}"
+        )
     for name, value in arrays.items():
         ref = reference[name]
         if tuple(value.shape) != tuple(ref.shape) or value.dtype != ref.dtype:

@@ -20,8 +20,16 @@ from fahr_core.models.vit import build_encoder
 log = logging.getLogger(__name__)
 
 
-def train_age_encoder(images: np.ndarray, ages: np.ndarray, arch: str, img_size: int, epochs: int,
-                      batch_size: int = 64, lr: float = 1e-3, seed: int = 0) -> nn.Module:
+def train_age_encoder(
+    images: np.ndarray,
+    ages: np.ndarray,
+    arch: str,
+    img_size: int,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> nn.Module:
     """Fit encoder + linear age head with AdamW and a cosine schedule; return the encoder."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -48,6 +56,11 @@ def train_age_encoder(images: np.ndarray, ages: np.ndarray, arch: str, img_size:
             opt.step()
             sched.step()
             total += float(loss)
-        log.info("age epoch %d/%d: train L1 %.2f y (%.0f s)", epoch + 1, epochs,
-                 total / max(1, len(images) // batch_size), time.perf_counter() - start)
+        log.info(
+            "age epoch %d/%d: train L1 %.2f y (%.0f s)",
+            epoch + 1,
+            epochs,
+            total / max(1, len(images) // batch_size),
+            time.perf_counter() - start,
+        )
     return encoder

@@ -114,8 +114,13 @@ def train_dp(
         # Opacus warns about secure RNG (not used: torch's PRNG, see docs/privacy.md).
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         dp_model, optimizer, dp_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-            max_grad_norm=privacy.max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks",
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=sigma,
+            max_grad_norm=privacy.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode="hooks",
         )
     dp_model.train()
     total, seen = 0.0, 0
@@ -133,8 +138,14 @@ def train_dp(
     dp_model.remove_hooks()
     epsilon = ledger.record((sigma, q, steps), round_info)
     return RoundStats(
-        n=n, loss=total / max(seen, 1), steps=steps, sample_rate=q, noise_multiplier=sigma,
-        epsilon=epsilon, delta=ledger.delta, seconds=time.perf_counter() - start,
+        n=n,
+        loss=total / max(seen, 1),
+        steps=steps,
+        sample_rate=q,
+        noise_multiplier=sigma,
+        epsilon=epsilon,
+        delta=ledger.delta,
+        seconds=time.perf_counter() - start,
     )
 
 
