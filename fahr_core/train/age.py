@@ -55,7 +55,7 @@ def train_age_encoder(
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss)
+            total += float(loss.detach())
         log.info(
             "age epoch %d/%d: train L1 %.2f y (%.0f s)",
             epoch + 1,

@@ -133,7 +133,7 @@ def train_dp(
             loss = discrete_hazard_nll(eta, alpha, t, e, horizon)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(x)
+            total += float(loss.detach()) * len(x)
             seen += len(x)
     dp_model.remove_hooks()
     epsilon = ledger.record((sigma, q, steps), round_info)

@@ -1,0 +1,53 @@
+"""Shared fixtures: real faces (bundled demo sample, or ../shared when present) and small sites."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fahr_core.cohort import SimulationParams, demo_faces_dir, load_labelled_faces, simulate_sites
+from fahr_core.config import PrivacyConfig, SiteConfig, TrainConfig, dump_site_config
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_utkface() -> Path:
+    folder = SHARED / "utkface"
+    if not (folder / "labels.csv").exists():
+        pytest.skip("../shared/data/utkface is not present")
+    return folder
+
+
+def make_sites(
+    out: Path, faces_dir: Path, sizes: tuple[int, ...], epsilon: float = 8.0, seed: int = 0
+) -> list[Path]:
+    """Simulated sites with CPU-sized training settings; returns the site.toml paths."""
+    n = len(sizes)
+    params = SimulationParams(
+        n_sites=n,
+        site_sizes=sizes,
+        site_mean_ages=(45.0, 60.0, 70.0)[:n],
+        site_baseline_rates=(0.03, 0.04, 0.02)[:n],
+    )
+    names = [f"site{i + 1}" for i in range(n)]
+    simulate_sites(load_labelled_faces(faces_dir), out, params, seed=seed, site_names=names)
+    tomls = []
+    for name in names:
+        cfg = SiteConfig(
+            name=name,
+            data=Path("."),
+            workdir=Path(".fahr"),
+            privacy=PrivacyConfig(epsilon=epsilon),
+            train=TrainConfig(local_epochs=1, batch_size=16, lr=1e-3, threads=1),
+        )
+        dump_site_config(cfg, out / name / "site.toml")
+        tomls.append(out / name / "site.toml")
+    return tomls
+
+
+@pytest.fixture
+def demo_site(tmp_path: Path) -> Path:
+    """One small simulated site built from the bundled demo faces; returns its site.toml."""
+    return make_sites(tmp_path, demo_faces_dir(), (60,))[0]

@@ -1,0 +1,88 @@
+"""The main job end to end: a real SuperLink and two real SuperNodes on 127.0.0.1, real faces."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from fahr_server.app import initial_model
+from fahr_server.local import run_local_federation
+
+from fahr_core.config import load_server_config, load_site_config
+from fahr_core.io import atomic_write_text
+from fahr_core.models.checkpoint import load_weights
+from tests.conftest import make_sites
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_processes_under(folder: Path) -> list[str]:
+    """Command lines of live processes that mention `folder` (ours carry it in their arguments)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(folder) in cmd and state != "Z":
+            found.append(cmd)
+    return found
+
+
+def test_two_sites_two_rounds(tmp_path, shared_utkface):
+    tomls = make_sites(tmp_path / "sites", shared_utkface, (50, 40), epsilon=4.0)
+    port = free_port()
+    server_toml = tmp_path / "server.toml"
+    atomic_write_text(
+        server_toml,
+        f"""[federation]
+rounds = 2
+min_sites = 2
+port = {port}
+workdir = "server"
+round_timeout_s = 600
+
+[model]
+arch = "vit_micro"
+""",
+    )
+    lines: list[str] = []
+    code = run_local_federation(server_toml, tomls, echo=lines.append)
+    assert code == 0, "\n".join(lines[-40:])
+
+    work = tmp_path / "server"
+    initial = initial_model(load_server_config(server_toml)).state_dict()
+    final = load_weights(work / "global_model.safetensors")
+    assert any(not torch.equal(final[k], initial[k]) for k in initial if initial[k].dtype.is_floating_point)
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == [
+        "global_round_001.safetensors",
+        "global_round_002.safetensors",
+    ]
+    rounds = [json.loads(line) for line in (work / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2] and all(
+        set(r["sites"]) == {"site1", "site2"} for r in rounds
+    )
+
+    for toml in tomls:
+        site = load_site_config(toml)
+        ledger = json.loads(site.ledger_path.read_text())
+        assert 0 < ledger["epsilon"] <= site.privacy.epsilon * (1 + 1e-9)
+        assert len(ledger["history"]) == 2
+        summary = json.loads((site.report_dir / "summary.json").read_text())
+        assert summary["site"] == site.name and summary["n"] > 0
+        assert "data:image/png;base64," in (site.report_dir / "report.html").read_text()
+
+    fed = json.loads((work / "report" / "summary.json").read_text())
+    assert {s["site"] for s in fed["sites"]} == {"site1", "site2"}
+    assert flower_processes_under(tmp_path) == []

@@ -1,0 +1,51 @@
+"""A site's round without Flower: train under DP, refuse over budget, evaluate and report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fahr_core.config import ModelConfig, load_site_config
+from fahr_core.models.vit import SurvivalViT
+from fahr_core.privacy.ledger import BudgetExceeded
+from fahr_core.site import SiteRuntime
+
+SPEC = ModelConfig(arch="vit_micro", img_size=112, n_intervals=10)
+
+
+def test_round_trains_accounts_and_reports(demo_site):
+    cfg = load_site_config(demo_site)
+    site = SiteRuntime(cfg)
+    torch.manual_seed(0)
+    start = SurvivalViT(SPEC.arch, SPEC.img_size, SPEC.n_intervals).state_dict()
+    state, metrics = site.train_round(start, SPEC, server_round=1, num_rounds=2)
+    assert set(state) == set(start)
+    assert any(not torch.equal(state[k], start[k]) for k in start)
+    assert 0 < metrics["epsilon"] <= cfg.privacy.epsilon
+    assert metrics["num-examples"] == 42  # 70% of 60 patients train; the rest is held out
+    assert metrics["delta"] < 1 / metrics["num-examples"]
+    ledger = json.loads(cfg.ledger_path.read_text())
+    assert len(ledger["history"]) == 1 and ledger["epsilon"] == pytest.approx(metrics["epsilon"])
+
+    state, metrics2 = site.train_round(state, SPEC, server_round=2, num_rounds=2)
+    assert metrics["epsilon"] < metrics2["epsilon"] <= cfg.privacy.epsilon * (1 + 1e-9)
+    with pytest.raises(BudgetExceeded):  # a third round was never planned: no budget left for it
+        site.train_round(state, SPEC, server_round=2, num_rounds=2)
+
+    evaluation, summary = site.evaluate(state, SPEC, {"server_round": 2})
+    assert evaluation["num-examples"] == 18 and summary["n"] == 18
+    assert (cfg.report_dir / "report.html").exists() and (cfg.report_dir / "summary.json").exists()
+    assert summary["privacy"]["epsilon"] == pytest.approx(metrics2["epsilon"])
+
+
+def test_bad_cohort_stops_the_site_before_training(demo_site):
+    cfg = load_site_config(demo_site)
+    csv = cfg.data / "cohort.csv"
+    lines = csv.read_text().splitlines()
+    lines[3] = lines[3].replace(",1,", ",7,", 1) if ",1," in lines[3] else lines[3].replace(",0,", ",7,", 1)
+    csv.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="cohort.csv line 4"):
+        SiteRuntime(cfg).train_round(SurvivalViT("vit_micro").state_dict(), SPEC, 1, 1)
+    assert not cfg.ledger_path.exists()
