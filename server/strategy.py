@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class FahrFedAvg(FedAvg):
         arrays, metrics = super().aggregate_train(server_round, replies)
         record = {
             "round": server_round,
+            "finished_at": time.time(),
             "sites": {site_of(m): dict(m.content["metrics"]) for m in replies if not m.has_error()},
             "failures": [str(m.error.reason) for m in replies if m.has_error()],
         }

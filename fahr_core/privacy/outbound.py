@@ -32,6 +32,9 @@ ALLOWED_METRICS = frozenset(
         "hr-low",
         "hr-high",
         "logrank-p",
+        "startup-seconds",
+        "handler-seconds",
+        "bytes-sent",
     }
 )
 

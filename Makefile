@@ -1,0 +1,33 @@
+# The two set-up commands of the README: `make demo` and `make test` each install everything
+# they need into .venv first (torch + torchvision as a matched pair, then fahr with its pins).
+PYTHON ?= python3
+VENV ?= .venv
+# A matched torch/torchvision pair. On a GPU machine pick the pair matching its CUDA, e.g.
+# make TORCH_PAIR="torch==2.11.0 torchvision==0.26.0" test
+TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fahr-installed
+
+.PHONY: demo test lint install clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PAIR)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fahr demo --out demo-run
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf demo-run .pytest_cache
