@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from fahr_server.flower import flower_env, start_supernode
 
 from fahr_core.cohort import CohortError, load_cohort
 from fahr_core.config import ConfigError, SiteConfig, load_site_config
+from fahr_server.flower import flower_env, start_supernode
 
 app = typer.Typer(
     help="A fahr hospital site.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False

@@ -8,7 +8,7 @@ global weights, report). The ClientApp in fahr_client is a thin adapter over `Si
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +126,7 @@ class SiteRuntime:
         )
         ledger = self.ledger(len(split.train))
         privacy = {
-            "epsilon": ledger.epsilon,
+            "epsilon": round(ledger.epsilon, 4),
             "delta": ledger.delta,
             "budget": ledger.budget,
             "accountant": "RDP (Opacus), composed over every round in the site ledger",
@@ -135,7 +135,7 @@ class SiteRuntime:
         }
         meta = {
             **meta,
-            "model": asdict(spec),
+            "model": spec.to_record(),
             "site_config": {
                 "split_seed": self.cfg.split_seed,
                 "test_fraction": self.cfg.test_fraction,

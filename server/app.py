@@ -11,7 +11,6 @@ import time
 from importlib.metadata import version
 
 import torch
-from fahr_server.strategy import FahrFedAvg
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -20,6 +19,7 @@ from fahr_core.io import atomic_write_json
 from fahr_core.models.checkpoint import load_encoder_weights
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.report.federation import write_federation_report
+from fahr_server.strategy import FahrFedAvg
 
 app = ServerApp()
 log = logging.getLogger("fahr_server")

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from fahr_core.config import ConfigError, ServerConfig, load_server_config
+from fahr_core.processes import port_free
 from fahr_server.flower import (
     console_script,
     flower_env,
@@ -18,9 +21,6 @@ from fahr_server.flower import (
     write_app,
     write_cli_connection,
 )
-
-from fahr_core.config import ConfigError, ServerConfig, load_server_config
-from fahr_core.processes import port_free
 
 app = typer.Typer(
     help="The fahr federation server.",

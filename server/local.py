@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fahr_server.cli import run_federation
-from fahr_server.flower import console_script
-
 from fahr_core.config import load_server_config, load_site_config
 from fahr_core.processes import Managed
+from fahr_server.cli import run_federation
+from fahr_server.flower import console_script
 
 
 def run_local_federation(

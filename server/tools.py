@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from fahr_server.local import run_local_federation
 
 from fahr_core.cohort import SimulationParams, demo_faces_dir, load_labelled_faces, simulate_sites
 from fahr_core.config import (
@@ -19,6 +18,7 @@ from fahr_core.config import (
     load_site_config,
 )
 from fahr_core.io import atomic_write_text
+from fahr_server.local import run_local_federation
 
 app = typer.Typer(
     help="fahr research tools.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False

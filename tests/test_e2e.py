@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from fahr_server.app import initial_model
-from fahr_server.local import run_local_federation
 
 from fahr_core.config import load_server_config, load_site_config
 from fahr_core.io import atomic_write_text
 from fahr_core.models.checkpoint import load_weights
+from fahr_server.app import initial_model
+from fahr_server.local import run_local_federation
 from tests.conftest import make_sites
 
 pytestmark = pytest.mark.e2e
