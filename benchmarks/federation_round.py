@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fahr_core.cohort import SimulationParams, demo_faces_dir, load_labelled_faces, simulate_sites
+from fahr_core.cohort import demo_faces_dir, load_labelled_faces
+from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import PrivacyConfig, SiteConfig, TrainConfig, dump_site_config
 from fahr_core.io import atomic_write_text
 from fahr_server.local import run_local_federation

@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from fahr_core.cohort import SimulationParams, demo_faces_dir, load_labelled_faces, simulate_sites
+from fahr_core.cohort import demo_faces_dir, load_labelled_faces
+from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import (
     PrivacyConfig,
     SiteConfig,

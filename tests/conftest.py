@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fahr_core.cohort import SimulationParams, demo_faces_dir, load_labelled_faces, simulate_sites
+from fahr_core.cohort import demo_faces_dir, load_labelled_faces
+from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import PrivacyConfig, SiteConfig, TrainConfig, dump_site_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -11,15 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fahr_core.cohort import (
-    SimulationParams,
-    demo_faces_dir,
-    harrell_c_index,
-    load_cohort,
-    load_labelled_faces,
-    sample_outcomes,
-    simulate_sites,
-)
+from fahr_core.cohort import demo_faces_dir, load_cohort, load_labelled_faces
+from fahr_core.cohort.simulate import SimulationParams, sample_outcomes, simulate_sites
 from fahr_core.config import load_site_config
 
 PARAMS = SimulationParams()
@@ -173,12 +166,3 @@ def test_frailty_is_mean_one_gamma_and_unobserved_risk(faces) -> None:
     assert out.frailty.var() == pytest.approx(0.5, abs=0.05)
     # heterogeneity the model cannot see flattens the marginal age effect
     assert cox_fit(out.time, out.event, (ages - 50)[:, None])[0] < 0.9 * math.log(2) / 8
-
-
-def test_harrell_c_index_by_hand() -> None:
-    time, event = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1, 0, 1, 0])
-    assert harrell_c_index(time, event, np.array([4.0, 3.0, 2.0, 1.0])) == 1.0
-    assert harrell_c_index(time, event, np.array([1.0, 2.0, 3.0, 4.0])) == 0.0
-    assert harrell_c_index(time, event, np.ones(4)) == 0.5
-    # comparable pairs: (0,1) (0,2) (0,3) (2,3); concordant: (0,2) (0,3) (2,3); tied: (0,1)
-    assert harrell_c_index(time, event, np.array([2.0, 2.0, 1.0, 0.0])) == pytest.approx(3.5 / 4)

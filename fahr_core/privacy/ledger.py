@@ -100,7 +100,7 @@ class PrivacyLedger:
                 )
         if eps(lo) <= self.budget:
             return lo
-        for _ in range(40):
+        while hi - lo > 1e-3 * hi:  # sigma to 0.1%: finer changes epsilon by far less than it matters
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if eps(mid) <= self.budget else (mid, hi)
         return hi
