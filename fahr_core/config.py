@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fahr_core.io import atomic_write_text
+from fahr_core.survival.losses import require_dp_valid
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     trainable: str = "all"  # "all", "head" or "last:N": what DP-SGD updates (see SurvivalViT.set_trainable)
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    loss: str = "discrete_hazard"  # sites train under DP, so only per-patient losses are accepted
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,10 @@ def site_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> SiteC
     _check(cfg.train.local_epochs >= 1, f"{source}: [train].local_epochs must be >= 1")
     _check(cfg.train.batch_size >= 1, f"{source}: [train].batch_size must be >= 1")
     _check(cfg.train.lr > 0, f"{source}: [train].lr must be > 0")
+    try:
+        require_dp_valid(cfg.train.loss)
+    except ValueError as e:
+        raise ConfigError(f"{source}: [train].loss: {e}") from None
     return cfg
 
 

@@ -51,6 +51,7 @@ def test_site_name_must_match(demo_site):
         ("[site]\nname = 'a'\ndata = '.'\n[train]\nbatch_size = 'big'\n", "batch_size: expected int"),
         ("[site]\nname = 'a'\ndata = '.'\n[train]\nlr_typo = 1\n", "lr_typo"),
         ("[site\nname = 'a'", "not valid TOML"),
+        ("[site]\nname = 'a'\ndata = '.'\n[train]\nloss = 'cox_efron'\n", "couples patients"),
     ],
 )
 def test_site_config_errors_name_the_key(tmp_path, text, needle):

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from fahr_core.survival.losses import discrete_hazard_nll, interval_targets
+from fahr_core.survival.losses import (
+    LOSSES,
+    cox_nll,
+    discrete_hazard_nll,
+    interval_targets,
+    pairwise_ranking_loss,
+    require_dp_valid,
+)
 
 
 def reference_nll(eta, alpha, time, event, horizon):
@@ -73,3 +80,172 @@ def test_batch_loss_is_mean_of_per_patient_terms():
         for i in range(6)
     ]
     assert float(whole) == pytest.approx(float(torch.stack(parts).mean()), rel=1e-12)
+
+
+# --- Losses that couple patients (Cox, ranking) and the DP registry ----------------------------------
+
+
+def reference_cox_nll(eta, time, event, ties):
+    """Textbook float64 Cox negative partial log-likelihood (sum over distinct death times)."""
+    total = 0.0
+    for t in sorted({t for t, d in zip(time, event, strict=True) if d}):
+        deaths = [i for i in range(len(time)) if time[i] == t and event[i]]
+        r = sum(math.exp(eta[j]) for j in range(len(time)) if time[j] >= t)
+        s = sum(math.exp(eta[i]) for i in deaths)
+        n_d = len(deaths)
+        total -= sum(eta[i] for i in deaths)
+        for m in range(n_d):
+            total += math.log(r - (m / n_d) * s) if ties == "efron" else math.log(r)
+    return total
+
+
+def tied_data(seed, n=40):
+    rng = np.random.default_rng(seed)
+    eta = rng.normal(size=n)
+    time = rng.integers(1, 8, n).astype(float)  # few distinct times: many ties
+    event = rng.integers(0, 2, n)
+    return eta, time, event
+
+
+def _cox(eta, time, event, **kw):
+    return cox_nll(torch.tensor(eta), torch.tensor(time), torch.tensor(event), **kw)
+
+
+@pytest.mark.parametrize("ties", ["breslow", "efron"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cox_matches_textbook_reference(ties, seed):
+    eta, time, event = tied_data(seed)
+    ref = reference_cox_nll(eta, time, event, ties)
+    assert float(_cox(eta, time, event, ties=ties, reduction="sum")) == pytest.approx(ref, rel=1e-10)
+    mean = float(_cox(eta, time, event, ties=ties))
+    assert mean == pytest.approx(ref / event.sum(), rel=1e-10)
+    per = _cox(eta, time, event, ties=ties, reduction="none")
+    assert float(per.sum()) == pytest.approx(ref, rel=1e-10)
+    assert (per.numpy()[event == 0] == 0).all()
+
+
+def test_cox_breslow_vs_efron_ties():
+    rng = np.random.default_rng(3)
+    eta, time, event = rng.normal(size=30), rng.permutation(30).astype(float), rng.integers(0, 2, 30)
+    assert float(_cox(eta, time, event, ties="breslow")) == pytest.approx(
+        float(_cox(eta, time, event, ties="efron")), rel=1e-12
+    )
+    eta, time, event = tied_data(4)
+    breslow, efron = (
+        float(_cox(eta, time, event, ties="breslow")),
+        float(_cox(eta, time, event, ties="efron")),
+    )
+    assert abs(breslow - efron) > 1e-3
+    assert efron < breslow  # Efron subtracts from the risk set, so its denominators are smaller
+
+
+def test_cox_stable_for_large_risks_and_no_events():
+    eta, time, event = tied_data(5)
+    big = _cox(eta * 1000.0, time, event, ties="efron")
+    assert torch.isfinite(big)
+    risk = torch.tensor(eta, requires_grad=True)
+    zero = cox_nll(risk, torch.tensor(time), torch.zeros(len(eta)))
+    assert float(zero.detach()) == 0.0 and zero.requires_grad
+
+
+@pytest.mark.parametrize("ties", ["breslow", "efron"])
+def test_cox_higher_risk_for_early_death_lowers_loss(ties):
+    time = torch.tensor([1.0, 3.0, 3.0, 5.0, 8.0])
+    event = torch.tensor([1, 1, 1, 0, 1])
+    risk = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    loss = cox_nll(risk, time, event, ties=ties)
+    loss.backward()
+    assert risk.grad[0] < 0  # gradient descent raises the early death's risk
+    bumped = risk.detach().clone()
+    bumped[0] += 0.5
+    assert cox_nll(bumped, time, event, ties=ties) < loss
+
+
+def test_cox_efron_minimiser_matches_lifelines():
+    lifelines = pytest.importorskip("lifelines")
+    from scipy.optimize import minimize_scalar
+
+    rng = np.random.default_rng(7)
+    n = 60
+    x = rng.normal(size=n)
+    time = np.ceil(rng.exponential(np.exp(-0.8 * x)) * 4)  # integer times: heavy ties
+    event = (rng.uniform(size=n) < 0.75).astype(int)
+    assert len(np.unique(time[event == 1])) < event.sum()  # tied death times present
+    df = __import__("pandas").DataFrame({"x": x, "T": time, "E": event})
+    beta_ll = float(lifelines.CoxPHFitter().fit(df, "T", "E").params_["x"])
+
+    xt, tt, et = torch.tensor(x), torch.tensor(time), torch.tensor(event)
+    res = minimize_scalar(
+        lambda b: float(cox_nll(b * xt, tt, et, ties="efron")),
+        bounds=(-5, 5),
+        method="bounded",
+        options={"xatol": 1e-9},
+    )
+    assert res.x == pytest.approx(beta_ll, abs=1e-3)
+
+
+def reference_ranking(risk, time, event, sigma):
+    total, pairs = 0.0, 0
+    for i in range(len(risk)):
+        for j in range(len(risk)):
+            if event[i] and time[i] < time[j]:
+                total += math.log1p(math.exp(-(risk[i] - risk[j]) / sigma))
+                pairs += 1
+    return total / pairs
+
+
+@pytest.mark.parametrize("sigma", [1.0, 0.3])
+def test_ranking_matches_double_loop(sigma):
+    eta, time, event = tied_data(8, n=25)
+    got = pairwise_ranking_loss(torch.tensor(eta), torch.tensor(time), torch.tensor(event), sigma=sigma)
+    assert float(got) == pytest.approx(reference_ranking(eta, time, event, sigma), rel=1e-10)
+
+
+def test_ranking_prefers_concordant_risk():
+    time = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    event = torch.tensor([1, 1, 0, 1, 1])
+    concordant = -time.double()  # earlier death, higher risk
+    assert pairwise_ranking_loss(concordant, time, event) < pairwise_ranking_loss(-concordant, time, event)
+    nopairs = torch.tensor([1.0, 2.0], requires_grad=True)
+    zero = pairwise_ranking_loss(nopairs, torch.tensor([1.0, 2.0]), torch.tensor([0, 0]))
+    assert float(zero.detach()) == 0.0 and zero.requires_grad
+
+
+def test_require_dp_valid():
+    require_dp_valid("discrete_hazard")
+    assert LOSSES["discrete_hazard"].per_patient
+    for name in ("cox_efron", "cox_breslow", "ranking"):
+        assert not LOSSES[name].per_patient
+        with pytest.raises(ValueError, match=rf"'{name}'.*DP"):
+            require_dp_valid(name)
+    with pytest.raises(ValueError, match="valid losses: .*discrete_hazard"):
+        require_dp_valid("focal")
+
+
+def test_why_coupled_losses_break_dp():
+    """Changing only patient i's data moves the gradient at patient j for Cox, never for discrete hazard."""
+    i, j = 0, 3
+    time = torch.tensor([1.0, 2.0, 4.0, 6.0, 9.0])
+    event = torch.tensor([1, 0, 1, 1, 0])
+    eta = torch.tensor([0.2, -0.1, 0.4, 0.0, 0.3], dtype=torch.float64)
+    alpha = torch.full((5, 5), -2.0, dtype=torch.float64)
+    time2, event2, eta2 = time.clone(), event.clone(), eta.clone()
+    time2[i], event2[i], eta2[i] = 7.0, 1, 1.5  # patient i's record and features change; j's do not
+
+    def grad_at_j(loss_fn, eta_, time_, event_):
+        r = eta_.clone().requires_grad_(True)
+        loss_fn(r, time_, event_).backward()
+        return float(r.grad[j])
+
+    for ties in ("efron", "breslow"):
+        cox = lambda r, t, e, ties=ties: cox_nll(r, t, e, ties=ties, reduction="sum")  # noqa: E731
+        assert abs(grad_at_j(cox, eta, time, event) - grad_at_j(cox, eta2, time2, event2)) > 1e-3
+    hazard = lambda r, t, e: discrete_hazard_nll(r, alpha, t, e, 10.0, reduction="sum")  # noqa: E731
+    assert grad_at_j(hazard, eta, time, event) == grad_at_j(hazard, eta2, time2, event2)
+    # and the per-patient terms themselves: j's term is untouched for discrete hazard, moved for Cox
+    before = discrete_hazard_nll(eta, alpha, time, event, 10.0, reduction="none")
+    after = discrete_hazard_nll(eta2, alpha, time2, event2, 10.0, reduction="none")
+    assert float(before[j]) == float(after[j])
+    assert float(cox_nll(eta, time, event, reduction="none")[j]) != float(
+        cox_nll(eta2, time2, event2, reduction="none")[j]
+    )

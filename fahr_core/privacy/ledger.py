@@ -22,6 +22,7 @@ from opacus.accountants import RDPAccountant
 from fahr_core.io import atomic_write_json
 
 Step = tuple[float, float, int]  # (noise multiplier, sample rate, number of steps)
+EXHAUSTED = 0.01  # a budget with less than 1% left counts as spent
 
 
 class BudgetExceeded(RuntimeError):
@@ -85,6 +86,12 @@ class PrivacyLedger:
         The remaining budget is spread evenly over the rounds still planned, so the site does not
         spend everything in round 1. Bisection on the composed epsilon (monotone in sigma).
         """
+        spent = self.epsilon
+        if spent >= (1 - EXHAUSTED) * self.budget:
+            raise BudgetExceeded(
+                f"privacy budget exhausted: epsilon spent {spent:.3f} of {self.budget:g}; what is left "
+                "could only buy an update drowned in noise, so the site does not train"
+            )
         planned = (sample_rate, steps_this_round * max(rounds_left, 1))
 
         def eps(sigma: float) -> float:

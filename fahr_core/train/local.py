@@ -22,7 +22,7 @@ from fahr_core.config import PrivacyConfig, TrainConfig
 from fahr_core.faces.images import to_input
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.ledger import PrivacyLedger
-from fahr_core.survival.losses import discrete_hazard_nll
+from fahr_core.survival.losses import LOSSES, require_dp_valid
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,49 @@ def site_delta(privacy: PrivacyConfig, n: int) -> float:
     return privacy.delta if privacy.delta > 0 else 1.0 / (10 * max(n, 1))
 
 
+def _run_epochs(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    horizon: float,
+    loss_name: str,
+) -> float:
+    """The training loop shared by private and non-private training; returns the mean loss."""
+    model.train()
+    total, seen = 0.0, 0
+    for _ in range(epochs):
+        for x, t, e in loader:
+            if len(x) == 0:  # an empty Poisson batch: skipping it releases less than was accounted
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            eta, alpha = model(to_input(x))
+            loss = LOSSES[loss_name].compute(eta, alpha, t, e, horizon)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(x)
+            seen += len(x)
+    return total / max(seen, 1)
+
+
+def _optimizer(model: SurvivalViT, train: TrainConfig) -> torch.optim.Optimizer:
+    model.set_trainable(train.trainable)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def train_nonprivate(
+    model: SurvivalViT, data: SurvivalData, train: TrainConfig, horizon: float, seed: int
+) -> float:
+    """Plain (non-DP) training, for central baselines and the privacy-utility benchmark's 'no DP' arm.
+
+    Never used at a site: a site's update must come from `train_dp`.
+    """
+    torch.manual_seed(seed)
+    loader = DataLoader(_PatientDataset(data, seed), batch_size=train.batch_size, shuffle=True)
+    return _run_epochs(model, loader, _optimizer(model, train), train.local_epochs, horizon, train.loss)
+
+
 def train_dp(
     model: SurvivalViT,
     data: SurvivalData,
@@ -93,22 +136,23 @@ def train_dp(
     """
     from opacus import PrivacyEngine  # heavy import: only sites that train pay for it
 
+    require_dp_valid(train.loss)
     start = time.perf_counter()
     n = len(data)
     if n < 2:
         raise ValueError(f"site has {n} training patient(s); DP-SGD needs at least 2")
     torch.manual_seed(seed)
-    q = min(1.0, train.batch_size / n)
-    steps_per_epoch = max(1, math.ceil(1 / q))
+    # Opacus' Poisson sampler draws each patient with rate 1 / len(loader) for len(loader) steps an
+    # epoch; the ledger accounts exactly that (checked against the sampler below).
+    steps_per_epoch = math.ceil(n / train.batch_size)
+    q = 1.0 / steps_per_epoch
     steps = steps_per_epoch * train.local_epochs
     sigma = ledger.calibrate(q, steps, rounds_left)
     ledger.check((sigma, q, steps))
 
-    model.set_trainable(train.trainable)
     loader = DataLoader(_PatientDataset(data, seed), batch_size=train.batch_size, shuffle=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    model.train()
+    optimizer = _optimizer(model, train)
+    model.train()  # Opacus validates the module in training mode
     engine = PrivacyEngine(accountant="rdp")
     with warnings.catch_warnings():
         # Opacus warns about secure RNG (not used: torch's PRNG, see docs/privacy.md).
@@ -122,24 +166,17 @@ def train_dp(
             poisson_sampling=True,
             grad_sample_mode="hooks",
         )
-    dp_model.train()
-    total, seen = 0.0, 0
-    for _ in range(train.local_epochs):
-        for x, t, e in dp_loader:
-            if len(x) == 0:  # an empty Poisson batch: skipping it releases less than was accounted
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            eta, alpha = dp_model(to_input(x))
-            loss = discrete_hazard_nll(eta, alpha, t, e, horizon)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(x)
-            seen += len(x)
+    if abs(dp_loader.sample_rate - q) > 1e-12 or len(dp_loader) != steps_per_epoch:
+        raise RuntimeError(
+            f"sampler (rate {dp_loader.sample_rate}, {len(dp_loader)} steps) differs from the "
+            f"accounted (rate {q}, {steps_per_epoch} steps); refusing to train"
+        )
+    mean_loss = _run_epochs(dp_model, dp_loader, optimizer, train.local_epochs, horizon, train.loss)
     dp_model.remove_hooks()
     epsilon = ledger.record((sigma, q, steps), round_info)
     return RoundStats(
         n=n,
-        loss=total / max(seen, 1),
+        loss=mean_loss,
         steps=steps,
         sample_rate=q,
         noise_multiplier=sigma,
