@@ -21,6 +21,8 @@ from fahr_core.io import atomic_write_json
 from fahr_core.models.checkpoint import save_weights
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.ledger import PrivacyLedger
+from fahr_core.report.wire import summary_to_metrics
+from fahr_core.survival.predict import survival_at
 from fahr_core.train.local import SurvivalData, patient_risk, site_delta, train_dp
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,8 @@ State = dict[str, torch.Tensor]
 class SiteSplit:
     train: SurvivalData
     test: SurvivalData
-    cohort: Cohort
+    train_cohort: Cohort
+    test_cohort: Cohort  # the held-out patients: the validation report's cohort
 
 
 def _as_data(cohort: Cohort, images: np.ndarray, index: dict[Path, int]) -> SurvivalData:
@@ -56,7 +59,7 @@ class SiteRuntime:
         photos = sorted({p for pt in cohort.patients for p in pt.photos})
         images = load_faces(photos, img_size, self.cfg.workdir / "cache")
         index = {p: i for i, p in enumerate(photos)}
-        return SiteSplit(_as_data(train, images, index), _as_data(test, images, index), cohort)
+        return SiteSplit(_as_data(train, images, index), _as_data(test, images, index), train, test)
 
     def ledger(self, n_train: int) -> PrivacyLedger:
         p = self.cfg.privacy
@@ -142,25 +145,20 @@ class SiteRuntime:
                 "train_patients": len(split.train),
             },
         }
+        test = split.test_cohort
+        alpha = model.head.baseline.weight.detach().squeeze(-1).numpy()
         summary = write_site_report(
-            self.cfg.report_dir, self.cfg.name, split.test.time, split.test.event, risk, privacy, meta
+            self.cfg.report_dir,
+            self.cfg.name,
+            split.test.time,
+            split.test.event,
+            risk,
+            privacy,
+            meta,
+            age=test.age,
+            male=test.is_male.astype(float),
+            surv_pred=survival_at(risk, alpha, spec.horizon_years, (1.0, 2.0, 5.0)),
         )
         atomic_write_json(self.cfg.workdir / "last_evaluation.json", {"meta": meta, "privacy": privacy})
-        c = summary.get("c_index")
-        ci = summary.get("c_index_ci") or [None, None]
-        hr = summary.get("hr_top_vs_bottom") or {}
-        candidates = {
-            "num-examples": summary["n"],
-            "events": summary["events"],
-            "c-index": c,
-            "c-index-low": ci[0],
-            "c-index-high": ci[1],
-            "epsilon": ledger.epsilon,
-            "hr-top-bottom": hr.get("hr"),
-            "hr-low": hr.get("ci_low"),
-            "hr-high": hr.get("ci_high"),
-            "logrank-p": summary.get("logrank_p"),
-        }
-        metrics = {k: float(v) for k, v in candidates.items() if v is not None}
-        metrics["num-examples"] = int(summary["n"])
+        metrics = summary_to_metrics(summary)
         return metrics, summary

@@ -19,6 +19,7 @@ from fahr_core.io import atomic_write_json
 from fahr_core.models.checkpoint import load_encoder_weights
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.report.federation import write_federation_report
+from fahr_core.report.wire import metrics_to_summary
 from fahr_server.strategy import FahrFedAvg
 
 app = ServerApp()
@@ -37,28 +38,6 @@ def initial_model(cfg: ServerConfig, seed: int = 0) -> SurvivalViT:
             "not from FAHR-Face MAE pre-training"
         )
     return model
-
-
-def site_summary(evaluation: dict) -> dict:
-    """A site's aggregate evaluation metrics in the shape the federation report reads."""
-
-    def get(key: str):
-        return evaluation.get(key)
-
-    ci = [get("c-index-low"), get("c-index-high")]
-    hr = None
-    if get("hr-top-bottom") is not None:
-        hr = {"hr": get("hr-top-bottom"), "ci_low": get("hr-low"), "ci_high": get("hr-high")}
-    return {
-        "site": evaluation["site"],
-        "n": int(get("num-examples") or 0),
-        "events": int(get("events") or 0),
-        "c_index": get("c-index"),
-        "c_index_ci": ci if None not in ci else None,
-        "hr_top_vs_bottom": hr,
-        "logrank_p": get("logrank-p"),
-        "privacy": {"epsilon": get("epsilon")},
-    }
 
 
 @app.main()
@@ -80,7 +59,7 @@ def main(grid: Grid, context: Context) -> None:
         train_config=round_config,
         evaluate_config=round_config,
     )
-    summaries = [site_summary(e) for e in strategy.site_evaluations]
+    summaries = [metrics_to_summary(e["site"], e) for e in strategy.site_evaluations]
     report = write_federation_report(
         cfg.workdir / "report",
         summaries,

@@ -27,6 +27,9 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "PATH": path,
+        # SuperExec looks for new ClientApp/ServerApp tasks every second by default; each message
+        # waits on that poll, so look more often (measured in benchmarks/federation_round.py).
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
     }
 
 

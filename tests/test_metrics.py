@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -162,3 +163,180 @@ def test_evaluate_reports_nonconvergent_cox_as_note() -> None:
 def test_invalid_inputs_raise(args: tuple) -> None:
     with pytest.raises(ValueError):
         m.evaluate(*args)
+
+
+# --- Uno's C, time-dependent AUC, adjusted hazard ratios, calibration -------------------------------------
+
+
+def simulate(n: int = 1500, seed: int = 0, z_sd: float = 1.5) -> dict[str, np.ndarray]:
+    """Cohort with hazard 0.1 * exp(0.7 z + 0.03 (age - 50) + 0.4 male), uniform censoring over 1-8 years.
+
+    Also returns the true per-patient rate ``lam``, from which the correct S(t) = exp(-lam t) follows.
+    """
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, z_sd, n)
+    age = rng.uniform(30, 80, n)
+    male = rng.integers(0, 2, n)
+    lam = 0.1 * np.exp(0.7 * z + 0.03 * (age - 50) + 0.4 * male)
+    t_event = rng.exponential(1 / lam)
+    t_censor = rng.uniform(1, 8, n)
+    time, event = np.minimum(t_event, t_censor), (t_event <= t_censor).astype(int)
+    return {"time": time, "event": event, "risk": z, "age": age, "male": male, "lam": lam}
+
+
+def true_surv(lam: np.ndarray, horizons: tuple[float, ...] = (1.0, 2.0, 5.0)) -> dict[float, np.ndarray]:
+    return {h: np.exp(-lam * h) for h in horizons}
+
+
+@pytest.mark.parametrize("tau", [None, 1.5])
+def test_uno_c_equals_sksurv(tau: float | None) -> None:
+    from sksurv.metrics import concordance_index_ipcw
+    from sksurv.util import Surv
+
+    t, e, r = cohort(300, seed=8)
+    y = Surv.from_arrays(e.astype(bool), t)
+    assert m.uno_c(t, e, r, tau=tau) == pytest.approx(concordance_index_ipcw(y, y, r, tau=tau)[0], abs=1e-12)
+
+
+def test_uno_c_not_estimable_without_deaths_and_bootstrap_handles_any_stat() -> None:
+    with pytest.raises(m.NotEstimable, match="no deaths"):
+        m.uno_c(np.linspace(0.1, 3, 30), np.zeros(30, int), np.linspace(-1, 1, 30))
+    t, e, r = cohort(200, seed=9)
+    lo, hi = m.bootstrap_ci(t, e, r, stat=partial(m.uno_c, tau=2.0), n_boot=50)
+    assert lo <= m.uno_c(t, e, r, tau=2.0) <= hi and lo > 0.5
+    # any per-patient statistic over any number of aligned arrays: here the death rate among the old
+    age = np.linspace(20, 90, 200)
+    lo, hi = m.bootstrap_ci(e, age, stat=lambda ev, a: float(ev[a > 60].mean()), n_boot=50)
+    assert lo <= e[age > 60].mean() <= hi
+
+
+def test_time_dependent_auc_equals_sksurv_and_skips_impossible_horizons() -> None:
+    from sksurv.metrics import cumulative_dynamic_auc
+    from sksurv.util import Surv
+
+    t, e, r = cohort(300, seed=10)
+    y = Surv.from_arrays(e.astype(bool), t)
+    times = (0.5, 1.0, 2.0)
+    out = m.time_dependent_auc(t, e, r, times)
+    expected = cumulative_dynamic_auc(y, y, r, list(times))[0]
+    assert [row["auc"] for row in out["by_time"]] == pytest.approx(expected, abs=1e-12)
+    assert out["notes"] == []
+
+    late = m.time_dependent_auc(t, e, r, (1.0, float(t.max()) + 1))
+    assert late["by_time"][0]["auc"] is not None and late["by_time"][1]["auc"] is None
+    assert "no patient was followed beyond" in late["notes"][0]
+    early = m.time_dependent_auc(t, e, r, (float(t[e == 1].min()) / 2,))
+    assert early["by_time"][0]["auc"] is None and "no deaths occurred within" in early["notes"][0]
+
+
+def test_adjusted_hazard_ratio_per_sd_recovers_simulated_coefficient() -> None:
+    d = simulate()
+    out = m.adjusted_hazard_ratios(d["time"], d["event"], d["risk"], d["age"], d["male"])
+    hr = out["per_sd"]
+    true_log_hr = 0.7 * np.std(d["risk"], ddof=1)
+    assert math.log(hr["ci_low"]) < true_log_hr < math.log(hr["ci_high"])
+    assert hr["adjusted_for"] == ["age", "male"] and hr["n"] == 1500
+    assert out["top_vs_bottom"]["hr"] > 3 and out["top_vs_bottom"]["n"] == 750
+    assert set(out["ph_test"]["p"]) == {"risk_per_sd", "age", "male"}
+    assert out["ph_test"]["risk_score_violates"] is False and out["notes"] == []
+    json.dumps(out, allow_nan=False)
+
+
+def test_proportional_hazards_violation_is_flagged() -> None:
+    """Risk effect only in the first year (piecewise-constant hazard): the PH check must notice."""
+    rng = np.random.default_rng(13)
+    n = 800
+    z = rng.normal(size=n)
+    early = 0.5 * np.exp(1.5 * z)  # hazard before 1 year; 0.5 for everyone after
+    draw = rng.exponential(size=n)
+    t_event = np.where(draw < early, draw / early, 1 + (draw - early) / 0.5)
+    t_censor = rng.uniform(0.5, 4, n)
+    t, e = np.minimum(t_event, t_censor), (t_event <= t_censor).astype(int)
+    out = m.adjusted_hazard_ratios(t, e, z)
+    assert out["ph_test"]["risk_score_violates"] is True
+    assert any("proportional-hazards check suggests" in x for x in out["notes"])
+
+
+def test_constant_covariate_is_dropped_with_note() -> None:
+    d = simulate(n=300, seed=14)
+    out = m.adjusted_hazard_ratios(d["time"], d["event"], d["risk"], d["age"], np.ones(300))
+    assert out["per_sd"]["adjusted_for"] == ["age"]
+    assert any("same sex, so it is not adjusted for sex" in x for x in out["notes"])
+
+
+def test_calibration_small_for_true_model_and_large_for_miscalibrated() -> None:
+    d = simulate()
+    good = m.calibration(d["time"], d["event"], true_surv(d["lam"]))
+    bad = m.calibration(d["time"], d["event"], {h: s**3 for h, s in true_surv(d["lam"]).items()})
+    json.dumps(good, allow_nan=False)
+    assert [h["years"] for h in good["horizons"]] == [1.0, 2.0, 5.0]
+    assert all(len(h["bins"]) == 5 and sum(b["n"] for b in h["bins"]) == 1500 for h in good["horizons"])
+    assert good["mean_abs_diff"] < 0.04 and bad["mean_abs_diff"] > 0.15
+    for h in good["horizons"]:
+        assert h["mean_abs_diff"] < 0.05
+        covered = [b["observed_ci"][0] <= b["predicted"] <= b["observed_ci"][1] for b in h["bins"]]
+        assert sum(covered) >= 4  # a correct model sits inside the KM CI in (nearly) every bin
+    assert good["notes"] == []
+
+
+def test_calibration_degenerate_gives_notes() -> None:
+    t, e, r = cohort(30, seed=15)
+    out = m.calibration(t, e, {1.0: np.full(30, 0.5), float(t.max()) + 1: np.full(30, 0.5)})
+    assert len(out["horizons"][0]["bins"]) == 3  # 30 patients: bins of >= 10
+    assert out["horizons"][1]["bins"] == [] and "no patient was followed that long" in out["notes"][0]
+    small = m.calibration(t[:5], e[:5], {1.0: np.full(5, 0.5)})
+    assert small["mean_abs_diff"] is None and "fewer than 10" in small["notes"][0]
+    with pytest.raises(ValueError):
+        m.calibration(t, e, {1.0: np.full(30, 1.5)})
+
+
+def test_evaluate_with_covariates_and_predictions_is_complete() -> None:
+    d = simulate(n=400, seed=16)
+    out = m.evaluate(
+        d["time"],
+        d["event"],
+        d["risk"],
+        n_boot=50,
+        age=d["age"],
+        male=d["male"],
+        surv_pred=true_surv(d["lam"]),
+    )
+    json.dumps(out, allow_nan=False)
+    assert out["uno_c_ci"][0] <= out["uno_c"] <= out["uno_c_ci"][1] and out["uno_c_tau"] == d["time"].max()
+    assert all(row["auc"] > 0.6 for row in out["td_auc"])
+    assert out["hr_per_sd_adjusted"]["adjusted_for"] == ["age", "male"]
+    assert out["hr_per_sd"]["adjusted_for"] == [] and out["hr_top_vs_bottom_adjusted"]["hr"] > 1
+    assert set(out["ph_test"]["p"]) == {"risk_per_sd", "age", "male"}
+    assert out["age"]["q1"] >= 30 and 0 < out["male_percent"] < 100
+    assert out["calibration"]["mean_abs_diff"] < 0.06
+
+
+@pytest.mark.parametrize("name", DEGENERATE)
+def test_evaluate_degenerate_cohorts_with_covariates_give_notes(name: str) -> None:
+    t, e, r = DEGENERATE[name]
+    n = len(t)
+    out = m.evaluate(
+        t,
+        e,
+        r,
+        n_boot=20,
+        age=np.linspace(40, 80, n),
+        male=np.arange(n) % 2,
+        surv_pred={1.0: np.full(n, 0.8)},
+    )
+    json.dumps(out, allow_nan=False)
+    assert out["notes"]
+    adjusted = (out["hr_per_sd_adjusted"], out["hr_top_vs_bottom_adjusted"])
+    if name == "all_tied_times":  # no timing information: any HR must show no effect
+        assert all(hr is None or hr["p"] > 0.5 for hr in adjusted)
+    elif name != "time_zero":
+        assert adjusted == (None, None)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"age": [50.0, 60.0]}, {"age": [50.0, np.nan, 60.0]}, {"male": [0, 1, 2]}, {"surv_pred": {1.0: [0.5]}}],
+)
+def test_invalid_covariates_raise(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        m.evaluate([1.0, 2.0, 3.0], [1, 0, 1], [0.0, 1.0, 2.0], **kwargs)

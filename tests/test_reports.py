@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import base64
+import html as html_lib
 import json
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fahr_core.report.federation import write_federation_report
+from fahr_core.report.federation import pooled_hr, write_federation_report
 from fahr_core.report.site import write_site_report
+from tests.test_metrics import simulate, true_surv
 
 
 def cohort(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -28,13 +31,17 @@ DEGENERATE = {
     "one_event": (np.linspace(0.1, 3, 30), np.r_[1, np.zeros(29, int)], np.linspace(-1, 1, 30)),
     "n5": (np.array([0.5, 1.0, 1.5, 2.0, 2.5]), np.array([1, 0, 1, 0, 1]), np.arange(5.0)),
     "all_tied_times": (np.ones(20), np.ones(20, int), np.linspace(-1, 1, 20)),
+    "time_zero": (np.r_[np.zeros(5), np.linspace(0.1, 3, 25)], np.r_[[1, 0] * 15], np.linspace(-1, 1, 30)),
     "empty": (np.array([]), np.array([], int), np.array([])),
 }
 PRIVACY = {"epsilon": np.float64(2.5), "delta": 1e-5, "budget": 8.0, "noise_multiplier": 1.1}
 META = {"model_version": "vit-s16@abc123", "data_version": "2024-06", "rounds": 5}
-KM_IMG = re.compile(
-    r'<img alt="Kaplan-Meier by risk quartile" src="data:image/png;base64,([A-Za-z0-9+/=]+)">'
-)
+QC = {"photos": 300, "aligned": 296, "rejected": {"no face": 3, "blur": 1}}
+IMG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
+KM_ALT = "Kaplan-Meier survival curves by risk quartile"
+# The longest list a summary may hold: calibration bins (<= 5) and td-AUC horizons (3). Anything longer
+# would be per-patient data.
+MAX_AGGREGATE_LIST = 5
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -52,6 +59,34 @@ def assert_self_contained(html: str) -> None:
         assert external not in html
 
 
+def images(html: str) -> dict[str, bytes]:
+    """{alt text: decoded PNG} of every inline image; asserts each is a real PNG inside a captioned figure."""
+    found = {alt: base64.b64decode(data) for alt, data in IMG.findall(html)}
+    assert html.count("<img") == len(found), "every <img> needs alt text and an inline PNG"
+    assert html.count("<figure>") == html.count("<figcaption>") == len(found)
+    assert all(png.startswith(PNG_MAGIC) for png in found.values()) and all(found)
+    return found
+
+
+def full_site_report(out: Path, n: int = 400, n_boot: int = 50) -> dict:
+    """A site report with every optional input, on a cohort simulated with known age/sex/risk effects."""
+    d = simulate(n=n, seed=31)
+    return write_site_report(
+        out,
+        "hospital-full",
+        d["time"],
+        d["event"],
+        d["risk"],
+        PRIVACY,
+        META,
+        n_boot,
+        age=d["age"],
+        male=d["male"],
+        surv_pred=true_surv(d["lam"]),
+        qc=QC,
+    )
+
+
 def test_site_report_writes_readable_page_and_aggregate_summary(tmp_path: Path) -> None:
     t, e, r = cohort(200, seed=11)
     summary = write_site_report(tmp_path, "hospital-a", t, e, r, PRIVACY, META, n_boot=50)
@@ -60,14 +95,79 @@ def test_site_report_writes_readable_page_and_aggregate_summary(tmp_path: Path) 
     assert summary["privacy"]["epsilon"] == 2.5 and summary["meta"]["rounds"] == 5
     assert summary["c_index"] > 0.6 and len(summary["c_index_ci"]) == 2
     assert summary["hr_top_vs_bottom"]["hr"] > 1 and summary["logrank_p"] < 0.05
-    assert longest_list(on_disk) <= 2, "summary.json must hold aggregates, not per-patient arrays"
+    assert longest_list(on_disk) <= MAX_AGGREGATE_LIST, "summary.json must hold aggregates only"
 
     html = (tmp_path / "report.html").read_text()
     assert_self_contained(html)
-    png = base64.b64decode(KM_IMG.search(html).group(1))
-    assert png.startswith(PNG_MAGIC)
-    assert f"C-index {summary['c_index']:.2f}" in html and "95% CI" in html
+    assert list(images(html)) == [KM_ALT]
+    assert f"C-index (Harrell) {summary['c_index']:.2f}" in html and "95% CI" in html
     assert "hospital-a" in html and "noise_multiplier" in html
+    # optional inputs absent: said so, not silently dropped
+    assert summary["age"] is None and summary["calibration"] is None and summary["alignment_qc"] is None
+    assert "Alignment quality control: not available" in html and "age and sex not supplied" in html
+    assert "Calibration is not assessed" in html
+
+
+def test_full_site_report_has_every_section_and_aggregate_summary(tmp_path: Path) -> None:
+    summary = full_site_report(tmp_path)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == summary
+    assert longest_list(on_disk) <= MAX_AGGREGATE_LIST
+    for key in ("uno_c", "uno_c_ci", "hr_per_sd", "hr_per_sd_adjusted", "hr_top_vs_bottom_adjusted"):
+        assert summary[key] is not None, key
+    assert [row["years"] for row in summary["td_auc"]] == [1.0, 2.0, 5.0]
+    assert all(row["auc"] is not None for row in summary["td_auc"])
+    assert summary["ph_test"]["p"].keys() == {"risk_per_sd", "age", "male"}
+    assert summary["calibration"]["mean_abs_diff"] < 0.06 and summary["alignment_qc"] == QC
+    assert 0 < summary["male_percent"] < 100 and summary["age"]["sd"] > 0
+
+    html = (tmp_path / "report.html").read_text()
+    assert_self_contained(html)
+    alts = list(images(html))
+    assert alts[0] == KM_ALT and alts[1].startswith("Calibration plot") and len(alts) == 2
+    for text in (
+        "Uno's C-index:",
+        "Time-dependent AUC",
+        "Adjusted for age and sex HR",
+        "Proportional-hazards check",
+        "After accounting for age and sex",
+        "Mean |predicted",
+        "rejected: no face",
+        "296",
+        "vit-s16@abc123",
+        "Age, mean (SD)",
+    ):
+        assert text in html, text
+    assert "not available" not in html
+
+
+@pytest.mark.parametrize("name", ["no_events", "one_event", "n5", "all_tied_times", "time_zero", "empty"])
+def test_degenerate_full_site_report_still_written_with_notes(tmp_path: Path, name: str) -> None:
+    t, e, r = DEGENERATE[name]
+    n = len(t)
+    summary = write_site_report(
+        tmp_path,
+        name,
+        t,
+        e,
+        r,
+        PRIVACY,
+        META,
+        20,
+        age=np.linspace(40, 80, n),
+        male=np.arange(n) % 2,
+        surv_pred={1.0: np.full(n, 0.8), 2.0: np.full(n, 0.6)},
+        qc=QC,
+    )
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary and summary["notes"]
+    html = (tmp_path / "report.html").read_text()
+    assert_self_contained(html)
+    found = images(html)
+    assert all(html_lib.escape(note) in html for note in summary["notes"])
+    if KM_ALT not in found:
+        assert "Kaplan-Meier curves by risk quartile are not shown" in html
+    if not any(alt.startswith("Calibration plot") for alt in found):
+        assert "calibration figure is not shown" in html
 
 
 @pytest.mark.parametrize("name", ["no_events", "one_event", "n5", "all_tied_times", "empty"])
@@ -76,7 +176,7 @@ def test_site_report_on_degenerate_cohort_explains_missing_figures(tmp_path: Pat
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     html = (tmp_path / "report.html").read_text()
     assert_self_contained(html)
-    assert summary["notes"] and all(n.split(":")[0] in html for n in summary["notes"])
+    assert summary["notes"] and all(html_lib.escape(n) in html for n in summary["notes"])
     if summary["hr_top_vs_bottom"] is None:
         assert "not computed; see the notes" in html
 
@@ -110,11 +210,50 @@ def test_federation_report_weights_sites_and_skips_missing_c_index(tmp_path: Pat
 
     html = (tmp_path / "global" / "report.html").read_text()
     assert_self_contained(html)
-    m = re.search(
-        r'alt="C-index by site \(forest plot\)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html
-    )
-    assert base64.b64decode(m.group(1)).startswith(PNG_MAGIC)
+    alts = list(images(html))
+    assert alts[0] == "Forest plot of the C-index by site" and alts[1].startswith("Forest plot of the age-")
     assert all(s in html for s in ("site-0", "site-1", "site-empty", "2.50"))
+
+
+def test_federation_report_forest_plots_of_adjusted_hr_and_legacy_sites(tmp_path: Path) -> None:
+    summaries = [full_site_report(tmp_path / f"s{i}", n=200 + 100 * i, n_boot=10) for i in range(2)]
+    for i, s in enumerate(summaries):
+        s["site"] = f"site-{i}"
+    # an older site summary, as rebuilt by the server from scalar metrics: none of the new fields
+    legacy = {"site": "legacy", "n": 80, "events": 20, "c_index": 0.66, "c_index_ci": [0.58, 0.74]}
+    g = write_federation_report(tmp_path / "global", [*summaries, legacy], {"rounds": 5})
+    assert json.loads((tmp_path / "global" / "summary.json").read_text()) == g
+    pooled = g["hr_per_sd_adjusted_pooled"]
+    assert pooled["n_sites"] == 2 and 0 <= pooled["i2"] <= 1
+    his = [s["hr_per_sd_adjusted"]["hr"] for s in summaries]
+    assert min(his) <= pooled["hr"] <= max(his) and pooled["ci_low"] < pooled["hr"] < pooled["ci_high"]
+    assert any("legacy" in n and "pooled hazard ratio" in n for n in g["notes"])
+    html = (tmp_path / "global" / "report.html").read_text()
+    assert_self_contained(html)
+    assert len(images(html)) == 2 and "legacy" in html and "I\u00b2 = " in html
+
+
+def test_pooled_hr_is_inverse_variance_weighted_on_log_scale() -> None:
+    z = 1.959963984540054
+    # two sites, log HR 0 and log 4 with equal SE 0.5: pooled log HR is the midpoint, SE 0.5 / sqrt(2)
+    sites = [
+        {"hr_per_sd_adjusted": {"hr": 1.0, "ci_low": math.exp(-0.5 * z), "ci_high": math.exp(0.5 * z)}},
+        {
+            "hr_per_sd_adjusted": {
+                "hr": 4.0,
+                "ci_low": 4 * math.exp(-0.5 * z),
+                "ci_high": 4 * math.exp(0.5 * z),
+            }
+        },
+        {"hr_per_sd_adjusted": None},
+        {},
+    ]
+    p = pooled_hr(sites)
+    assert p["hr"] == pytest.approx(2.0) and p["n_sites"] == 2
+    assert p["ci_high"] == pytest.approx(2.0 * math.exp(z * 0.5 / math.sqrt(2)))
+    q = 2 * (math.log(2) / 0.5) ** 2  # Cochran's Q; I^2 = (Q - 1) / Q
+    assert p["i2"] == pytest.approx((q - 1) / q)
+    assert pooled_hr([{}]) is None
 
 
 def test_federation_report_with_no_sites(tmp_path: Path) -> None:

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 
 import torch
 
-ALLOWED_METRICS = frozenset(
+from fahr_core.report.wire import SUMMARY_METRICS
+
+TRAINING_METRICS = frozenset(
     {
         "num-examples",
         "train-loss",
@@ -24,19 +26,12 @@ ALLOWED_METRICS = frozenset(
         "sample-rate",
         "steps",
         "train-seconds",
-        "events",
-        "c-index",
-        "c-index-low",
-        "c-index-high",
-        "hr-top-bottom",
-        "hr-low",
-        "hr-high",
-        "logrank-p",
         "startup-seconds",
         "handler-seconds",
         "bytes-sent",
     }
 )
+ALLOWED_METRICS = TRAINING_METRICS | SUMMARY_METRICS
 
 
 class OutboundViolation(RuntimeError):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from fahr_core.io import atomic_write_json, atomic_write_text
 from fahr_core.report import figures
-from fahr_core.report.html import esc, fmt, fmt_p, img_png, kv_table, notes_list, page, table
+from fahr_core.report.html import esc, figure, fmt, fmt_p, kv_table, notes_list, page, table
 from fahr_core.report.site import c_index_sentences, plain
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
 def weighted_c_index(summaries: list[dict[str, Any]]) -> tuple[float | None, int]:
@@ -24,13 +27,49 @@ def weighted_c_index(summaries: list[dict[str, Any]]) -> tuple[float | None, int
     return sum(int(s["n"]) * float(s["c_index"]) for s in scored) / n, n
 
 
+def pooled_hr(summaries: list[dict[str, Any]], key: str = "hr_per_sd_adjusted") -> dict[str, Any] | None:
+    """Fixed-effect (inverse-variance) pooled hazard ratio from the sites' HRs and 95% CIs, with I².
+
+    Each site's standard error of log HR is recovered from its CI width: (log hi - log lo) / (2 * 1.96).
+    Only aggregates are used. Fixed-effect pooling assumes one true HR across sites; I² (share of the
+    spread between sites beyond chance) says how far to trust that. None if no site has a usable HR.
+    """
+    logs, weights = [], []
+    for s in summaries:
+        hr = s.get(key) or {}
+        est, lo, hi = hr.get("hr"), hr.get("ci_low"), hr.get("ci_high")
+        if not all(isinstance(v, int | float) and v > 0 for v in (est, lo, hi)) or hi <= lo:
+            continue
+        se = (math.log(hi) - math.log(lo)) / (2 * Z95)
+        logs.append(math.log(est))
+        weights.append(1.0 / se**2)
+    if not logs:
+        return None
+    w = sum(weights)
+    mean = sum(wi * li for wi, li in zip(weights, logs, strict=True)) / w
+    se = 1.0 / math.sqrt(w)
+    q = sum(wi * (li - mean) ** 2 for wi, li in zip(weights, logs, strict=True))
+    i2 = max(0.0, (q - (len(logs) - 1)) / q) if q > 0 else 0.0
+    return {
+        "hr": math.exp(mean),
+        "ci_low": math.exp(mean - Z95 * se),
+        "ci_high": math.exp(mean + Z95 * se),
+        "n_sites": len(logs),
+        "i2": i2,
+    }
+
+
 def _ci_text(ci: list[float] | None) -> str:
     return f"{fmt(ci[0])}\u2013{fmt(ci[1])}" if ci else "\u2014"
 
 
+def _hr_cell(hr: dict[str, Any] | None) -> str:
+    if not hr or hr.get("hr") is None:
+        return "\u2014"
+    return f"{fmt(hr['hr'])} ({_ci_text([hr.get('ci_low'), hr.get('ci_high')])})"
+
+
 def _site_row(s: dict[str, Any]) -> tuple[Any, ...]:
-    hr = s.get("hr_top_vs_bottom")
-    hr_text = f"{fmt(hr['hr'])} ({_ci_text([hr['ci_low'], hr['ci_high']])})" if hr else "\u2014"
     epsilon = (s.get("privacy") or {}).get("epsilon")
     return (
         s.get("site", "?"),
@@ -38,13 +77,16 @@ def _site_row(s: dict[str, Any]) -> tuple[Any, ...]:
         s.get("events", "\u2014"),
         fmt(s.get("c_index")),
         _ci_text(s.get("c_index_ci")),
-        hr_text,
+        fmt(s.get("uno_c")),
+        _hr_cell(s.get("hr_top_vs_bottom")),
+        _hr_cell(s.get("hr_per_sd_adjusted")),
         fmt_p(s.get("logrank_p")),
         fmt(epsilon) if isinstance(epsilon, int | float) else "\u2014",
     )
 
 
-def _render(g: dict[str, Any], forest: bytes | None) -> str:
+def _render(g: dict[str, Any], c_forest: bytes | None, hr_forest: bytes | None) -> str:
+    pooled = g["hr_per_sd_adjusted_pooled"]
     parts = [
         "<h1>Federated validation report</h1>",
         f'<p class="headline">n-weighted mean C-index {fmt(g["c_index_weighted_mean"])} '
@@ -59,15 +101,41 @@ def _render(g: dict[str, Any], forest: bytes | None) -> str:
                 "Deaths",
                 "C-index",
                 "95% CI",
+                "Uno's C",
                 "HR Q4 vs Q1 (95% CI)",
+                "HR per SD, age+sex adjusted (95% CI)",
                 "Log-rank p",
                 "\u03b5 spent",
             ),
             [_site_row(s) for s in g["sites"]],
         ),
+        "<h2>C-index by site</h2>",
+        figure(
+            c_forest,
+            "Forest plot of the C-index by site",
+            "Each square is one site's C-index with its 95% confidence interval as a line; the red diamond "
+            "is the patient-weighted mean. The dashed line at 0.5 is a coin toss: sites whose line lies "
+            "wholly to the right ranked patients better than chance.",
+            "No forest plot: no site summaries were received.",
+        ),
+        "<h2>Adjusted hazard ratio per SD of the risk score, by site</h2>",
+        figure(
+            hr_forest,
+            "Forest plot of the age- and sex-adjusted hazard ratio per SD of the risk score by site "
+            "(log scale)",
+            "Each square is one site's hazard ratio per standard deviation of the risk score, adjusted for "
+            "age and sex, with its 95% confidence interval; the red diamond pools the sites. The axis is "
+            "logarithmic so that halving and doubling the death rate sit equally far from the dashed line "
+            "at 1 (no effect). Sites to the right of 1 found the score predicts death beyond age and sex.",
+            "No forest plot: no site summaries were received.",
+        ),
     ]
-    if forest is not None:
-        parts.append(img_png(forest, "C-index by site (forest plot)"))
+    if pooled is not None:
+        parts.append(
+            f"<p>Pooled (fixed-effect, inverse-variance) adjusted HR per SD: {fmt(pooled['hr'])} "
+            f"(95% CI {_ci_text([pooled['ci_low'], pooled['ci_high']])}) over {pooled['n_sites']} site(s); "
+            f"I\u00b2 = {fmt(100 * pooled['i2'], 0)}% of the spread between sites exceeds chance.</p>"
+        )
     site_notes = [f"Site {s.get('site', '?')}: {n}" for s in g["sites"] for n in s.get("notes", [])]
     parts += [
         "<h2>Model and data</h2>",
@@ -78,12 +146,24 @@ def _render(g: dict[str, Any], forest: bytes | None) -> str:
     return page("fahr federated validation", "\n".join(parts))
 
 
+def _forest_rows(sites: list[dict[str, Any]], key: str) -> list[tuple[str, float | None, list | None]]:
+    """(site, estimate, [lo, hi]) for an HR field of the site summaries; missing fields give None."""
+    rows = []
+    for s in sites:
+        hr = s.get(key) or {}
+        ci = [hr.get("ci_low"), hr.get("ci_high")] if hr.get("ci_low") is not None else None
+        rows.append((str(s.get("site", "?")), hr.get("hr"), ci))
+    return rows
+
+
 def write_federation_report(
     out_dir: Path, summaries: list[dict[str, Any]], meta: dict[str, Any]
 ) -> dict[str, Any]:
     """Write the global ``summary.json`` and ``report.html`` from site summaries; returns the global summary.
 
-    Sites whose C-index is None stay in the table and plot but are excluded from the weighted mean.
+    Reads only the sites' aggregate fields. Sites whose C-index is None stay in the table and plots but
+    are excluded from the weighted mean; sites lacking the adjusted HR per SD (older summaries, or no age
+    and sex supplied) are shown as "not reported" in its forest plot and left out of the pooled HR.
     """
     sites = [plain(s) for s in summaries]
     mean, n_scored = weighted_c_index(sites)
@@ -91,6 +171,12 @@ def write_federation_report(
         f"Site {s.get('site', '?')} has no C-index and is left out of the weighted mean."
         for s in sites
         if s.get("c_index") is None
+    ]
+    notes += [
+        f"Site {s.get('site', '?')} reports no age- and sex-adjusted hazard ratio per SD; it is left out of "
+        "the pooled hazard ratio."
+        for s in sites
+        if not (s.get("hr_per_sd_adjusted") or {}).get("hr")
     ]
     if not sites:
         notes.append("No site summaries were received, so there is nothing to compare.")
@@ -100,15 +186,26 @@ def write_federation_report(
         "events_total": sum(int(s.get("events", 0)) for s in sites),
         "c_index_weighted_mean": mean,
         "c_index_weighted_n": n_scored,
+        "hr_per_sd_adjusted_pooled": pooled_hr(sites),
         "sites": sites,
         "meta": plain(meta),
         "notes": notes,
     }
-    forest = None
+    c_forest = hr_forest = None
     if sites:
         rows = [(str(s.get("site", "?")), s.get("c_index"), s.get("c_index_ci")) for s in sites]
-        forest = figures.forest_png(rows, mean)
+        c_forest = figures.forest_png(rows, mean)
+        pooled = summary["hr_per_sd_adjusted_pooled"]
+        hr_forest = figures.forest_png(
+            _forest_rows(sites, "hr_per_sd_adjusted"),
+            pooled["hr"] if pooled else None,
+            xlabel="Hazard ratio per SD of risk score, adjusted for age and sex (log scale)",
+            reference=1.0,
+            log_scale=True,
+            pooled_label="Pooled (fixed effect)",
+            missing_text="not reported",
+        )
     out_dir = Path(out_dir)
-    atomic_write_text(out_dir / "report.html", _render(summary, forest))
+    atomic_write_text(out_dir / "report.html", _render(summary, c_forest, hr_forest))
     atomic_write_json(out_dir / "summary.json", summary)
     return summary

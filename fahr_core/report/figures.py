@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -44,37 +46,84 @@ def km_quartiles_png(curves: Sequence[KMCurve]) -> bytes:
 
 
 def forest_png(
-    sites: Sequence[tuple[str, float | None, Sequence[float] | None]], mean: float | None
+    rows: Sequence[tuple[str, float | None, Sequence[float] | None]],
+    pooled: float | None,
+    *,
+    xlabel: str = "C-index (0.5 = chance, 1 = perfect ordering)",
+    reference: float = 0.5,
+    log_scale: bool = False,
+    pooled_label: str = "Mean (n-weighted)",
+    missing_text: str = "not computable",
 ) -> bytes:
-    """C-index with 95% CI per site (rows of (site, c_index, [lo, hi])) and the n-weighted mean as a diamond.
+    """Forest plot: one estimate with 95% CI per site (rows of (site, estimate, [lo, hi])), pooled diamond.
 
-    Sites without a C-index stay on the plot, labelled, so a reader sees they exist but could not be scored.
+    Used for C-indices (linear axis, reference 0.5) and hazard ratios (log axis, reference 1, so HR 2 and
+    HR 0.5 sit equally far from "no effect"). Sites without an estimate stay on the plot, labelled with
+    ``missing_text``, so a reader sees they exist but could not be scored.
     """
-    labels = [s[0] for s in sites] + (["Mean (n-weighted)"] if mean is not None else [])
+    labels = [r[0] for r in rows] + ([pooled_label] if pooled is not None else [])
     fig = Figure(figsize=(6.4, 1.2 + 0.4 * len(labels)))
     ax = fig.add_subplot()
-    for y, (_, c, ci) in enumerate(sites):
-        if c is None:
+    if log_scale:
+        ax.set_xscale("log")
+    for y, (_, est, ci) in enumerate(rows):
+        if est is None:
+            # x in axes coordinates, y in data coordinates: centred whatever the scale.
             ax.text(
                 0.5,
                 y,
-                "not computable",
+                missing_text,
+                transform=ax.get_yaxis_transform(),
                 ha="center",
                 va="center",
                 fontsize=8,
                 color="grey",
-                backgroundcolor="white",
             )
             continue
-        if ci is not None:
+        if ci is not None and ci[0] is not None and ci[1] is not None:
             ax.hlines(y, ci[0], ci[1], color="black", linewidth=1.2)
-        ax.plot([c], [y], marker="s", color="black")
-    if mean is not None:
-        ax.plot([mean], [len(sites)], marker="D", markersize=9, color="#b2182b")
-    ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
+        ax.plot([est], [y], marker="s", color="black")
+    if pooled is not None:
+        ax.plot([pooled], [len(rows)], marker="D", markersize=9, color="#b2182b")
+    ax.axvline(reference, color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(range(len(labels)), labels)
     ax.set_ylim(len(labels) - 0.5, -0.5)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("C-index (0.5 = chance, 1 = perfect ordering)")
+    if not log_scale:
+        ax.set_xlim(0, 1)
+    ax.set_xlabel(xlabel)
     ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def calibration_png(horizons: Sequence[dict[str, Any]]) -> bytes | None:
+    """Predicted vs observed survival per bin, one panel per horizon, with the ideal diagonal.
+
+    ``horizons`` is the ``calibration["horizons"]`` list from :func:`fahr_core.survival.metrics.calibration`.
+    Observed values carry their Kaplan-Meier 95% CI as vertical bars. Returns None if no bin has an
+    observed value (nothing to draw).
+    """
+    panels = [h for h in horizons if any(b["observed"] is not None for b in h["bins"])]
+    if not panels:
+        return None
+    fig = Figure(figsize=(3.2 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, h in zip(axes, panels, strict=True):
+        bins = [b for b in h["bins"] if b["observed"] is not None]
+        x = [b["predicted"] for b in bins]
+        y = [b["observed"] for b in bins]
+        # A bin whose KM CI is undefined (e.g. nobody died: S = 1 exactly) gets no error bar.
+        ci = np.array(
+            [[b["observed"] if c is None else c for c in b["observed_ci"]] for b in bins], dtype=float
+        )
+        yerr = np.clip([np.subtract(y, ci[:, 0]), ci[:, 1] - y], 0, None)
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+        ax.errorbar(x, y, yerr=yerr, fmt="o", color="#2166ac", capsize=3, label="bin (95% CI)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.set_title(f"{h['years']:g} year(s)", fontsize=10)
+        ax.set_xlabel("Predicted survival")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Observed survival (Kaplan-Meier)")
+    axes[0].legend(loc="upper left", fontsize=7)
     return _png(fig)

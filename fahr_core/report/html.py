@@ -20,6 +20,7 @@ h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid
 table{border-collapse:collapse;margin:.5rem 0}
 td,th{border:1px solid #ccc;padding:.25rem .6rem;text-align:left}
 th{background:#f3f3f3}img{max-width:100%}.note{color:#6a4a00}
+figure{margin:1rem 0}figcaption{font-size:.9rem;color:#444;margin-top:.3rem}
 """
 
 
@@ -48,6 +49,17 @@ def p_phrase(p: float | None) -> str:
 def img_png(png: bytes, alt: str) -> str:
     data = base64.b64encode(png).decode("ascii")
     return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def figure(png: bytes | None, alt: str, caption: str, missing: str) -> str:
+    """A figure with alt text (for screen readers and broken images) and a plain-language caption.
+
+    When ``png`` is None the figure is replaced by ``missing``, a sentence saying why it is not shown, so a
+    reader never wonders whether something failed silently.
+    """
+    if png is None:
+        return f'<p class="note">{esc(missing)}</p>'
+    return f"<figure>{img_png(png, alt)}<figcaption>{esc(caption)}</figcaption></figure>"
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

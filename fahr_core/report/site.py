@@ -1,7 +1,7 @@
 """Per-site validation report: ``summary.json`` (aggregates only, sent to the server) and ``report.html``.
 
-Per-patient values never leave the site: the summary carries aggregate numbers only, and the HTML page
-shows quartile survival curves, never individual records.
+Per-patient values never leave the site: the summary carries aggregate numbers only (calibration bins hold
+at least 10 patients), and the HTML page shows quartile survival curves, never individual records.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 from fahr_core.io import atomic_write_json, atomic_write_text
 from fahr_core.report import figures
-from fahr_core.report.html import esc, fmt, img_png, kv_table, notes_list, p_phrase, page, table
+from fahr_core.report.html import esc, figure, fmt, kv_table, notes_list, p_phrase, page, table
 from fahr_core.survival.metrics import (
     as_arrays,
     evaluate,
@@ -60,36 +60,193 @@ def c_index_sentences(c: float | None, ci: list[float] | None) -> str:
     return text + " The 95% interval includes 0.5, so these data cannot show the ordering beats chance."
 
 
-def _render(s: dict[str, Any], km_png: bytes | None) -> str:
-    ci = s["c_index_ci"]
-    ci_text = f" (95% CI {fmt(ci[0])}\u2013{fmt(ci[1])})" if ci else ""
-    parts = [
-        f"<h1>Validation report \u2014 site {esc(s['site'])}</h1>",
-        f'<p class="headline">C-index {fmt(s["c_index"])}{esc(ci_text)}</p>',
-        f"<p>{esc(c_index_sentences(s['c_index'], ci))}</p>",
-        "<h2>Cohort</h2>",
-        table(
-            ("Patients", "Deaths", "Median follow-up (years, reverse Kaplan-Meier)"),
-            [(s["n"], s["events"], fmt(s["median_follow_up"], 1))],
+NA = "not available"
+
+
+def _ci(lo: float | None, hi: float | None) -> str:
+    return f"{fmt(lo)}\u2013{fmt(hi)}"
+
+
+def _hr_text(hr: dict[str, Any] | None) -> str:
+    """'2.61 (95% CI 2.40–2.86), p < 0.001' or 'not computed'."""
+    if hr is None:
+        return "not computed"
+    return f"{fmt(hr['hr'])} (95% CI {_ci(hr['ci_low'], hr['ci_high'])}), {p_phrase(hr['p'])}"
+
+
+def _cohort_table(s: dict[str, Any]) -> str:
+    age = s["age"]
+    age_mean = NA if age is None else f"{fmt(age['mean'], 1)} ({fmt(age['sd'], 1)})"
+    age_iqr = NA if age is None else f"{fmt(age['q1'], 0)}\u2013{fmt(age['q3'], 0)}"
+    male = NA if s["male_percent"] is None else f"{fmt(s['male_percent'], 1)}%"
+    return table(
+        (
+            "Patients",
+            "Deaths",
+            "Median follow-up (years, reverse Kaplan-Meier)",
+            "Age, mean (SD)",
+            "Age, interquartile range",
+            "Male",
         ),
-        "<h2>Survival by risk quartile</h2>",
+        [(s["n"], s["events"], fmt(s["median_follow_up"], 1), age_mean, age_iqr, male)],
+    )
+
+
+def _discrimination(s: dict[str, Any]) -> list[str]:
+    uno = s["uno_c"]
+    uno_text = f"{fmt(uno)} (95% CI {_ci(*s['uno_c_ci'])})" if uno is not None and s["uno_c_ci"] else fmt(uno)
+    rows = [(f"{t['years']:g}", fmt(t["auc"])) for t in s["td_auc"]]
+    return [
+        "<h2>Discrimination beyond Harrell's C</h2>",
+        f"<p>Uno's C-index: {esc(uno_text)}"
+        + (f", using follow-up up to {fmt(s['uno_c_tau'], 1)} years." if s["uno_c_tau"] is not None else ".")
+        + " Uno's C weights each pair by the chance of staying under follow-up, so unlike Harrell's C it "
+        "does not depend on how long this site followed its patients; a value close to Harrell's means "
+        "censoring does not distort the headline.</p>",
+        table(("Years", "Time-dependent AUC"), rows),
+        "<p>The time-dependent AUC at <i>t</i> years is the chance that a patient who died within <i>t</i> "
+        "years had a higher risk score than a patient still alive at <i>t</i> years (0.5 = chance, "
+        "1 = perfect). A dash means it could not be computed; see the notes.</p>",
     ]
-    if km_png is not None:
-        parts.append(img_png(km_png, "Kaplan-Meier by risk quartile"))
-    else:
-        parts.append("<p>Kaplan-Meier curves are not shown; the reason is in the notes below.</p>")
-    parts.append(f"<p>Log-rank test (same survival in all four quartiles): {p_phrase(s['logrank_p'])}</p>")
+
+
+def _adjusted_label(s: dict[str, Any]) -> str | None:
+    names = [n for n, present in (("age", s["age"]), ("sex", s["male_percent"])) if present is not None]
+    return " and ".join(names) or None
+
+
+def _hazard_ratios(s: dict[str, Any]) -> list[str]:
+    adj = _adjusted_label(s)
+    adj_header = f"Adjusted for {adj}" if adj else "Adjusted"
+    sd = (s["hr_per_sd"] or s["hr_per_sd_adjusted"] or {}).get("sd")
+
+    def adjusted(hr: dict[str, Any] | None) -> str:
+        return _hr_text(hr) if adj else f"{NA} (age and sex not supplied)"
+
+    parts = [
+        "<h2>Hazard ratios</h2>",
+        table(
+            ("Comparison", "Unadjusted HR", adj_header + " HR"),
+            [
+                (
+                    "Highest vs lowest risk quartile",
+                    _hr_text(s["hr_top_vs_bottom"]),
+                    adjusted(s["hr_top_vs_bottom_adjusted"]),
+                ),
+                (
+                    f"Per standard deviation of the risk score (SD = {fmt(sd, 3)})",
+                    _hr_text(s["hr_per_sd"]),
+                    adjusted(s["hr_per_sd_adjusted"]),
+                ),
+            ],
+        ),
+    ]
     hr = s["hr_top_vs_bottom"]
     if hr is not None:
-        hr_ci = f"{fmt(hr['ci_low'])}\u2013{fmt(hr['ci_high'])}"
         parts.append(
             f"<p>Patients in the highest risk quartile died at {fmt(hr['hr'])} times the rate of those "
-            f"in the lowest quartile (Cox hazard ratio, 95% CI {hr_ci}, {p_phrase(hr['p'])}, "
-            f"{hr['n']} patients).</p>"
+            f"in the lowest quartile (Cox hazard ratio, 95% CI {_ci(hr['ci_low'], hr['ci_high'])}, "
+            f"{p_phrase(hr['p'])}, {hr['n']} patients).</p>"
         )
     else:
         parts.append("<p>Hazard ratio (highest vs lowest quartile): not computed; see the notes below.</p>")
+    hr = s["hr_per_sd_adjusted"]
+    if hr is not None:
+        parts.append(
+            f"<p>After accounting for {esc(adj)}, which a face also reveals and which predict death on "
+            f"their own, each standard deviation higher risk score multiplied the death rate by "
+            f"{fmt(hr['hr'])} (95% CI {_ci(hr['ci_low'], hr['ci_high'])}). A value above 1 whose interval "
+            f"excludes 1 means the score adds information beyond {esc(adj)}.</p>"
+        )
+    ph = s["ph_test"]
+    if ph is None:
+        parts.append("<p>Proportional-hazards check: not computed; see the notes below.</p>")
+    else:
+        labels = {"risk_per_sd": "risk score", "age": "age", "male": "sex"}
+        order = sorted(ph["p"], key=lambda k: k != "risk_per_sd")  # the risk score first
+        ps = ", ".join(f"{labels.get(k, k)} {p_phrase(ph['p'][k])}" for k in order)
+        parts.append(
+            f"<p>Proportional-hazards check of the per-SD model (Schoenfeld residuals against ranked time): "
+            f"{esc(ps)}. A p-value below 0.05 means that covariate's effect changes over follow-up, so its "
+            "hazard ratio is an average over time.</p>"
+        )
+    return parts
+
+
+def _calibration(s: dict[str, Any], cal_png: bytes | None) -> list[str]:
+    cal = s["calibration"]
+    parts = ["<h2>Calibration</h2>"]
+    if cal is None:
+        parts.append(
+            "<p>Calibration is not assessed: the model's predicted survival probabilities were not "
+            "supplied to this report.</p>"
+        )
+        return parts
+    horizons = ", ".join(f"{h['years']:g}" for h in cal["horizons"])
+    parts.append(
+        figure(
+            cal_png,
+            f"Calibration plot: predicted versus observed survival at {horizons} year(s)",
+            "Each dot is a group of patients with similar predicted survival. Across: the survival the "
+            "model predicted, on average, for that group; up: the share of the group actually still alive "
+            "(Kaplan-Meier, with its 95% confidence interval). Dots on the dashed diagonal mean the "
+            "predictions were right; dots below it mean the model was too optimistic, above it too "
+            "pessimistic.",
+            "The calibration figure is not shown: no horizon had enough follow-up to observe survival; "
+            "see the notes below.",
+        )
+    )
+    rows = [(f"{h['years']:g}", fmt(_pct(h["mean_abs_diff"]), 1), len(h["bins"])) for h in cal["horizons"]]
     parts += [
+        table(("Years", "Mean |predicted \u2212 observed| (percentage points)", "Bins"), rows),
+        "<p>The mean absolute difference is weighted by the number of patients per bin: it says by how "
+        "many percentage points, on average, predicted survival missed the observed survival.</p>",
+    ]
+    return parts
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else 100 * x
+
+
+def _qc_table(qc: dict[str, Any] | None) -> str:
+    """Alignment QC counts; nested dicts (e.g. rejection reasons) become one row each."""
+    if qc is None:
+        return f"<p>Alignment quality control: {NA}.</p>"
+    rows = []
+    for key, value in qc.items():
+        if isinstance(value, dict):
+            rows += [(f"{key}: {k}", v) for k, v in value.items()] or [(key, "none")]
+        else:
+            rows.append((key, value))
+    return table(("Item", "Count"), rows)
+
+
+def _render(s: dict[str, Any], km_png: bytes | None, cal_png: bytes | None) -> str:
+    ci = s["c_index_ci"]
+    ci_text = f" (95% CI {_ci(*ci)})" if ci else ""
+    parts = [
+        f"<h1>Validation report \u2014 site {esc(s['site'])}</h1>",
+        f'<p class="headline">C-index (Harrell) {fmt(s["c_index"])}{esc(ci_text)}</p>',
+        f"<p>{esc(c_index_sentences(s['c_index'], ci))}</p>",
+        "<h2>Cohort</h2>",
+        _cohort_table(s),
+        *_discrimination(s),
+        "<h2>Survival by risk quartile</h2>",
+        figure(
+            km_png,
+            "Kaplan-Meier survival curves by risk quartile",
+            "Each line follows one quarter of the patients, grouped by the model's risk score from lowest "
+            "(blue) to highest (red), and shows the share still alive over the years of follow-up; shaded "
+            "bands are 95% confidence intervals. The further apart the lines, the better the score "
+            "separates patients with different outlooks.",
+            "Kaplan-Meier curves by risk quartile are not shown; the reason is in the notes below.",
+        ),
+        f"<p>Log-rank test (same survival in all four quartiles): {p_phrase(s['logrank_p'])}</p>",
+        *_hazard_ratios(s),
+        *_calibration(s, cal_png),
+        "<h2>Face alignment quality control</h2>",
+        _qc_table(s["alignment_qc"]),
         "<h2>Privacy spent</h2>",
         kv_table(s["privacy"]),
         "<h2>Model and data</h2>",
@@ -109,31 +266,36 @@ def write_site_report(
     privacy: dict[str, Any],
     meta: dict[str, Any],
     n_boot: int = 200,
+    *,
+    age: np.ndarray | None = None,
+    male: np.ndarray | None = None,
+    surv_pred: dict[float, np.ndarray] | None = None,
+    qc: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate one site's risk scores and write ``summary.json`` and ``report.html`` into ``out_dir``.
 
-    Returns the summary dict exactly as written. summary.json is written last, so its presence means
-    the report is complete.
+    ``age`` (years) and ``male`` (0/1) per patient enable the cohort description and the age+sex-adjusted
+    hazard ratios; ``surv_pred`` ({horizon in years: predicted S(horizon) per patient}) enables
+    calibration; ``qc`` is the face-alignment QC summary (counts only). Each may be None: the report then
+    says "not available". Returns the summary dict exactly as written; it holds aggregates only.
+    summary.json is written last, so its presence means the report is complete.
     """
     time, event, risk = as_arrays(time, event, risk)
-    ev = evaluate(time, event, risk, n_boot=n_boot)
+    ev = evaluate(time, event, risk, n_boot=n_boot, age=age, male=male, surv_pred=surv_pred)
+    notes = ev.pop("notes")
     summary = {
         "site": str(site),
-        "n": ev["n"],
-        "events": ev["events"],
-        "median_follow_up": ev["median_follow_up"],
-        "c_index": ev["c_index"],
-        "c_index_ci": ev["c_index_ci"],
-        "hr_top_vs_bottom": ev["hr_top_vs_bottom"],
-        "logrank_p": ev["logrank_p"],
+        **ev,
+        "alignment_qc": plain(qc),
         "privacy": plain(privacy),
         "meta": plain(meta),
-        "notes": ev["notes"],
+        "notes": notes,
     }
     km_png = None
     if quartile_skip_reason(ev["n"], ev["events"]) is None:
         km_png = figures.km_quartiles_png(km_by_quartile(time, event, risk_quartiles(risk)))
+    cal_png = figures.calibration_png(ev["calibration"]["horizons"]) if ev["calibration"] else None
     out_dir = Path(out_dir)
-    atomic_write_text(out_dir / "report.html", _render(summary, km_png))
+    atomic_write_text(out_dir / "report.html", _render(summary, km_png, cal_png))
     atomic_write_json(out_dir / "summary.json", summary)
     return summary

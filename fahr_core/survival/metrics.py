@@ -1,29 +1,40 @@
-"""Discrimination and risk-stratification statistics for a survival risk score.
+"""Discrimination, risk-stratification and calibration statistics for a survival risk score.
 
 Convention everywhere in fahr: higher ``risk`` = higher hazard = shorter survival. Inputs are 1-D arrays of
-``time`` (years, >= 0), ``event`` (1 = death observed, 0 = censored) and ``risk``.
+``time`` (years, >= 0), ``event`` (1 = death observed, 0 = censored) and ``risk``; optionally ``age``
+(years), ``male`` (1 = male, 0 = female) and predicted survival probabilities per horizon.
 
 Hospital cohorts can be tiny or event-free, so :func:`evaluate` never raises on a degenerate cohort: a
-statistic that cannot be computed is ``None`` and a plain-language reason is added to ``notes``.
+statistic that cannot be computed is ``None`` and a plain-language reason is added to ``notes``. Malformed
+inputs (wrong lengths, NaN, negative times) are caller bugs and do raise ``ValueError``.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from lifelines import CoxPHFitter, KaplanMeierFitter
 from lifelines.exceptions import ConvergenceError, ConvergenceWarning
-from lifelines.statistics import multivariate_logrank_test
+from lifelines.statistics import multivariate_logrank_test, proportional_hazard_test
 from lifelines.utils import concordance_index
+from scipy.linalg import LinAlgWarning
 
 # Below this, a quartile holds two patients or fewer and per-quartile curves and HRs are noise.
 MIN_PATIENTS_FOR_QUARTILES = 10
 QUARTILE_LABELS = ("Q1 (lowest risk)", "Q2", "Q3", "Q4 (highest risk)")
+TD_AUC_YEARS = (1.0, 2.0, 5.0)
+# Calibration bins: up to 5, each of at least 10 patients, so a bin's Kaplan-Meier estimate means something
+# and no bin is small enough to point at individual patients.
+CALIBRATION_BINS = 5
+MIN_PER_CALIBRATION_BIN = 10
+# Plain names of the adjustment covariates, for notes.
+ADJUSTER_LABELS = {"age": "age", "male": "sex"}
 
 
 class NotEstimable(ValueError):
@@ -43,20 +54,60 @@ class KMCurve:
     ci_high: np.ndarray
 
 
-def as_arrays(time: Any, event: Any, risk: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Coerce and validate inputs; bad inputs are caller bugs, so they raise rather than become notes."""
+def as_time_event(time: Any, event: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Coerce and validate survival outcomes; bad inputs are caller bugs, so they raise, not become notes."""
     t = np.asarray(time, dtype=float).reshape(-1)
     e = np.asarray(event).reshape(-1)
-    r = np.asarray(risk, dtype=float).reshape(-1)
-    if not len(t) == len(e) == len(r):
-        raise ValueError(f"time, event and risk lengths differ: {len(t)}, {len(e)}, {len(r)}")
+    if len(t) != len(e):
+        raise ValueError(f"time and event lengths differ: {len(t)}, {len(e)}")
     if not np.all(np.isfinite(t)) or np.any(t < 0):
         raise ValueError("time must be finite and >= 0")
     if not np.all(np.isin(e, (0, 1))):
         raise ValueError("event must contain only 0 and 1")
+    return t, e.astype(int)
+
+
+def as_arrays(time: Any, event: Any, risk: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`as_time_event` plus a finite risk score of the same length."""
+    t, e = as_time_event(time, event)
+    r = np.asarray(risk, dtype=float).reshape(-1)
+    if len(r) != len(t):
+        raise ValueError(f"time, event and risk lengths differ: {len(t)}, {len(e)}, {len(r)}")
     if not np.all(np.isfinite(r)):
         raise ValueError("risk must be finite")
-    return t, e.astype(int), r
+    return t, e, r
+
+
+def as_covariate(x: Any, n: int, name: str, binary: bool = False) -> np.ndarray | None:
+    """Validate an optional per-patient covariate (None passes through); raises like :func:`as_arrays`."""
+    if x is None:
+        return None
+    a = np.asarray(x, dtype=float).reshape(-1)
+    if len(a) != n:
+        raise ValueError(f"{name} has {len(a)} values for {n} patients")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be finite")
+    if binary and not np.all(np.isin(a, (0.0, 1.0))):
+        raise ValueError(f"{name} must contain only 0 and 1")
+    return a
+
+
+def as_surv_pred(surv_pred: Mapping[float, Any] | None, n: int) -> dict[float, np.ndarray] | None:
+    """Validate predicted survival probabilities {horizon in years: S(horizon) per patient}."""
+    if surv_pred is None:
+        return None
+    out = {}
+    for horizon, values in surv_pred.items():
+        h = float(horizon)
+        if not np.isfinite(h) or h <= 0:
+            raise ValueError(f"calibration horizon must be a positive number of years, got {horizon!r}")
+        s = np.asarray(values, dtype=float).reshape(-1)
+        if len(s) != n:
+            raise ValueError(f"surv_pred[{horizon}] has {len(s)} values for {n} patients")
+        if not np.all(np.isfinite(s)) or np.any((s < 0) | (s > 1)):
+            raise ValueError(f"surv_pred[{horizon}] must hold probabilities in [0, 1]")
+        out[h] = s
+    return dict(sorted(out.items()))
 
 
 def harrell_c(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
@@ -71,27 +122,74 @@ def harrell_c(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
         return float("nan")
 
 
+def _surv(time: np.ndarray, event: np.ndarray) -> np.ndarray:
+    """scikit-survival's structured (event, time) array."""
+    from sksurv.util import Surv  # heavy import (scikit-learn); only evaluation needs it
+
+    return Surv.from_arrays(event=np.asarray(event).astype(bool), time=np.asarray(time, dtype=float))
+
+
+def _sksurv_reason(exc: ValueError, what: str) -> str:
+    """Turn scikit-survival's error messages into a sentence a clinician can read."""
+    msg = str(exc)
+    if "all samples are censored" in msg:
+        return f"{what} is undefined: no deaths were observed (before the truncation time)."
+    if "no comparable pairs" in msg:
+        return f"{what} is undefined: no pair of patients could be compared."
+    if "censoring survival function is zero" in msg:
+        return (
+            f"{what} is not computed: by the last death no patient remained uncensored, so the "
+            "inverse-probability-of-censoring weights are infinite."
+        )
+    return f"{what} could not be computed ({msg})."
+
+
+def uno_c(time: np.ndarray, event: np.ndarray, risk: np.ndarray, tau: float | None = None) -> float:
+    """Uno's C-index (scikit-survival's ``concordance_index_ipcw``), truncated at ``tau`` years.
+
+    Harrell's C depends on the censoring pattern; Uno's reweights pairs by the inverse probability of
+    remaining uncensored, so sites with different follow-up become comparable. The censoring distribution
+    is estimated on the same cohort (train = test), since that is the only data a site has.
+    Raises NotEstimable (with a plain reason) when undefined; ``tau=None`` uses the whole follow-up.
+    """
+    from sksurv.metrics import concordance_index_ipcw
+
+    y = _surv(time, event)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # 0/0 when no pair is comparable: checked below
+            value = float(concordance_index_ipcw(y, y, np.asarray(risk, dtype=float), tau=tau)[0])
+    except ValueError as exc:
+        raise NotEstimable(_sksurv_reason(exc, "Uno's C-index")) from exc
+    if not np.isfinite(value):
+        raise NotEstimable("Uno's C-index is undefined: no pair of patients could be compared.")
+    return value
+
+
 def bootstrap_ci(
-    time: np.ndarray,
-    event: np.ndarray,
-    risk: np.ndarray,
-    stat: Callable[[np.ndarray, np.ndarray, np.ndarray], float] = harrell_c,
+    *arrays: np.ndarray,
+    stat: Callable[..., float] = harrell_c,
     n_boot: int = 200,
     seed: int = 0,
     level: float = 0.95,
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI, resampling patients (not pairs) because patients are the independent units.
+    """Percentile bootstrap CI of ``stat(*arrays)``, resampling patients (rows of every array together).
 
-    Resamples where ``stat`` is nan (no comparable pair) are skipped; (nan, nan) if none is usable.
+    Patients, not pairs, are the independent units. Works for any per-patient statistic, e.g.
+    ``bootstrap_ci(time, event, risk, stat=partial(uno_c, tau=2.0))``. Resamples where ``stat`` is nan
+    or raises NotEstimable are skipped; (nan, nan) if none is usable.
     """
-    n = len(time)
+    n = len(arrays[0]) if arrays else 0
     if n == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(n_boot):
         idx = rng.integers(0, n, size=n)
-        value = stat(time[idx], event[idx], risk[idx])
+        try:
+            value = stat(*(a[idx] for a in arrays))
+        except NotEstimable:
+            continue
         if np.isfinite(value):
             values.append(value)
     if not values:
@@ -101,12 +199,55 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
+def time_dependent_auc(
+    time: np.ndarray, event: np.ndarray, risk: np.ndarray, times: Sequence[float] = TD_AUC_YEARS
+) -> dict[str, Any]:
+    """Cumulative/dynamic AUC at each horizon (scikit-survival's ``cumulative_dynamic_auc``).
+
+    AUC(t) answers the clinical question "does the score rank patients who die within t years above those
+    still alive at t?". Each horizon is computed on its own so one impossible horizon (beyond the last
+    follow-up, or with no death yet) does not hide the others; those get ``auc: None`` and a note.
+    Returns ``{"by_time": [{"years", "auc"}], "notes": [...]}``.
+    """
+    from sksurv.metrics import cumulative_dynamic_auc
+
+    by_time: list[dict[str, Any]] = []
+    notes: list[str] = []
+    y = _surv(time, event) if len(time) else None
+    for t in times:
+        row: dict[str, Any] = {"years": float(t), "auc": None}
+        by_time.append(row)
+        label = f"The time-dependent AUC at {t:g} year(s)"
+        if len(time) == 0 or t >= time.max():
+            notes.append(f"{label} is not computed: no patient was followed beyond {t:g} year(s).")
+            continue
+        if not np.any((time <= t) & (event == 1)):
+            notes.append(f"{label} is not computed: no deaths occurred within {t:g} year(s).")
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                auc = float(cumulative_dynamic_auc(y, y, risk, [t])[0][0])
+        except ValueError as exc:
+            notes.append(_sksurv_reason(exc, label))
+            continue
+        row["auc"] = _finite(auc)
+        if row["auc"] is None:
+            notes.append(f"{label} is undefined for this cohort.")
+    return {"by_time": by_time, "notes": notes}
+
+
+def rank_groups(values: np.ndarray, k: int) -> np.ndarray:
+    """Group index 0 (lowest value) .. k-1 of equal-size groups; cutting ranks keeps tied values valid."""
+    if len(values) < k:
+        raise ValueError(f"need at least {k} patients to form {k} groups, got {len(values)}")
+    ranks = pd.Series(np.asarray(values, dtype=float)).rank(method="first")
+    return pd.qcut(ranks, k, labels=False).to_numpy(dtype=int)
+
+
 def risk_quartiles(risk: np.ndarray) -> np.ndarray:
-    """Quartile index 0 (lowest risk) .. 3 (highest); cutting ranks, not values, keeps tied risks valid."""
-    if len(risk) < 4:
-        raise ValueError(f"need at least 4 patients to form risk quartiles, got {len(risk)}")
-    ranks = pd.Series(np.asarray(risk, dtype=float)).rank(method="first")
-    return pd.qcut(ranks, 4, labels=False).to_numpy(dtype=int)
+    """Quartile index 0 (lowest risk) .. 3 (highest)."""
+    return rank_groups(risk, 4)
 
 
 def km_by_quartile(time: np.ndarray, event: np.ndarray, quartile: np.ndarray) -> list[KMCurve]:
@@ -137,47 +278,255 @@ def logrank_quartiles(time: np.ndarray, event: np.ndarray, quartile: np.ndarray)
     return float(multivariate_logrank_test(time, quartile, event).p_value)
 
 
-def quartile_hazard_ratio(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> dict[str, float | int]:
-    """Cox hazard ratio of the top vs the bottom risk quartile: a clinician-readable effect size.
+def _adjusters(age: np.ndarray | None, male: np.ndarray | None) -> dict[str, np.ndarray]:
+    return {k: v for k, v in (("age", age), ("male", male)) if v is not None}
 
-    Only patients in those two quartiles enter the model, with a 0/1 "top quartile" covariate.
-    lifelines' ConvergenceWarning is raised as an error because a fit that did not converge (typically all
-    deaths in one group) yields a meaningless HR. Raises NotEstimable if the two groups hold no death.
+
+def _cox_hr(
+    time: np.ndarray,
+    event: np.ndarray,
+    term: str,
+    values: np.ndarray,
+    adjust: Mapping[str, np.ndarray],
+    what: str,
+) -> tuple[dict[str, Any], CoxPHFitter, pd.DataFrame, list[str]]:
+    """Fit one Cox model and return the HR of ``term`` with its CI, the fit, its data and notes.
+
+    Adjustment covariates that are constant in these patients are dropped (with a note): they carry no
+    information and make the model singular. lifelines' ConvergenceWarning is raised as an error because a
+    fit that did not converge (typically all deaths in one group) yields a meaningless HR; likewise
+    scipy's LinAlgWarning (a near-singular information matrix).
     """
+    if not event.any():
+        raise NotEstimable(f"No deaths among the patients of the {what} model, so it cannot be estimated.")
+    notes = []
+    df = pd.DataFrame({"time": time, "event": event, term: values})
+    for name, x in adjust.items():
+        if np.ptp(x) == 0:
+            notes.append(
+                f"All patients in the {what} model have the same {ADJUSTER_LABELS[name]}, so it is not "
+                f"adjusted for {ADJUSTER_LABELS[name]}."
+            )
+        else:
+            df[name] = x
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        warnings.simplefilter("error", LinAlgWarning)  # ill-conditioned Hessian: the CI would be garbage
+        try:
+            cph = CoxPHFitter().fit(df, duration_col="time", event_col="event")
+        except (ConvergenceError, ConvergenceWarning, LinAlgWarning, np.linalg.LinAlgError) as exc:
+            reason = str(exc).split(". ")[0]
+            raise NotEstimable(
+                f"The Cox model for the {what} hazard ratio did not converge, usually because nearly all "
+                f"deaths fall in one group; it is not reported ({reason})."
+            ) from exc
+    row = cph.summary.loc[term]
+    if not (np.isfinite(row["exp(coef) upper 95%"]) and row["exp(coef) lower 95%"] > 0):
+        raise NotEstimable(
+            f"The {what} hazard ratio is not reported: its 95% confidence interval is unbounded, so these "
+            "data carry no information about it (e.g. all deaths at the same time)."
+        )
+    hr = {
+        "hr": _finite(row["exp(coef)"]),
+        "ci_low": _finite(row["exp(coef) lower 95%"]),
+        "ci_high": _finite(row["exp(coef) upper 95%"]),
+        "p": _finite(row["p"]),
+        "n": len(df),
+        "adjusted_for": [c for c in df.columns if c in adjust],
+    }
+    return hr, cph, df, notes
+
+
+def _model_name(base: str, adjust: Mapping[str, np.ndarray]) -> str:
+    if not adjust:
+        return f"unadjusted {base}"
+    return f"{base} (adjusted for {' and '.join(ADJUSTER_LABELS[k] for k in adjust)})"
+
+
+def _top_vs_bottom(
+    time: np.ndarray, event: np.ndarray, risk: np.ndarray, adjust: Mapping[str, np.ndarray]
+) -> tuple[dict[str, Any], list[str]]:
+    """HR of the top vs bottom risk quartile; only patients in those two quartiles enter the model."""
     q = risk_quartiles(risk)
     keep = (q == 0) | (q == 3)
+    what = _model_name("highest-vs-lowest-quartile", adjust)
     if not event[keep].any():
         raise NotEstimable(
             "No deaths among patients in the lowest and highest risk quartiles, so their hazard ratio "
             "cannot be estimated."
         )
-    df = pd.DataFrame({"time": time[keep], "event": event[keep], "top": (q[keep] == 3).astype(float)})
+    sub = {k: v[keep] for k, v in adjust.items()}
+    hr, _, _, notes = _cox_hr(
+        time[keep], event[keep], "top_quartile", (q[keep] == 3).astype(float), sub, what
+    )
+    return hr, notes
+
+
+def _ph_check(cph: CoxPHFitter, df: pd.DataFrame) -> tuple[dict[str, Any], list[str]]:
+    """Schoenfeld-residual test of proportional hazards (rank time transform) for each covariate."""
     with warnings.catch_warnings():
-        warnings.simplefilter("error", ConvergenceWarning)
-        row = CoxPHFitter().fit(df, duration_col="time", event_col="event").summary.loc["top"]
-    return {
-        "hr": float(row["exp(coef)"]),
-        "ci_low": float(row["exp(coef) lower 95%"]),
-        "ci_high": float(row["exp(coef) upper 95%"]),
-        "p": float(row["p"]),
-        "n": int(keep.sum()),
-    }
+        warnings.simplefilter("ignore")
+        result = proportional_hazard_test(cph, df, time_transform="rank")
+    p = {str(k): _finite(v) for k, v in result.summary["p"].items()}
+    out = {"time_transform": "rank", "p": p, "risk_score_violates": None}
+    notes = []
+    risk_p = p.get("risk_per_sd")
+    if risk_p is not None:
+        out["risk_score_violates"] = risk_p < 0.05
+        if risk_p < 0.05:
+            notes.append(
+                f"The proportional-hazards check suggests the risk score's effect changes over follow-up "
+                f"(p = {risk_p:.3f}): the hazard ratio per SD is an average over time, larger at some "
+                "times and smaller at others."
+            )
+    return out, notes
+
+
+def adjusted_hazard_ratios(
+    time: np.ndarray,
+    event: np.ndarray,
+    risk: np.ndarray,
+    age: np.ndarray | None = None,
+    male: np.ndarray | None = None,
+    ph_check: bool = True,
+) -> dict[str, Any]:
+    """Cox hazard ratios of the risk score, adjusted for age and sex (those given; both None = unadjusted).
+
+    Two models, because clinicians and statisticians ask different questions:
+    (a) ``top_vs_bottom``: HR of the highest vs the lowest risk quartile (patients in those two quartiles);
+    (b) ``per_sd``: HR per standard deviation of the risk score (all patients), plus ``ph_test``, the
+    proportional-hazards check of model (b) (p per covariate, rank time transform).
+    Adjusting matters because faces reveal age and sex, which predict death on their own: the adjusted HR
+    shows what the score adds beyond them. Each HR is {hr, ci_low, ci_high, p, n, adjusted_for} or None;
+    every reason for a None is in ``notes``. Never raises on a degenerate cohort. ``ph_check=False`` skips
+    the check when a more adjusted model's check will be reported instead.
+    """
+    time, event, risk = as_arrays(time, event, risk)
+    n, events = len(time), int(event.sum())
+    adjust = _adjusters(as_covariate(age, n, "age"), as_covariate(male, n, "male", binary=True))
+    out: dict[str, Any] = {"top_vs_bottom": None, "per_sd": None, "ph_test": None, "notes": []}
+    notes: list[str] = out["notes"]
+    skip = quartile_skip_reason(n, events)
+    if skip is not None:
+        notes.append(skip)
+        return out
+    try:
+        out["top_vs_bottom"], extra = _top_vs_bottom(time, event, risk, adjust)
+        notes += extra
+    except NotEstimable as exc:
+        notes.append(str(exc))
+    sd = float(np.std(risk, ddof=1))
+    if sd == 0:
+        notes.append("All risk scores are identical, so a hazard ratio per standard deviation is undefined.")
+        return out
+    try:
+        what = _model_name("per-SD", adjust)
+        hr, cph, df, extra = _cox_hr(time, event, "risk_per_sd", (risk - risk.mean()) / sd, adjust, what)
+        out["per_sd"] = {**hr, "sd": sd}
+        notes += extra
+    except NotEstimable as exc:
+        notes.append(str(exc))
+        return out
+    if not ph_check:
+        return out
+    try:
+        out["ph_test"], extra = _ph_check(cph, df)
+        notes += extra
+    except (ValueError, ZeroDivisionError, np.linalg.LinAlgError) as exc:
+        notes.append(f"The proportional-hazards check could not be computed ({exc}).")
+    return out
+
+
+def quartile_hazard_ratio(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> dict[str, Any]:
+    """Unadjusted Cox HR of the top vs the bottom risk quartile; raises NotEstimable with the reason."""
+    return _top_vs_bottom(time, event, risk, {})[0]
 
 
 def quartile_skip_reason(n: int, events: int) -> str | None:
-    """Why quartile analyses (KM curves, log-rank, HR) are skipped, or None; shared with the reports."""
+    """Why quartile analyses (KM curves, log-rank, HRs) are skipped, or None; shared with the reports."""
     if n < MIN_PATIENTS_FOR_QUARTILES:
         return (
             f"Only {n} patient(s) (fewer than {MIN_PATIENTS_FOR_QUARTILES}): risk quartiles would hold two "
-            "patients or fewer, so Kaplan-Meier curves by quartile, the log-rank test and the "
-            "top-vs-bottom hazard ratio are not computed."
+            "patients or fewer, so Kaplan-Meier curves by quartile, the log-rank test and the hazard "
+            "ratios are not computed."
         )
     if events == 0:
         return (
             "No deaths were observed, so every survival curve stays at 100%: Kaplan-Meier curves by "
-            "quartile, the log-rank test and the hazard ratio carry no information and are not computed."
+            "quartile, the log-rank test and the hazard ratios carry no information and are not computed."
         )
     return None
+
+
+def _km_at(time: np.ndarray, event: np.ndarray, t: float) -> tuple[float, float, float] | None:
+    """Kaplan-Meier S(t) with its 95% CI, or None when t lies beyond the follow-up (S(t) unknown)."""
+    kmf = KaplanMeierFitter().fit(time, event)
+    s = float(kmf.survival_function_at_times(t).iloc[0])
+    if t > time.max() and s > 0:
+        return None
+    ci = kmf.confidence_interval_.loc[:t].iloc[-1]
+    return s, float(ci.iloc[0]), float(ci.iloc[1])
+
+
+def calibration(time: np.ndarray, event: np.ndarray, surv_pred: Mapping[float, np.ndarray]) -> dict[str, Any]:
+    """Predicted vs Kaplan-Meier observed survival in up to 5 bins of predicted S(t), per horizon t (years).
+
+    Summary measure: ``mean_abs_diff``, the patient-weighted mean of |mean predicted S(t) - observed
+    S(t)| over bins, per horizon and averaged over horizons. It reads directly as "predictions are off by
+    about x percentage points", which a clinician can use; a calibration slope fitted to 5 noisy bin
+    points would be unstable at site sizes. Bins are quantiles of predicted S(t) (ranks, so ties work),
+    with at least ``MIN_PER_CALIBRATION_BIN`` patients each.
+    Returns ``{"horizons": [{"years", "bins": [{n, predicted, observed, observed_ci}], "mean_abs_diff"}],
+    "mean_abs_diff", "notes"}``; never raises on a degenerate cohort.
+    """
+    time, event = as_time_event(time, event)
+    preds = as_surv_pred(surv_pred, len(time)) or {}
+    notes: list[str] = []
+    horizons = []
+    n = len(time)
+    for t, pred in preds.items():
+        row: dict[str, Any] = {"years": t, "bins": [], "mean_abs_diff": None}
+        horizons.append(row)
+        k = min(CALIBRATION_BINS, n // MIN_PER_CALIBRATION_BIN)
+        if k == 0:
+            notes.append(
+                f"Calibration at {t:g} year(s) is not assessed: fewer than {MIN_PER_CALIBRATION_BIN} "
+                "patients, too few for even one bin."
+            )
+            continue
+        if t > time.max():
+            notes.append(
+                f"Calibration at {t:g} year(s) is not assessed: no patient was followed that long, so the "
+                "observed survival is unknown."
+            )
+            continue
+        groups = rank_groups(pred, k)
+        unknown = 0
+        for g in range(k):
+            mask = groups == g
+            km = _km_at(time[mask], event[mask], t)
+            if km is None:
+                unknown += 1
+            row["bins"].append(
+                {
+                    "n": int(mask.sum()),
+                    "predicted": float(pred[mask].mean()),
+                    "observed": None if km is None else _finite(km[0]),
+                    "observed_ci": None if km is None else [_finite(km[1]), _finite(km[2])],
+                }
+            )
+        done = [b for b in row["bins"] if b["observed"] is not None]
+        if unknown:
+            notes.append(
+                f"Calibration at {t:g} year(s): in {unknown} of {k} bin(s) no patient was followed that "
+                "long, so observed survival there is unknown."
+            )
+        if done:
+            w = np.array([b["n"] for b in done], dtype=float)
+            diff = np.array([abs(b["predicted"] - b["observed"]) for b in done])
+            row["mean_abs_diff"] = float(np.sum(w * diff) / w.sum())
+    per_h = [h["mean_abs_diff"] for h in horizons if h["mean_abs_diff"] is not None]
+    return {"horizons": horizons, "mean_abs_diff": float(np.mean(per_h)) if per_h else None, "notes": notes}
 
 
 def median_follow_up(time: np.ndarray, event: np.ndarray) -> float:
@@ -191,30 +540,98 @@ def median_follow_up(time: np.ndarray, event: np.ndarray) -> float:
     return float(KaplanMeierFitter().fit(time, 1 - event).median_survival_time_)
 
 
+def demographics(age: np.ndarray | None, male: np.ndarray | None) -> dict[str, Any]:
+    """Cohort description: age mean/SD/interquartile range and percent male (None where not supplied)."""
+    out: dict[str, Any] = {"age": None, "male_percent": None}
+    if age is not None and len(age):
+        out["age"] = {
+            "mean": float(age.mean()),
+            "sd": _finite(float(np.std(age, ddof=1))) if len(age) > 1 else None,
+            # quartiles, not min/max: the extremes are two real patients' exact ages
+            "q1": float(np.percentile(age, 25)),
+            "q3": float(np.percentile(age, 75)),
+        }
+    if male is not None and len(male):
+        out["male_percent"] = float(100.0 * male.mean())
+    return out
+
+
 def _finite(x: float) -> float | None:
     """JSON has no NaN/inf: undefined numbers become None."""
     return float(x) if np.isfinite(x) else None
 
 
-def evaluate(time: Any, event: Any, risk: Any, n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
+def _with_ci(
+    stat: Callable[[np.ndarray, np.ndarray, np.ndarray], float],
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray],
+    name: str,
+    undefined: str,
+    n_boot: int,
+    seed: int,
+) -> tuple[float | None, list[float] | None, list[str]]:
+    """Point estimate and bootstrap CI of a concordance statistic, with the notes explaining any gap."""
+    try:
+        value = stat(*arrays)
+    except NotEstimable as exc:
+        return None, None, [str(exc)]
+    if not np.isfinite(value):
+        return None, None, [undefined]
+    lo, hi = bootstrap_ci(*arrays, stat=stat, n_boot=n_boot, seed=seed)
+    if np.isnan(lo):
+        return value, None, [f"No bootstrap resample contained a comparable pair, so {name} has no 95% CI."]
+    return value, [lo, hi], []
+
+
+def evaluate(
+    time: Any,
+    event: Any,
+    risk: Any,
+    n_boot: int = 200,
+    seed: int = 0,
+    *,
+    age: Any = None,
+    male: Any = None,
+    surv_pred: Mapping[float, Any] | None = None,
+    td_auc_years: Sequence[float] = TD_AUC_YEARS,
+) -> dict[str, Any]:
     """All statistics for one cohort as a JSON-serialisable dict; missing values come with a reason in notes.
 
     Keys: n, events, median_follow_up, c_index, c_index_ci ([lo, hi] or None), logrank_p,
-    hr_top_vs_bottom ({hr, ci_low, ci_high, p, n} or None), notes (list of str).
+    hr_top_vs_bottom and hr_per_sd (unadjusted; see :func:`adjusted_hazard_ratios`), uno_c, uno_c_ci,
+    uno_c_tau, td_auc ([{years, auc}]), and, only meaningful when ``age``/``male``/``surv_pred`` are given:
+    age ({mean, sd, q1, q3}), male_percent, hr_top_vs_bottom_adjusted, hr_per_sd_adjusted, calibration
+    (see :func:`calibration`). ph_test checks the most adjusted per-SD model. notes (list of str).
+    Every key is always present (None when not computed), so reports need no key checks.
     """
     time, event, risk = as_arrays(time, event, risk)
     n, events = len(time), int(event.sum())
+    age = as_covariate(age, n, "age")
+    male = as_covariate(male, n, "male", binary=True)
+    preds = as_surv_pred(surv_pred, n)
     notes: list[str] = []
     out: dict[str, Any] = {
         "n": n,
         "events": events,
         "median_follow_up": None,
+        **demographics(age, male),
         "c_index": None,
         "c_index_ci": None,
+        "uno_c": None,
+        "uno_c_ci": None,
+        "uno_c_tau": None,
+        "td_auc": [{"years": float(t), "auc": None} for t in td_auc_years],
         "logrank_p": None,
         "hr_top_vs_bottom": None,
+        "hr_per_sd": None,
+        "hr_top_vs_bottom_adjusted": None,
+        "hr_per_sd_adjusted": None,
+        "ph_test": None,
+        "calibration": None,
         "notes": notes,
     }
+    if preds:  # first, so even an empty cohort's report says why calibration is missing
+        out["calibration"] = calibration(time, event, preds)
+        notes += out["calibration"].pop("notes")
     if n == 0:
         notes.append("The cohort is empty: no statistic can be computed.")
         return out
@@ -237,20 +654,26 @@ def evaluate(time: Any, event: Any, risk: Any, n_boot: int = 200, seed: int = 0)
     if 0 < events < 5:
         notes.append(f"Only {events} death(s) observed: every statistic in this report is very uncertain.")
 
-    c = harrell_c(time, event, risk)
-    if np.isnan(c):
-        notes.append(
-            "The C-index is undefined: no pair of patients could be compared (a pair needs one patient to "
-            "die while the other is still under follow-up)"
-            + (", and no deaths were observed." if events == 0 else ".")
-        )
-    else:
-        out["c_index"] = c
-        lo, hi = bootstrap_ci(time, event, risk, n_boot=n_boot, seed=seed)
-        if np.isnan(lo):
-            notes.append("No bootstrap resample contained a comparable pair, so the C-index has no 95% CI.")
-        else:
-            out["c_index_ci"] = [lo, hi]
+    arrays = (time, event, risk)
+    harrell_undefined = (
+        "The C-index is undefined: no pair of patients could be compared (a pair needs one patient to "
+        "die while the other is still under follow-up)"
+        + (", and no deaths were observed." if events == 0 else ".")
+    )
+    out["c_index"], out["c_index_ci"], extra = _with_ci(
+        harrell_c, arrays, "the C-index", harrell_undefined, n_boot, seed
+    )
+    notes += extra
+    out["uno_c"], out["uno_c_ci"], extra = _with_ci(
+        partial(uno_c, tau=None), arrays, "Uno's C-index", "Uno's C-index is undefined.", n_boot, seed
+    )
+    notes += extra
+    if out["uno_c"] is not None:
+        out["uno_c_tau"] = float(time.max())
+
+    td = time_dependent_auc(time, event, risk, td_auc_years)
+    out["td_auc"] = td["by_time"]
+    notes += td["notes"]
 
     skip = quartile_skip_reason(n, events)
     if skip is not None:
@@ -259,15 +682,19 @@ def evaluate(time: Any, event: Any, risk: Any, n_boot: int = 200, seed: int = 0)
     out["logrank_p"] = _finite(logrank_quartiles(time, event, risk_quartiles(risk)))
     if out["logrank_p"] is None:
         notes.append("The log-rank test across risk quartiles gave no finite p-value for this cohort.")
-    try:
-        hr = quartile_hazard_ratio(time, event, risk)
-        out["hr_top_vs_bottom"] = {k: (v if k == "n" else _finite(v)) for k, v in hr.items()}
-    except NotEstimable as exc:
-        notes.append(str(exc))
-    except (ConvergenceError, ConvergenceWarning) as exc:
-        reason = str(exc).split(". ")[0]
-        notes.append(
-            "The Cox model comparing highest vs lowest risk quartile did not converge, usually because "
-            f"nearly all deaths fall in one group; the hazard ratio is not reported ({reason})."
+    adjust = age is not None or male is not None
+    unadjusted = adjusted_hazard_ratios(time, event, risk, ph_check=not adjust)
+    out["hr_top_vs_bottom"], out["hr_per_sd"], out["ph_test"] = (
+        unadjusted[k] for k in ("top_vs_bottom", "per_sd", "ph_test")
+    )
+    notes += unadjusted["notes"]
+    if adjust:
+        adjusted = adjusted_hazard_ratios(time, event, risk, age, male)
+        out["hr_top_vs_bottom_adjusted"], out["hr_per_sd_adjusted"] = (
+            adjusted["top_vs_bottom"],
+            adjusted["per_sd"],
         )
+        out["ph_test"] = adjusted["ph_test"]
+        # The unadjusted models already explained shared failures (e.g. no deaths); keep only new reasons.
+        notes += [x for x in adjusted["notes"] if x not in notes]
     return out
