@@ -1,7 +1,7 @@
 """The Flower ClientApp: a thin adapter from Flower messages to `fahr_core.site.SiteRuntime`.
 
-Every reply passes `check_outbound` right before it is handed to Flower: the one gate for what
-leaves the site.
+Every reply goes through `_reply`: the outbound check (the one gate for what may leave the site)
+and then the site's append-only audit log, before it is handed to Flower.
 
 The SuperNode passes the site's config file in its node config (`site-config`); nothing about
 the site comes from the server except the global weights, the round and the model settings.
@@ -9,19 +9,25 @@ the site comes from the server except the global weights, the round and the mode
 
 from __future__ import annotations
 
-import logging
 import time
+from collections.abc import Mapping
+from importlib.metadata import version
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fahr_core.config import ModelConfig, load_site_config
+from fahr_core.privacy.audit import append_audit
 from fahr_core.privacy.outbound import check_outbound
 from fahr_core.processes import seconds_since_process_start
 from fahr_core.site import SiteRuntime
 
 app = ClientApp()
-log = logging.getLogger("fahr_client")
+
+
+class VersionMismatch(RuntimeError):
+    """The server runs another fahr version than the one this site installed and reviewed."""
 
 
 def _runtime(context: Context) -> SiteRuntime:
@@ -31,54 +37,65 @@ def _runtime(context: Context) -> SiteRuntime:
     return SiteRuntime(load_site_config(str(path)))
 
 
-def _round_info(msg: Message) -> tuple[ModelConfig, int, int]:
-    config = msg.content["config"]
+def round_info(config: Mapping) -> tuple[ModelConfig, int, int]:
+    """Model settings, round and planned rounds from the server's config; refuses another fahr version."""
+    ours, theirs = version("fahr"), str(config.get("fahr-version", "unknown"))
+    if theirs != ours:
+        raise VersionMismatch(
+            f"the server runs fahr {theirs}, this site runs fahr {ours}; refusing the round"
+        )
     return ModelConfig.from_record(config), int(config["server-round"]), int(config["num-rounds"])
 
 
-def _cost(state: dict, started: float, startup: float) -> dict[str, float]:
-    """What this message cost: process start-up (interpreter + imports), handler time, bytes of weights."""
-    return {
-        "startup-seconds": startup,
-        "handler-seconds": time.perf_counter() - started,
-        "bytes-sent": float(sum(v.numel() * v.element_size() for v in state.values())),
-    }
+def _reply(
+    msg: Message,
+    site: SiteRuntime,
+    server_round: int,
+    metrics: dict,
+    state: dict[str, torch.Tensor] | None = None,
+    received: dict[str, torch.Tensor] | None = None,
+) -> Message:
+    arrays = state or {}
+    check_outbound(arrays, received or {}, metrics)
+    append_audit(
+        site.cfg.audit_path,
+        msg.metadata.message_type,
+        server_round,
+        int(msg.metadata.run_id),
+        arrays,
+        metrics,
+    )
+    content = {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.cfg.name})}
+    if state is not None:
+        content["arrays"] = ArrayRecord(state)
+    return Message(RecordDict(content), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     startup, started = seconds_since_process_start(), time.perf_counter()
     site = _runtime(context)
-    spec, server_round, num_rounds = _round_info(msg)
+    spec, server_round, num_rounds = round_info(msg.content["config"])
     received = msg.content["arrays"].to_torch_state_dict()
     state, metrics = site.train_round(received, spec, server_round, num_rounds)
-    metrics = {**metrics, **_cost(state, started, startup)}
-    check_outbound(state, received, metrics)
-    return Message(
-        RecordDict(
-            {
-                "arrays": ArrayRecord(state),
-                "metrics": MetricRecord(metrics),
-                "site": ConfigRecord({"name": site.cfg.name}),
-            }
-        ),
-        reply_to=msg,
-    )
+    metrics = {
+        **metrics,
+        "startup-seconds": startup,  # process age at entry: interpreter, Flower, imports
+        "handler-seconds": time.perf_counter() - started,
+        "bytes-sent": float(sum(v.numel() * v.element_size() for v in state.values())),
+    }
+    return _reply(msg, site, server_round, metrics, state, received)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     site = _runtime(context)
-    spec, server_round, num_rounds = _round_info(msg)
+    spec, server_round, num_rounds = round_info(msg.content["config"])
     meta = {
         "server_round": server_round,
         "num_rounds": num_rounds,
         "run_id": int(msg.metadata.run_id),
-        "fahr_version": str(msg.content["config"].get("fahr-version", "")),
+        "fahr_version": version("fahr"),
     }
     metrics, _ = site.evaluate(msg.content["arrays"].to_torch_state_dict(), spec, meta)
-    check_outbound({}, {}, metrics)
-    return Message(
-        RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.cfg.name})}),
-        reply_to=msg,
-    )
+    return _reply(msg, site, server_round, metrics)

@@ -91,6 +91,10 @@ class SiteConfig:
     def report_dir(self) -> Path:
         return self.workdir / "report"
 
+    @property
+    def audit_path(self) -> Path:
+        return self.workdir / "outbound_audit.jsonl"
+
 
 @dataclass(frozen=True)
 class ServerConfig:

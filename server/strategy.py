@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fahr_core.models.checkpoint import save_weights
+from fahr_core.updates import screen_updates
 
 log = logging.getLogger("fahr_server")
 
@@ -43,6 +44,28 @@ class FahrFedAvg(FedAvg):
         self.num_rounds = num_rounds
         self.metadata = metadata
         self.site_evaluations: list[dict] = []
+        self._global: dict | None = None  # the weights sent this round, to screen updates against
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = arrays.to_torch_state_dict()
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def _screen(self, server_round: int, replies: list[Message]) -> tuple[list[Message], dict[str, str]]:
+        """Drop replies whose weights are malformed or outliers; log each rejection with its reason."""
+        ok = [m for m in replies if not m.has_error()]
+        updates = {site_of(m): m.content["arrays"].to_torch_state_dict() for m in ok}
+        rejected = screen_updates(updates, self._global or {})
+        for site, reason in rejected.items():
+            log.warning("round %d: update from site %s rejected: %s", server_round, site, reason)
+            with (self.workdir / "rejections.jsonl").open("a") as f:
+                f.write(
+                    json.dumps({"round": server_round, "site": site, "reason": reason, "at": time.time()})
+                    + "\n"
+                )
+        kept = [m for m in replies if m.has_error() or site_of(m) not in rejected]
+        return kept, rejected
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -52,11 +75,12 @@ class FahrFedAvg(FedAvg):
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
+        replies, rejected = self._screen(server_round, list(replies))
         arrays, metrics = super().aggregate_train(server_round, replies)
         record = {
             "round": server_round,
             "finished_at": time.time(),
+            "rejected": rejected,
             "sites": {site_of(m): dict(m.content["metrics"]) for m in replies if not m.has_error()},
             "failures": [str(m.error.reason) for m in replies if m.has_error()],
         }

@@ -13,6 +13,7 @@ import torch
 from fahr_core.config import load_server_config, load_site_config
 from fahr_core.io import atomic_write_text
 from fahr_core.models.checkpoint import load_weights
+from fahr_core.privacy.audit import verify_audit_log
 from fahr_server.app import initial_model
 from fahr_server.local import run_local_federation
 from tests.conftest import make_sites
@@ -70,8 +71,10 @@ arch = "vit_micro"
         "global_round_002.safetensors",
     ]
     rounds = [json.loads(line) for line in (work / "rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2] and all(
-        set(r["sites"]) == {"site1", "site2"} for r in rounds
+    assert (
+        [r["round"] for r in rounds] == [1, 2]
+        and not any(r["rejected"] for r in rounds)
+        and all(set(r["sites"]) == {"site1", "site2"} for r in rounds)
     )
 
     for toml in tomls:
@@ -82,6 +85,7 @@ arch = "vit_micro"
         summary = json.loads((site.report_dir / "summary.json").read_text())
         assert summary["site"] == site.name and summary["n"] > 0
         assert "data:image/png;base64," in (site.report_dir / "report.html").read_text()
+        assert verify_audit_log(site.audit_path) == 3  # two train replies and the final evaluation
 
     fed = json.loads((work / "report" / "summary.json").read_text())
     assert {s["site"] for s in fed["sites"]} == {"site1", "site2"}
