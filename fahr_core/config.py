@@ -72,6 +72,38 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class AlignmentConfig:
+    """Which face detector aligns the site's photos (see docs/alignment.md)."""
+
+    detector: str = "blazeface"  # "blazeface" (bundled MediaPipe models) or "insightface" (SCRFD pack)
+    model_dir: Path = Path()  # insightface: the folder holding det_10g.onnx (buffalo_l); never downloaded
+    workers: int = 0  # alignment processes; 0 = one per CPU
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Server side of TLS and site authentication (`fahr certs` makes these files).
+
+    site_keys are the registered sites' public keys: a SuperNode whose key is not among them is
+    refused by the SuperLink.
+    """
+
+    ca_cert: Path = Path()
+    server_cert: Path = Path()
+    server_key: Path = Path()
+    site_keys: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConnectionConfig:
+    """How a site reaches the server: its address, the CA to verify it with, the site's own key."""
+
+    superlink: str = "127.0.0.1:8000"
+    root_certificates: Path = Path()
+    auth_key: Path = Path()
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """A hospital site: where its cohort lives, how it is split, and what it may spend."""
 
@@ -82,6 +114,8 @@ class SiteConfig:
     test_fraction: float = 0.3
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    connection: ConnectionConfig = field(default_factory=ConnectionConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
 
     @property
     def ledger_path(self) -> Path:
@@ -108,6 +142,24 @@ class ServerConfig:
     workdir: Path = Path("fahr-server-run")
     round_timeout_s: float = 1800.0
     model: ModelConfig = field(default_factory=ModelConfig)
+    security: SecurityConfig | None = None  # None: no [security] table; only --insecure runs
+
+
+def is_set(path: Path) -> bool:
+    """Path fields default to Path() ("."), meaning: not configured."""
+    return str(path) not in ("", ".")
+
+
+def _paths(values: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Resolve every Path value (and tuple of paths) relative to the config file's folder."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, Path):
+            value = (base / value).resolve() if is_set(value) else value
+        elif isinstance(value, list):
+            value = tuple((base / v).resolve() for v in value)
+        out[key] = value
+    return out
 
 
 def _section(cls: type, raw: dict[str, Any], where: str) -> Any:
@@ -128,6 +180,8 @@ def _section(cls: type, raw: dict[str, Any], where: str) -> Any:
                 values[name] = float(value)
             elif want is Path and isinstance(value, str):
                 values[name] = Path(value)
+            elif want is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
+                values[name] = [Path(v) for v in value]
             elif isinstance(value, want) and not isinstance(value, bool):
                 values[name] = value
             else:
@@ -157,7 +211,17 @@ def site_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> SiteC
     _check(not extra, f"{source}: [site] unknown key(s) {', '.join(extra)}")
     privacy = PrivacyConfig(**_section(PrivacyConfig, raw.get("privacy", {}), f"{source} [privacy]"))
     train = TrainConfig(**_section(TrainConfig, raw.get("train", {}), f"{source} [train]"))
-    unknown_tables = sorted(set(raw) - {"site", "privacy", "train"})
+    connection = ConnectionConfig(
+        **_paths(_section(ConnectionConfig, raw.get("connection", {}), f"{source} [connection]"), base)
+    )
+    alignment = AlignmentConfig(
+        **_paths(_section(AlignmentConfig, raw.get("alignment", {}), f"{source} [alignment]"), base)
+    )
+    _check(
+        alignment.detector in ("blazeface", "insightface"),
+        f"{source}: [alignment].detector must be 'blazeface' or 'insightface'",
+    )
+    unknown_tables = sorted(set(raw) - {"site", "privacy", "train", "connection", "alignment"})
     _check(not unknown_tables, f"{source}: unknown table(s) {', '.join(unknown_tables)}")
     cfg = SiteConfig(
         name=site["name"],
@@ -167,6 +231,8 @@ def site_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> SiteC
         test_fraction=float(site.get("test_fraction", 0.3)),
         privacy=privacy,
         train=train,
+        connection=connection,
+        alignment=alignment,
     )
     _check(0.0 < cfg.test_fraction < 1.0, f"{source}: [site].test_fraction must be in (0, 1)")
     _check(cfg.privacy.epsilon > 0, f"{source}: [privacy].epsilon must be > 0")
@@ -188,9 +254,15 @@ def server_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> Ser
     values = _section(ServerConfig, fed, f"{source} [federation]")
     if "workdir" in values:
         values["workdir"] = (base / values["workdir"]).resolve()
-    unknown_tables = sorted(set(raw) - {"federation", "model"})
+    security = None
+    if "security" in raw:
+        sec = _paths(_section(SecurityConfig, raw["security"], f"{source} [security]"), base)
+        security = SecurityConfig(**sec)
+        for key in ("ca_cert", "server_cert", "server_key"):
+            _check(is_set(getattr(security, key)), f"{source}: [security].{key} is required")
+    unknown_tables = sorted(set(raw) - {"federation", "model", "security"})
     _check(not unknown_tables, f"{source}: unknown table(s) {', '.join(unknown_tables)}")
-    cfg = ServerConfig(**values, model=model)
+    cfg = ServerConfig(**values, model=model, security=security)
     _check(cfg.rounds >= 1, f"{source}: [federation].rounds must be >= 1")
     _check(cfg.min_sites >= 1, f"{source}: [federation].min_sites must be >= 1")
     _check(0 < cfg.fraction_train <= 1, f"{source}: [federation].fraction_train must be in (0, 1]")
@@ -236,6 +308,15 @@ def dump_site_config(cfg: SiteConfig, path: Path) -> None:
     lines = ["[site]"]
     for key in ("name", "data", "workdir", "split_seed", "test_fraction"):
         lines.append(f"{key} = {_toml_value(getattr(cfg, key))}")
-    for table, obj in (("privacy", cfg.privacy), ("train", cfg.train)):
-        lines += ["", f"[{table}]"] + [f"{k} = {_toml_value(v)}" for k, v in asdict(obj).items()]
+    for table, obj in (
+        ("privacy", cfg.privacy),
+        ("train", cfg.train),
+        ("connection", cfg.connection),
+        ("alignment", cfg.alignment),
+    ):
+        lines += ["", f"[{table}]"]
+        for key, value in asdict(obj).items():  # an unset path is written as "" (not ".")
+            lines.append(
+                f"{key} = {_toml_value('' if isinstance(value, Path) and not is_set(value) else value)}"
+            )
     atomic_write_text(Path(path), "\n".join(lines) + "\n")

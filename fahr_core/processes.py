@@ -113,6 +113,18 @@ def wait_for_port(host: str, port: int, timeout_s: float, proc: Managed | None =
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s:.0f} s{tail}")
 
 
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost: the only addresses where --insecure is allowed."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

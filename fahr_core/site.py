@@ -8,7 +8,7 @@ global weights, report). The ClientApp in fahr_client is a thin adapter over `Si
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,10 @@ import torch
 
 from fahr_core.cohort import Cohort, load_cohort, split_patients
 from fahr_core.config import ModelConfig, SiteConfig
+from fahr_core.faces.detect import BlazeFaceDetector, Detector, insightface_detector
 from fahr_core.faces.images import load_faces
+from fahr_core.faces.pipeline import AlignmentTable, Progress, align_photos, alignment_summary
+from fahr_core.faces.qc import QCConfig
 from fahr_core.io import atomic_write_json
 from fahr_core.models.checkpoint import save_weights
 from fahr_core.models.vit import SurvivalViT
@@ -36,6 +39,7 @@ class SiteSplit:
     test: SurvivalData
     train_cohort: Cohort
     test_cohort: Cohort  # the held-out patients: the validation report's cohort
+    qc: dict  # alignment quality control counts for the report
 
 
 def _as_data(cohort: Cohort, images: np.ndarray, index: dict[Path, int]) -> SurvivalData:
@@ -52,14 +56,47 @@ class SiteRuntime:
         self.cfg = cfg
         cfg.workdir.mkdir(parents=True, exist_ok=True)
 
-    def load(self, img_size: int) -> SiteSplit:
-        """Validate the cohort (CohortError lists every bad row), split it, decode the faces once."""
+    def detector(self) -> Detector:
+        a = self.cfg.alignment
+        if a.detector == "insightface":
+            return insightface_detector(a.model_dir)
+        return BlazeFaceDetector()
+
+    def align(self, progress: Progress | None = None, workers: int | None = None) -> AlignmentTable:
+        """Detect, quality-check and align every photo of the cohort (cached: only new photos do work)."""
         cohort = load_cohort(self.cfg.data)
-        train, test = split_patients(cohort, self.cfg.test_fraction, self.cfg.split_seed)
         photos = sorted({p for pt in cohort.patients for p in pt.photos})
-        images = load_faces(photos, img_size, self.cfg.workdir / "cache")
+        if workers is None:
+            workers = self.cfg.alignment.workers or None
+        return align_photos(
+            photos,
+            self.cfg.workdir / "aligned",
+            self.detector(),
+            QCConfig(),
+            workers=workers,
+            progress=progress,
+        )
+
+    def load(self, img_size: int) -> SiteSplit:
+        """Validate the cohort, align its photos, split the patients, decode the aligned faces once.
+
+        Patients none of whose photos could be aligned are left out (the report's QC table counts them).
+        """
+        table = self.align(workers=1)  # normally all cached: `fahr-client start` aligned everything
+        crops = {Path(r.path): table.crop_path(r) for r in table.aligned}
+        cohort = load_cohort(self.cfg.data)
+        kept = tuple(
+            replace(pt, photos=tuple(p for p in pt.photos if p in crops))
+            for pt in cohort.patients
+            if any(p in crops for p in pt.photos)
+        )
+        usable = replace(cohort, patients=kept)
+        train, test = split_patients(usable, self.cfg.test_fraction, self.cfg.split_seed)
+        photos = sorted({p for pt in kept for p in pt.photos})
+        images = load_faces([crops[p] for p in photos], img_size, self.cfg.workdir / "cache")
         index = {p: i for i, p in enumerate(photos)}
-        return SiteSplit(_as_data(train, images, index), _as_data(test, images, index), train, test)
+        qc = alignment_summary(table, len(cohort) - len(kept))
+        return SiteSplit(_as_data(train, images, index), _as_data(test, images, index), train, test, qc)
 
     def ledger(self, n_train: int) -> PrivacyLedger:
         p = self.cfg.privacy
@@ -158,6 +195,7 @@ class SiteRuntime:
             age=test.age,
             male=test.is_male.astype(float),
             surv_pred=survival_at(risk, alpha, spec.horizon_years, (1.0, 2.0, 5.0)),
+            qc=split.qc,
         )
         atomic_write_json(self.cfg.workdir / "last_evaluation.json", {"meta": meta, "privacy": privacy})
         metrics = summary_to_metrics(summary)

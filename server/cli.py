@@ -7,16 +7,18 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from fahr_core.config import ConfigError, ServerConfig, load_server_config
-from fahr_core.processes import port_free
+from fahr_core.processes import is_loopback, port_free
 from fahr_server.flower import (
     console_script,
     flower_env,
+    register_sites,
     start_superlink,
     write_app,
     write_cli_connection,
@@ -35,8 +37,18 @@ def _main() -> None:
     """The fahr federation server."""
 
 
-def run_federation(cfg: ServerConfig, config_path: Path, insecure: bool, echo=print) -> int:
-    """Start a SuperLink, run the federation to its end, stop the SuperLink. Returns an exit code."""
+def run_federation(
+    cfg: ServerConfig,
+    config_path: Path,
+    insecure: bool,
+    echo=print,
+    on_ready: Callable[[], object] | None = None,
+) -> int:
+    """Start a SuperLink, run the federation to its end, stop the SuperLink. Returns an exit code.
+
+    `on_ready` runs once the SuperLink is up and the site keys are registered (sites started before
+    their key is registered are refused), just before the run is submitted.
+    """
     work = cfg.workdir
     work.mkdir(parents=True, exist_ok=True)
     for stale in ("run.json",):
@@ -44,13 +56,20 @@ def run_federation(cfg: ServerConfig, config_path: Path, insecure: bool, echo=pr
     if not port_free(cfg.address, cfg.port):
         echo(f"error: {cfg.address}:{cfg.port} is in use (another SuperLink?); set [federation].port")
         return 2
+    security = None if insecure else cfg.security
+    if security is None and not insecure:
+        echo(
+            f"error: {config_path} has no [security] table: create certificates and site keys with "
+            "`fahr certs init` and `fahr certs site`, or pass --insecure for a loopback test"
+        )
+        return 2
     env = flower_env(work / "flwr-home")
     app_dir = write_app(work / "app", config_path)
-    write_cli_connection(work / "flwr-home", f"{cfg.address}:{cfg.port}", insecure)
-    echo(f"starting SuperLink on {cfg.address}:{cfg.port} (logs: {work / 'superlink.log'})")
-    link = start_superlink(
-        cfg.address, cfg.port, work / "superlink.db", work / "superlink.log", env, insecure
-    )
+    write_cli_connection(work / "flwr-home", f"{cfg.address}:{cfg.port}", security)
+    mode = "plain HTTP (--insecure)" if security is None else "TLS + SuperNode authentication"
+    log_path = work / "superlink.log"
+    echo(f"starting SuperLink on {cfg.address}:{cfg.port}, {mode} (logs: {log_path})")
+    link = start_superlink(cfg.address, cfg.port, work / "superlink.db", log_path, env, security)
     runner = None
 
     def _stop(signum, _frame):  # Ctrl-C or SIGTERM: take everything we started down with us
@@ -58,6 +77,11 @@ def run_federation(cfg: ServerConfig, config_path: Path, insecure: bool, echo=pr
 
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
+        if security is not None:
+            register_sites(security.site_keys, env, log_path)
+            echo(f"registered {len(security.site_keys)} site key(s); unregistered sites are refused")
+        if on_ready is not None:
+            on_ready()
         echo(f"submitting run: {cfg.rounds} rounds, at least {cfg.min_sites} sites, model {cfg.model.arch}")
         with (work / "run.log").open("ab") as log:
             runner = subprocess.Popen(
@@ -109,14 +133,17 @@ def run(
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    if not insecure:
-        typer.echo("error: TLS is not wired yet in this version; pass --insecure (loopback only)", err=True)
-        raise typer.Exit(2)
-    typer.secho(
-        "WARNING: --insecure: traffic between server and sites is NOT encrypted. Loopback tests only.",
-        fg=typer.colors.RED,
-        err=True,
-    )
+    if insecure:
+        if not is_loopback(cfg.address):
+            typer.echo(
+                f"error: --insecure is for loopback tests only, not for address {cfg.address}", err=True
+            )
+            raise typer.Exit(2)
+        typer.secho(
+            "WARNING: --insecure: no TLS and no site authentication. Loopback tests only.",
+            fg=typer.colors.RED,
+            err=True,
+        )
     raise typer.Exit(run_federation(cfg, config.resolve(), insecure, echo=typer.echo))
 
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
+from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 
+from fahr_core.config import ConnectionConfig, SecurityConfig
 from fahr_core.io import atomic_write_text
 from fahr_core.processes import Managed, wait_for_port
 
@@ -76,11 +79,9 @@ config-path = "{config_path.resolve()}"
     return app_dir
 
 
-def write_cli_connection(
-    flwr_home: Path, address: str, insecure: bool, root_cert: Path | None = None
-) -> None:
+def write_cli_connection(flwr_home: Path, address: str, security: SecurityConfig | None) -> None:
     """The `flwr` CLI's connection file: one SuperLink named `fahr`."""
-    tls = "insecure = true" if insecure else f'root-certificates = "{root_cert}"'
+    tls = "insecure = true" if security is None else f'root-certificates = "{security.ca_cert}"'
     atomic_write_text(
         flwr_home / "config.toml",
         f"""[superlink]
@@ -94,8 +95,9 @@ address = "{address}"
 
 
 def start_superlink(
-    host: str, port: int, database: Path, log_path: Path, env: dict[str, str], insecure: bool = True
+    host: str, port: int, database: Path, log_path: Path, env: dict[str, str], security: SecurityConfig | None
 ) -> Managed:
+    """Start a SuperLink: with TLS and SuperNode authentication, or plain HTTP when `security` is None."""
     cmd = [
         console_script("flower-superlink"),
         "--disable-runtime-dependency-installation",
@@ -106,11 +108,39 @@ def start_superlink(
         "--database",
         str(database),
     ]
-    if insecure:
+    if security is None:
         cmd.append("--insecure")
+    else:
+        cmd += [
+            "--ssl-ca-certfile",
+            str(security.ca_cert),
+            "--ssl-certfile",
+            str(security.server_cert),
+            "--ssl-keyfile",
+            str(security.server_key),
+            "--enable-supernode-auth",
+        ]
     link = Managed("flower-superlink", cmd, log_path, env)
     wait_for_port(host, port, timeout_s=60, proc=link)
     return link
+
+
+def register_sites(site_keys: Sequence[Path], env: dict[str, str], log_path: Path) -> None:
+    """Register each site's public key with the SuperLink (Flower's SuperNode authentication)."""
+    for key in site_keys:
+        if not Path(key).is_file():
+            raise FileNotFoundError(f"{key}: site public key not found ([security].site_keys)")
+        done = subprocess.run(
+            [console_script("flwr"), "supernode", "register", str(key), "fahr"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        with log_path.open("a") as log:
+            log.write(done.stdout + done.stderr)
+        if done.returncode != 0 and "already" not in (done.stdout + done.stderr).lower():
+            raise RuntimeError(f"registering {key} failed:\n{done.stdout}{done.stderr}")
 
 
 def start_supernode(
@@ -119,8 +149,9 @@ def start_supernode(
     runtime_port: int,
     log_path: Path,
     env: dict[str, str],
-    insecure: bool = True,
+    connection: ConnectionConfig | None,
 ) -> Managed:
+    """Start a SuperNode: TLS-verified and authenticated with the site key, or plain HTTP if None."""
     pairs = " ".join(f'{k}="{v}"' for k, v in node_config.items())
     cmd = [
         console_script("flower-supernode"),
@@ -130,7 +161,16 @@ def start_supernode(
         pairs,
         "--port",
         str(runtime_port),
+        "--max-retries",
+        "30",
     ]
-    if insecure:
+    if connection is None:
         cmd.append("--insecure")
+    else:
+        cmd += [
+            "--root-certificates",
+            str(connection.root_certificates),
+            "--auth-supernode-private-key",
+            str(connection.auth_key),
+        ]
     return Managed("flower-supernode", cmd, log_path, env)

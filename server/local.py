@@ -9,19 +9,49 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fahr_core.config import load_server_config, load_site_config
+from fahr_core.certs import create_server_tls, create_site_keys
+from fahr_core.config import ConnectionConfig, load_server_config, load_site_config
 from fahr_core.processes import Managed
 from fahr_server.cli import run_federation
 from fahr_server.flower import console_script
 
 
+def local_credentials(
+    certs: Path, sites: Sequence[str], port: int
+) -> tuple[str, dict[str, ConnectionConfig]]:
+    """A CA and server certificate for 127.0.0.1 and a key pair per site, as `fahr certs` makes them.
+
+    Returns the server's `[security]` TOML table and each site's connection settings.
+    """
+    tls = create_server_tls(certs, ["127.0.0.1", "localhost"])
+    connections, pubs = {}, []
+    for site in sites:
+        private, public = create_site_keys(certs / "sites", site)
+        pubs.append(public)
+        connections[site] = ConnectionConfig(f"127.0.0.1:{port}", tls.ca_cert, private)
+    keys = ", ".join(f'"{p}"' for p in pubs)
+    table = (
+        f'[security]\nca_cert = "{tls.ca_cert}"\nserver_cert = "{tls.cert}"\n'
+        f'server_key = "{tls.key}"\nsite_keys = [{keys}]\n'
+    )
+    return table, connections
+
+
 def run_local_federation(
-    server_toml: Path, site_tomls: Sequence[Path], echo: Callable[[str], object] = print
+    server_toml: Path,
+    site_tomls: Sequence[Path],
+    echo: Callable[[str], object] = print,
+    insecure: bool = False,
 ) -> int:
-    """Run the federation in `server_toml` with the sites in `site_tomls` on 127.0.0.1; exit code."""
+    """Run the federation in `server_toml` with the sites in `site_tomls` on 127.0.0.1; exit code.
+
+    Secure unless `insecure`: the server config then needs `[security]` and each site `[connection]`
+    (see `local_credentials`).
+    """
     cfg = load_server_config(server_toml)
     clients: list[Managed] = []
-    try:
+
+    def start_sites() -> None:
         for i, toml in enumerate(site_tomls):
             site = load_site_config(toml)
             cmd = [
@@ -35,10 +65,14 @@ def run_local_federation(
                 f"{cfg.address}:{cfg.port}",
                 "--runtime-port",
                 str(cfg.port + 100 + i),
-                "--insecure",
             ]
+            cmd += ["--insecure"] if insecure else []
             clients.append(Managed(f"site {site.name}", cmd, site.workdir.parent / f"{site.name}-client.log"))
-        code = run_federation(cfg, Path(server_toml).resolve(), insecure=True, echo=echo)
+
+    try:
+        code = run_federation(
+            cfg, Path(server_toml).resolve(), insecure=insecure, echo=echo, on_ready=start_sites
+        )
         if code:
             for c in clients:
                 echo(f"--- {c.name}: last lines of {c.log_path}\n{c.tail()}")

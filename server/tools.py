@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from fahr_core.certs import create_server_tls, create_site_keys
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import (
@@ -19,7 +20,7 @@ from fahr_core.config import (
     load_site_config,
 )
 from fahr_core.io import atomic_write_text
-from fahr_server.local import run_local_federation
+from fahr_server.local import local_credentials, run_local_federation
 
 app = typer.Typer(
     help="fahr research tools.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
@@ -28,6 +29,33 @@ cohort_app = typer.Typer(
     help="Cohorts: simulate semi-synthetic sites from labelled faces.", no_args_is_help=True
 )
 app.add_typer(cohort_app, name="cohort")
+certs_app = typer.Typer(
+    help="Certificates: the federation's CA, server TLS, site keys.", no_args_is_help=True
+)
+app.add_typer(certs_app, name="certs")
+
+
+@certs_app.command("init")
+def certs_init(
+    out: Annotated[Path, typer.Option(help="folder for ca.crt, ca.key, server.crt, server.key")],
+    host: Annotated[list[str], typer.Option(help="server DNS name or IP (repeatable)")] = ["127.0.0.1"],  # noqa: B006
+) -> None:
+    """Create the federation's CA and the server's TLS certificate (keep ca.key offline)."""
+    tls = create_server_tls(out, host)
+    typer.echo(f"wrote {tls.ca_cert} (give to every site), {tls.cert} and {tls.key} (server only)")
+
+
+@certs_app.command("site")
+def certs_site(
+    out: Annotated[Path, typer.Option(help="folder for <site>.key and <site>.pub")],
+    site: Annotated[str, typer.Option(help="site name")],
+) -> None:
+    """Create a site's key pair: the .key stays at the site, the .pub goes to the server operator."""
+    private, public = create_site_keys(out, site)
+    typer.echo(
+        f"wrote {private} (stays at the site) and {public} (register at the server: [security].site_keys)"
+    )
+
 
 DEMO_ENCODER = demo_faces_dir() / "encoder_vit_micro.safetensors"
 
@@ -74,7 +102,7 @@ def demo(
     rounds: Annotated[int, typer.Option()] = 3,
     port: Annotated[int, typer.Option(help="SuperLink port on 127.0.0.1")] = 8000,
 ) -> None:
-    """Server plus three sites on 127.0.0.1: the bundled cohort, a small ViT, DP training, reports."""
+    """Server + three TLS-authenticated sites on 127.0.0.1: bundled cohort, DP training, reports."""
     started = time.monotonic()
     out = out.resolve()
     sites_dir = out / "sites"
@@ -84,8 +112,11 @@ def demo(
     simulate_sites(
         load_labelled_faces(demo_faces_dir()), sites_dir, params, seed=0, site_names=names, overwrite=True
     )
+    shutil.rmtree(out / "certs", ignore_errors=True)
+    security, connections = local_credentials(out / "certs", names, port)
     for name in names:  # a fresh run: each site's ledger, caches and report start empty
         cfg = SiteConfig(
+            connection=connections[name],
             name=name,
             data=Path("."),
             workdir=Path(".fahr"),
@@ -106,7 +137,8 @@ workdir = "server"
 [model]
 arch = "vit_micro"
 encoder_checkpoint = "{DEMO_ENCODER if DEMO_ENCODER.exists() else ""}"
-""",
+
+{security}""",
     )
     shutil.rmtree(out / "server", ignore_errors=True)
     code = run_local_federation(server_toml, [sites_dir / n / "site.toml" for n in names], echo=typer.echo)

@@ -8,7 +8,14 @@ import pytest
 
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
-from fahr_core.config import PrivacyConfig, SiteConfig, TrainConfig, dump_site_config
+from fahr_core.config import (
+    AlignmentConfig,
+    ConnectionConfig,
+    PrivacyConfig,
+    SiteConfig,
+    TrainConfig,
+    dump_site_config,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -22,9 +29,14 @@ def shared_utkface() -> Path:
 
 
 def make_sites(
-    out: Path, faces_dir: Path, sizes: tuple[int, ...], epsilon: float = 8.0, seed: int = 0
+    out: Path,
+    faces_dir: Path,
+    sizes: tuple[int, ...],
+    epsilon: float = 8.0,
+    seed: int = 0,
+    connections: dict[str, ConnectionConfig] | None = None,
 ) -> list[Path]:
-    """Simulated sites with CPU-sized training settings; returns the site.toml paths."""
+    """Simulated sites (site1, site2, ...) with CPU-sized training; returns the site.toml paths."""
     n = len(sizes)
     params = SimulationParams(
         n_sites=n,
@@ -42,6 +54,8 @@ def make_sites(
             workdir=Path(".fahr"),
             privacy=PrivacyConfig(epsilon=epsilon),
             train=TrainConfig(local_epochs=1, batch_size=16, lr=1e-3, threads=1),
+            connection=(connections or {}).get(name, ConnectionConfig()),
+            alignment=AlignmentConfig(workers=1),
         )
         dump_site_config(cfg, out / name / "site.toml")
         tomls.append(out / name / "site.toml")

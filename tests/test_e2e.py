@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,9 @@ from fahr_core.io import atomic_write_text
 from fahr_core.models.checkpoint import load_weights
 from fahr_core.privacy.audit import verify_audit_log
 from fahr_server.app import initial_model
-from fahr_server.local import run_local_federation
+from fahr_server.cli import run_federation
+from fahr_server.flower import flower_env, start_supernode
+from fahr_server.local import local_credentials, run_local_federation
 from tests.conftest import make_sites
 
 pytestmark = pytest.mark.e2e
@@ -42,8 +45,9 @@ def flower_processes_under(folder: Path) -> list[str]:
 
 
 def test_two_sites_two_rounds(tmp_path, shared_utkface):
-    tomls = make_sites(tmp_path / "sites", shared_utkface, (50, 40), epsilon=4.0)
     port = free_port()
+    security, connections = local_credentials(tmp_path / "certs", ["site1", "site2"], port)
+    tomls = make_sites(tmp_path / "sites", shared_utkface, (50, 40), epsilon=4.0, connections=connections)
     server_toml = tmp_path / "server.toml"
     atomic_write_text(
         server_toml,
@@ -56,7 +60,8 @@ round_timeout_s = 600
 
 [model]
 arch = "vit_micro"
-""",
+
+{security}""",
     )
     lines: list[str] = []
     code = run_local_federation(server_toml, tomls, echo=lines.append)
@@ -89,4 +94,63 @@ arch = "vit_micro"
 
     fed = json.loads((work / "report" / "summary.json").read_text())
     assert {s["site"] for s in fed["sites"]} == {"site1", "site2"}
+    assert flower_processes_under(tmp_path) == []
+
+
+def test_unregistered_site_and_foreign_certificate_are_refused(tmp_path):
+    """A site whose key the server never registered cannot join; nor can one trusting another CA."""
+    port = free_port()
+    security, _ = local_credentials(tmp_path / "certs", ["registered"], port)
+    _, intruder = local_credentials(tmp_path / "intruder", ["site1"], port)  # other CA, unregistered key
+    server_toml = tmp_path / "server.toml"
+    atomic_write_text(
+        server_toml,
+        f"""[federation]
+rounds = 1
+min_sites = 1
+port = {port}
+workdir = "server"
+round_timeout_s = 60
+
+[model]
+arch = "vit_micro"
+
+{security}""",
+    )
+    # the right CA but a key the server never registered; then a certificate from another CA
+    unregistered = replace(intruder["site1"], root_certificates=tmp_path / "certs" / "ca.crt")
+    lines: list[str] = []
+
+    def join_and_check() -> None:
+        for connection, needle in (
+            (unregistered, "No SuperNode found with the given public key"),
+            (intruder["site1"], "CERTIFICATE_VERIFY_FAILED"),
+        ):
+            node = start_supernode(
+                f"127.0.0.1:{port}",
+                {"site": "site1"},
+                free_port(),
+                tmp_path / f"node-{needle[:3]}.log",
+                flower_env(tmp_path / "fh"),
+                connection,
+            )
+            try:
+                node.proc.wait(timeout=60)
+            finally:
+                node.stop()
+            assert node.proc.returncode != 0
+            logs = node.tail(200) + (tmp_path / "server" / "superlink.log").read_text()
+            assert needle in logs, needle
+        raise KeyboardInterrupt  # stop the federation: nothing will join
+
+    assert (
+        run_federation(
+            load_server_config(server_toml),
+            server_toml,
+            insecure=False,
+            echo=lines.append,
+            on_ready=join_and_check,
+        )
+        == 130
+    )
     assert flower_processes_under(tmp_path) == []

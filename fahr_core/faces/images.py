@@ -16,14 +16,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from fahr_core.faces.errors import PhotoError  # defined there (no torch) and public here
 from fahr_core.io import atomic_write_bytes
 
 # Pixel normalisation of FAHR-Face inputs: [0, 255] -> [-1, 1].
 MEAN, STD = 127.5, 127.5
-
-
-class PhotoError(ValueError):
-    """A photo could not be read; the message names the file."""
 
 
 def load_face(path: Path, size: int) -> np.ndarray:
