@@ -14,26 +14,8 @@ import pytest
 
 from fahr_core.report.federation import pooled_hr, write_federation_report
 from fahr_core.report.site import write_site_report
-from tests.test_metrics import simulate, true_surv
+from tests.test_metrics import DEGENERATE, cohort, simulate, true_surv
 
-
-def cohort(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exponential event times with hazard exp(risk), independent exponential censoring."""
-    rng = np.random.default_rng(seed)
-    risk = rng.normal(size=n)
-    t_event = rng.exponential(np.exp(-risk))
-    t_censor = rng.exponential(2.0, size=n)
-    return np.minimum(t_event, t_censor), (t_event <= t_censor).astype(int), risk
-
-
-DEGENERATE = {
-    "no_events": (np.linspace(0.1, 3, 30), np.zeros(30, int), np.linspace(-1, 1, 30)),
-    "one_event": (np.linspace(0.1, 3, 30), np.r_[1, np.zeros(29, int)], np.linspace(-1, 1, 30)),
-    "n5": (np.array([0.5, 1.0, 1.5, 2.0, 2.5]), np.array([1, 0, 1, 0, 1]), np.arange(5.0)),
-    "all_tied_times": (np.ones(20), np.ones(20, int), np.linspace(-1, 1, 20)),
-    "time_zero": (np.r_[np.zeros(5), np.linspace(0.1, 3, 25)], np.r_[[1, 0] * 15], np.linspace(-1, 1, 30)),
-    "empty": (np.array([]), np.array([], int), np.array([])),
-}
 PRIVACY = {"epsilon": np.float64(2.5), "delta": 1e-5, "budget": 8.0, "noise_multiplier": 1.1}
 META = {"model_version": "vit-s16@abc123", "data_version": "2024-06", "rounds": 5}
 QC = {"photos": 300, "aligned": 296, "rejected": {"no face": 3, "blur": 1}}
