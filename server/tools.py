@@ -21,6 +21,7 @@ from fahr_core.config import (
 )
 from fahr_core.io import atomic_write_text
 from fahr_server.local import local_credentials, run_local_federation
+from fahr_server.pretrain_cli import export_encoder_command, pretrain_command
 
 app = typer.Typer(
     help="fahr research tools.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
@@ -29,6 +30,8 @@ cohort_app = typer.Typer(
     help="Cohorts: simulate semi-synthetic sites from labelled faces.", no_args_is_help=True
 )
 app.add_typer(cohort_app, name="cohort")
+app.command("pretrain")(pretrain_command)
+app.command("export-encoder")(export_encoder_command)
 certs_app = typer.Typer(
     help="Certificates: the federation's CA, server TLS, site keys.", no_args_is_help=True
 )

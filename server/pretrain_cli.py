@@ -1,0 +1,108 @@
+"""`fahr pretrain` / `fahr export-encoder`: MAE pre-training of the FAHR-Face encoder.
+
+Multi-GPU (or multi-process on CPU):
+    torchrun --nproc_per_node=8 -m fahr_server.pretrain_cli pretrain --data ... --out ...
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="MAE pre-training of the FAHR-Face encoder.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _main() -> None:
+    """MAE pre-training of the FAHR-Face encoder."""
+
+
+@app.command("pretrain")
+def pretrain_command(
+    data: Annotated[Path, typer.Option(help="Folder of face crops (identity folders or flat).")],
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoint.pt, loss_curve.csv/.png, files.txt.")],
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt if it exists.")] = False,
+    arch: Annotated[
+        str, typer.Option(help="Encoder: vit_base, vit_small, vit_tiny, vit_micro.")
+    ] = "vit_base",
+    img_size: Annotated[int, typer.Option(help="Input size in pixels (multiple of 16).")] = 112,
+    mask_ratio: Annotated[float, typer.Option(help="Fraction of patches masked.")] = 0.75,
+    decoder_dim: Annotated[int, typer.Option()] = 512,
+    decoder_depth: Annotated[int, typer.Option()] = 8,
+    decoder_heads: Annotated[int, typer.Option()] = 16,
+    norm_pix_loss: Annotated[bool, typer.Option(help="Per-patch normalised pixel targets.")] = True,
+    batch_size: Annotated[int, typer.Option(help="Images per process per micro-step.")] = 256,
+    accum_steps: Annotated[int, typer.Option(help="Micro-steps per optimiser step.")] = 1,
+    base_lr: Annotated[float, typer.Option(help="lr = base_lr * global batch / 256.")] = 1.5e-4,
+    weight_decay: Annotated[float, typer.Option()] = 0.05,
+    warmup_steps: Annotated[int, typer.Option()] = 2000,
+    total_steps: Annotated[int, typer.Option()] = 100_000,
+    stop_at: Annotated[int | None, typer.Option(help="Checkpoint and stop after this step.")] = None,
+    checkpoint_every: Annotated[int, typer.Option()] = 1000,
+    log_every: Annotated[int, typer.Option()] = 50,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes per process.")] = 8,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast (CUDA only).")] = True,
+    compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Pre-train the encoder as a masked autoencoder. Under torchrun, every process runs this."""
+    from fahr_core.train.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(
+        arch=arch,
+        img_size=img_size,
+        mask_ratio=mask_ratio,
+        norm_pix_loss=norm_pix_loss,
+        decoder_dim=decoder_dim,
+        decoder_depth=decoder_depth,
+        decoder_heads=decoder_heads,
+        batch_size=batch_size,
+        accum_steps=accum_steps,
+        base_lr=base_lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
+        bf16=bf16,
+        compile=compile,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+        num_workers=workers,
+        seed=seed,
+    )
+    try:
+        summary = pretrain(cfg, data, out, resume=resume, stop_at=stop_at, echo=typer.echo)
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(
+            f"done: {summary['steps']} steps, {summary['images_seen']} images seen, "
+            f"loss {summary['final_loss']:.4f}; checkpoint {summary['checkpoint']}"
+        )
+
+
+@app.command("export-encoder")
+def export_encoder_command(
+    checkpoint: Annotated[Path, typer.Option(help="A pre-training checkpoint.pt.")],
+    out: Annotated[Path, typer.Option(help="Encoder weights to write (.safetensors); a .md card beside it.")],
+) -> None:
+    """Write the pre-trained encoder for `load_encoder_weights`; set it as the model's encoder_checkpoint."""
+    from fahr_core.train.pretrain import export_encoder
+
+    if not checkpoint.is_file():
+        typer.echo(f"error: {checkpoint}: no such checkpoint", err=True)
+        raise typer.Exit(2)
+    path = export_encoder(checkpoint, out)
+    typer.echo(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    app()
