@@ -7,7 +7,7 @@ file fails here with a message that names the file and the key.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +251,12 @@ def site_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> SiteC
 def server_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> ServerConfig:
     fed = dict(raw.get("federation", {}))
     model = ModelConfig(**_section(ModelConfig, raw.get("model", {}), f"{source} [model]"))
+    if model.encoder_checkpoint:  # relative to the config file, like every other path
+        model = replace(model, encoder_checkpoint=str((base / model.encoder_checkpoint).resolve()))
+        _check(
+            Path(model.encoder_checkpoint).is_file(),
+            f"{source}: [model].encoder_checkpoint {model.encoder_checkpoint} not found",
+        )
     values = _section(ServerConfig, fed, f"{source} [federation]")
     if "workdir" in values:
         values["workdir"] = (base / values["workdir"]).resolve()

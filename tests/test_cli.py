@@ -70,5 +70,9 @@ def test_server_config_errors_name_the_key(tmp_path):
     path.write_text("[model]\narch = 'vit_huge'\n")
     with pytest.raises(ConfigError, match=r"\[model\].arch"):
         load_server_config(path)
+    path.write_text("[model]\nencoder_checkpoint = 'mae.safetensors'\n")
+    with pytest.raises(ConfigError, match=r"encoder_checkpoint .*mae.safetensors not found"):
+        load_server_config(path)
+    path.write_text("[model]\narch = 'vit_huge'\n")
     result = runner.invoke(server_app, ["run", "--config", str(path), "--insecure"])
     assert result.exit_code == 2 and "[model].arch" in result.output
