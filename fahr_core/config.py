@@ -141,6 +141,9 @@ class ServerConfig:
     port: int = 8000  # the SuperLink's one HTTP port (Fleet, Control and Runtime APIs)
     workdir: Path = Path("fahr-server-run")
     round_timeout_s: float = 1800.0
+    join_timeout_s: float = (
+        600.0  # a round fails, with a message, if fewer than min_sites are connected by then
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     security: SecurityConfig | None = None  # None: no [security] table; only --insecure runs
 

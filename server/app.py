@@ -46,7 +46,9 @@ def main(grid: Grid, context: Context) -> None:
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     fahr_version = version("fahr")
     meta = {"fahr_version": fahr_version, "arch": cfg.model.arch, "img_size": str(cfg.model.img_size)}
-    strategy = FahrFedAvg(cfg.workdir, cfg.rounds, cfg.min_sites, cfg.fraction_train, meta)
+    strategy = FahrFedAvg(
+        cfg.workdir, cfg.rounds, cfg.min_sites, cfg.fraction_train, meta, join_timeout_s=cfg.join_timeout_s
+    )
     round_config = ConfigRecord(
         {**cfg.model.to_record(), "num-rounds": cfg.rounds, "fahr-version": fahr_version}
     )

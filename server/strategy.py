@@ -29,9 +29,19 @@ def site_of(msg: Message) -> str:
     return str(site["name"]) if site is not None and "name" in site else f"node-{msg.metadata.src_node_id}"
 
 
+class TooFewSites(RuntimeError):
+    """Fewer than the minimum number of sites are connected."""
+
+
 class FahrFedAvg(FedAvg):
     def __init__(
-        self, workdir: Path, num_rounds: int, min_sites: int, fraction_train: float, metadata: dict[str, str]
+        self,
+        workdir: Path,
+        num_rounds: int,
+        min_sites: int,
+        fraction_train: float,
+        metadata: dict[str, str],
+        join_timeout_s: float = 600.0,
     ):
         super().__init__(
             fraction_train=fraction_train,
@@ -44,11 +54,24 @@ class FahrFedAvg(FedAvg):
         self.num_rounds = num_rounds
         self.metadata = metadata
         self.site_evaluations: list[dict] = []
+        self.join_timeout_s = join_timeout_s
         self._global: dict | None = None  # the weights sent this round, to screen updates against
+
+    def _await_sites(self, grid: Grid) -> None:
+        """Fail the run with a clear message instead of waiting forever for missing sites."""
+        deadline = time.monotonic() + self.join_timeout_s
+        while (connected := len(list(grid.get_node_ids()))) < self.min_available_nodes:
+            if time.monotonic() > deadline:
+                raise TooFewSites(
+                    f"only {connected} of the {self.min_available_nodes} required sites connected within "
+                    f"{self.join_timeout_s:.0f} s ([federation].join_timeout_s); stopping the federation"
+                )
+            time.sleep(1.0)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._await_sites(grid)
         self._global = arrays.to_torch_state_dict()
         return super().configure_train(server_round, arrays, config, grid)
 

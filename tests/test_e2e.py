@@ -154,3 +154,26 @@ arch = "vit_micro"
         == 130
     )
     assert flower_processes_under(tmp_path) == []
+
+
+def test_too_few_sites_fail_the_run_with_a_message(tmp_path, demo_site):
+    port = free_port()
+    server_toml = tmp_path / "server.toml"
+    atomic_write_text(
+        server_toml,
+        f"""[federation]
+rounds = 1
+min_sites = 2
+port = {port}
+workdir = "server"
+join_timeout_s = 15
+
+[model]
+arch = "vit_micro"
+""",
+    )
+    lines: list[str] = []
+    code = run_local_federation(server_toml, [demo_site], echo=lines.append, insecure=True)
+    assert code != 0
+    assert "only 1 of the 2 required sites connected" in "\n".join(lines)
+    assert flower_processes_under(tmp_path) == []
