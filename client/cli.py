@@ -12,11 +12,10 @@ import typer
 from fahr_core.cohort import CohortError, load_cohort
 from fahr_core.config import ConfigError, SiteConfig, is_set, load_site_config
 from fahr_core.processes import is_loopback
+from fahr_server.cli_app import new_app
 from fahr_server.flower import flower_env, start_supernode
 
-app = typer.Typer(
-    help="A fahr hospital site.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
-)
+app = new_app("A fahr hospital site.")
 
 SiteOpt = Annotated[str, typer.Option("--site", help="site name; must match [site].name in the config")]
 ConfigOpt = Annotated[

@@ -15,6 +15,7 @@ import typer
 
 from fahr_core.config import ConfigError, ServerConfig, load_server_config
 from fahr_core.processes import is_loopback, port_free
+from fahr_server.cli_app import new_app
 from fahr_server.flower import (
     console_script,
     flower_env,
@@ -24,12 +25,7 @@ from fahr_server.flower import (
     write_cli_connection,
 )
 
-app = typer.Typer(
-    help="The fahr federation server.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+app = new_app("The fahr federation server.")
 
 
 @app.callback()

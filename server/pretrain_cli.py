@@ -12,12 +12,9 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(
-    help="MAE pre-training of the FAHR-Face encoder.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+from fahr_server.cli_app import new_app
+
+app = new_app("MAE pre-training of the FAHR-Face encoder.")
 
 
 @app.callback()

@@ -20,12 +20,11 @@ from fahr_core.config import (
     load_site_config,
 )
 from fahr_core.io import atomic_write_text
+from fahr_server.cli_app import new_app
 from fahr_server.local import local_credentials, run_local_federation
 from fahr_server.pretrain_cli import export_encoder_command, pretrain_command
 
-app = typer.Typer(
-    help="fahr research tools.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
-)
+app = new_app("fahr research tools.")
 cohort_app = typer.Typer(
     help="Cohorts: simulate semi-synthetic sites from labelled faces.", no_args_is_help=True
 )
