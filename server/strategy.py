@@ -14,9 +14,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fahr_core.models.checkpoint import save_weights
 from fahr_core.updates import screen_updates
@@ -27,6 +28,19 @@ log = logging.getLogger("fahr_server")
 def site_of(msg: Message) -> str:
     site = msg.content.config_records.get("site")
     return str(site["name"]) if site is not None and "name" in site else f"node-{msg.metadata.src_node_id}"
+
+
+def aggregate_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted means, as FedAvg does, except the privacy spend.
+
+    A mean epsilon describes no site; the federation reports the largest site epsilon instead.
+    """
+    agg = aggregate_metricrecords(contents, weight_key)
+    spent = [float(c["metrics"]["epsilon"]) for c in contents if "epsilon" in c["metrics"]]
+    if spent:
+        del agg["epsilon"]
+        agg["epsilon-max"] = max(spent)
+    return agg
 
 
 class TooFewSites(RuntimeError):
@@ -49,6 +63,7 @@ class FahrFedAvg(FedAvg):
             min_train_nodes=min_sites,
             min_evaluate_nodes=min_sites,
             min_available_nodes=min_sites,
+            train_metrics_aggr_fn=aggregate_train_metrics,
         )
         self.workdir = workdir
         self.num_rounds = num_rounds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fahr_core.updates import screen_updates, update_norm
@@ -42,3 +43,17 @@ def test_oversized_update_is_rejected_against_cap_and_against_the_other_sites():
         {"a": site(1, 0), "b": site(3, 0)}, REF, max_norm=2 * update_norm(site(1, 0), REF)
     )
     assert set(capped) == {"b"} and "cap" in capped["b"]
+
+
+def test_federation_reports_the_largest_site_epsilon_not_a_mean():
+    from flwr.app import MetricRecord, RecordDict
+
+    from fahr_server.strategy import aggregate_train_metrics
+
+    sites = [
+        RecordDict({"metrics": MetricRecord({"num-examples": n, "epsilon": e, "train-loss": loss})})
+        for n, e, loss in ((100, 2.0, 1.0), (300, 7.5, 2.0))
+    ]
+    agg = aggregate_train_metrics(sites, "num-examples")
+    assert agg["epsilon-max"] == 7.5 and "epsilon" not in agg
+    assert agg["train-loss"] == pytest.approx(1.75)  # everything else stays example-weighted
