@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from fahr_core.cohort import CohortError, load_cohort
+from fahr_core.cohort import Cohort, CohortError, load_cohort
 from fahr_core.config import ConfigError, SiteConfig, is_set, load_site_config
 from fahr_core.processes import is_loopback
 from fahr_server.cli_app import new_app
@@ -53,7 +53,7 @@ def check(site: SiteOpt, config: ConfigOpt = None) -> None:
     typer.echo(f"site {cfg.name}: {n} patients in {cfg.data / 'cohort.csv'}: OK")
 
 
-def _align(cfg: SiteConfig) -> None:
+def _align(cfg: SiteConfig, cohort: Cohort) -> None:
     """Align the site's photos with a progress bar; only photos not aligned before do work."""
     from fahr_core.site import SiteRuntime  # torch and the detectors: only commands that align pay
 
@@ -63,7 +63,7 @@ def _align(cfg: SiteConfig) -> None:
             bar.length = total
             bar.update(1)
 
-        table = SiteRuntime(cfg).align(progress=progress)
+        table = SiteRuntime(cfg).align(cohort, progress=progress)
     typer.echo(
         f"{len(table.aligned)} of {len(table.rows)} photos aligned ({table.cached} from cache); "
         f"table: {table.csv_path}"
@@ -79,11 +79,11 @@ def align(site: SiteOpt, config: ConfigOpt = None) -> None:
     """Detect, quality-check and align the site's photos to the ArcFace 112x112 template (resumable)."""
     cfg, _ = _load(site, config)
     try:
-        load_cohort(cfg.data)
+        cohort = load_cohort(cfg.data)
     except CohortError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(1) from None
-    _align(cfg)
+    _align(cfg, cohort)
 
 
 @app.command()
@@ -99,7 +99,7 @@ def start(
     """Check the site's data, then join the federation until stopped (Ctrl-C)."""
     cfg, path = _load(site, config)
     try:
-        n = len(load_cohort(cfg.data))
+        cohort = load_cohort(cfg.data)
     except CohortError as e:
         typer.echo(f"{e}\nsite {site} will not join the federation until these are fixed.", err=True)
         raise typer.Exit(1) from None
@@ -123,7 +123,7 @@ def start(
                 err=True,
             )
             raise typer.Exit(2)
-    _align(cfg)
+    _align(cfg, cohort)
     log_path = cfg.workdir / "supernode.log"
     node = start_supernode(
         address,
@@ -133,7 +133,7 @@ def start(
         flower_env(cfg.workdir / "flwr-home"),
         connection,
     )
-    typer.echo(f"site {cfg.name}: {n} patients; SuperNode connecting to {address} (logs: {log_path})")
+    typer.echo(f"site {cfg.name}: {len(cohort)} patients; SuperNode joining {address} (logs: {log_path})")
 
     def _stop(signum, _frame):
         raise KeyboardInterrupt

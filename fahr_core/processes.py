@@ -7,6 +7,7 @@ so stopping only the parent would leave orphans behind; stopping the whole group
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
 import socket
@@ -115,8 +116,6 @@ def wait_for_port(host: str, port: int, timeout_s: float, proc: Managed | None =
 
 def is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8, ::1 and localhost: the only addresses where --insecure is allowed."""
-    import ipaddress
-
     if host == "localhost":
         return True
     try:

@@ -62,9 +62,10 @@ class SiteRuntime:
             return insightface_detector(a.model_dir)
         return BlazeFaceDetector()
 
-    def align(self, progress: Progress | None = None, workers: int | None = None) -> AlignmentTable:
+    def align(
+        self, cohort: Cohort, progress: Progress | None = None, workers: int | None = None
+    ) -> AlignmentTable:
         """Detect, quality-check and align every photo of the cohort (cached: only new photos do work)."""
-        cohort = load_cohort(self.cfg.data)
         photos = sorted({p for pt in cohort.patients for p in pt.photos})
         if workers is None:
             workers = self.cfg.alignment.workers or None
@@ -82,9 +83,9 @@ class SiteRuntime:
 
         Patients none of whose photos could be aligned are left out (the report's QC table counts them).
         """
-        table = self.align(workers=1)  # normally all cached: `fahr-client start` aligned everything
-        crops = {Path(r.path): table.crop_path(r) for r in table.aligned}
         cohort = load_cohort(self.cfg.data)
+        table = self.align(cohort, workers=1)  # normally all cached: `fahr-client start` aligned them
+        crops = {Path(r.path): table.crop_path(r) for r in table.aligned}
         kept = tuple(
             replace(pt, photos=tuple(p for p in pt.photos if p in crops))
             for pt in cohort.patients

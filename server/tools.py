@@ -138,7 +138,7 @@ workdir = "server"
 
 [model]
 arch = "vit_micro"
-encoder_checkpoint = "{DEMO_ENCODER if DEMO_ENCODER.exists() else ""}"
+encoder_checkpoint = "{DEMO_ENCODER}"
 
 {security}""",
     )
