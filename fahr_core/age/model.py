@@ -1,0 +1,72 @@
+"""The FAHR-FaceAge model: the FAHR-Face encoder with a linear head that outputs age in years.
+
+It is saved as one safetensors file whose metadata says how to rebuild it (arch, img_size) and
+what it was trained on, so a site can load the federation's age model from a single path or from
+the weights the server sends, without pickle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fahr_core.models.checkpoint import load_weights, save_weights
+from fahr_core.models.vit import build_encoder
+
+KIND = "fahr-face-age"
+
+
+class AgeViT(nn.Module):
+    """Face (N, 3, H, W) -> predicted age in years (N,)."""
+
+    def __init__(self, arch: str = "vit_base", img_size: int = 112, mean_age: float = 40.0):
+        super().__init__()
+        self.arch = arch
+        self.img_size = img_size
+        self.encoder = build_encoder(arch, img_size)
+        self.head = nn.Linear(self.encoder.embed_dim, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, mean_age)  # start at the mean: early L1 gradients are sane
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x)).squeeze(-1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+        self.eval()
+        return torch.cat([self(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def save_age_model(path: Path, model: AgeViT, card: dict[str, str] | None = None) -> None:
+    """Write the model with the metadata `load_age_model` needs, plus a free-form card."""
+    meta = {**(card or {}), "kind": KIND, "arch": model.arch, "img_size": str(model.img_size)}
+    save_weights(path, model.state_dict(), meta)
+
+
+def age_model_from_state(state: dict[str, torch.Tensor], metadata: dict[str, str], where: str) -> AgeViT:
+    """Rebuild an AgeViT from weights and their metadata; `where` names the source in errors."""
+    if metadata.get("kind") != KIND:
+        raise ValueError(f"{where}: not a fahr age model (metadata kind={metadata.get('kind')!r})")
+    try:
+        model = AgeViT(metadata["arch"], int(metadata["img_size"]))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{where}: age model metadata lacks a valid arch/img_size ({e})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: weights do not fit {metadata['arch']}: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+    return model
+
+
+def load_age_model(path: Path) -> AgeViT:
+    from safetensors import safe_open
+
+    path = Path(path)
+    state = load_weights(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    return age_model_from_state(state, metadata, str(path))
