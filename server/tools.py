@@ -20,6 +20,7 @@ from fahr_core.config import (
     load_site_config,
 )
 from fahr_core.io import atomic_write_text
+from fahr_server.age_cli import app as age_app
 from fahr_server.cli_app import new_app
 from fahr_server.local import local_credentials, run_local_federation
 from fahr_server.pretrain_cli import export_encoder_command, pretrain_command
@@ -31,6 +32,7 @@ cohort_app = typer.Typer(
 app.add_typer(cohort_app, name="cohort")
 app.command("pretrain")(pretrain_command)
 app.command("export-encoder")(export_encoder_command)
+app.add_typer(age_app, name="age")
 certs_app = typer.Typer(
     help="Certificates: the federation's CA, server TLS, site keys.", no_args_is_help=True
 )

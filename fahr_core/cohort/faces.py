@@ -31,11 +31,12 @@ class FaceLabelError(ValueError):
 
 @dataclass(frozen=True)
 class FaceRecord:
-    """One labelled face: the image path and its (noisy) age and sex labels."""
+    """One labelled face: the image path and its (noisy) age, sex and race labels."""
 
     path: Path
     age: float
-    sex: str  # "M" or "F"
+    sex: str  # "M" or "F"; "" where a public age data set has no sex label
+    race: str = ""  # free text as the data set spells it ("" = unknown); age evaluation groups by it
 
 
 def demo_faces_dir() -> Path:
@@ -85,7 +86,8 @@ def load_labelled_faces(folder: Path) -> list[FaceRecord]:
             elif not (folder / file).is_file():
                 problems.append(f"{where}: image '{file}' not found in {folder}")
             if len(problems) == before:
-                faces.append(FaceRecord(path=folder / file, age=age, sex=sex))
+                race = (row["race"] or "").strip()
+                faces.append(FaceRecord(path=folder / file, age=age, sex=sex, race=race))
     if problems:
         raise FaceLabelError(problems)
     if skipped:

@@ -1,0 +1,213 @@
+"""FAHR-FaceAge fine-tuning: the ViT regresses age with an L1 loss, in two stages, in one call.
+
+Stage 1 ("general") trains on the faces as they come; stage 2 ("balanced") continues at a lower
+learning rate on age-balanced oversampled epochs (`fahr_core.age.sampling`), so the model stops
+pulling the elderly towards the middle without forgetting the crowded decades. Both stages use
+AdamW with layer-wise learning-rate decay (BEiT/MAE fine-tuning: block i of L gets
+lr * decay^(L + 1 - (i + 1)), the embedding lr * decay^(L + 1), the final norm and the head the full
+lr), so a pre-trained encoder's early layers move least; linear warm-up then cosine per stage;
+random horizontal flips. The validation faces are scored after every epoch; the best epoch (by
+validation MAE, or by mean per-decade MAE) and the final one are saved as age models with a card.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from fahr_core.age.evaluate import age_metrics
+from fahr_core.age.model import AgeViT, save_age_model
+from fahr_core.age.predict import predict_ages
+from fahr_core.age.sampling import DEFAULT_CAP, balanced_epoch
+from fahr_core.faces.images import to_input
+from fahr_core.io import atomic_write_text
+from fahr_core.models.checkpoint import load_encoder_weights
+from fahr_core.train.pretrain import lr_factor
+
+log = logging.getLogger(__name__)
+
+CURVE_FILE = "curve.csv"
+BEST_MODEL = "model_best.safetensors"
+FINAL_MODEL = "model_final.safetensors"
+CURVE_COLUMNS = ("stage", "epoch", "train_l1", "val_mae", "val_mean_decade_mae", "lr", "seconds")
+
+
+@dataclass(frozen=True)
+class AgeTrainConfig:
+    arch: str = "vit_base"
+    img_size: int = 112
+    epochs: int = 10  # stage 1, general
+    balanced_epochs: int = 5  # stage 2, age-balanced; 0 skips it
+    batch_size: int = 64
+    lr: float = 1e-3  # stage 1 peak lr of the head (the top of the layer-wise decay)
+    balanced_lr: float = 2.5e-4  # stage 2 peak lr
+    layer_decay: float = 0.75
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.1  # of each stage's steps
+    cap: float = DEFAULT_CAP  # largest oversampling factor of a decade in stage 2
+    select: Literal["mae", "decade"] = "mae"  # what "best" minimises on validation
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.balanced_epochs < 0 or self.epochs + self.balanced_epochs == 0:
+            raise ValueError("need at least one epoch (epochs and balanced_epochs are >= 0)")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.select not in ("mae", "decade"):
+            raise ValueError(f"select must be 'mae' or 'decade', got {self.select!r}")
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Depth of a parameter for layer-wise decay: 0 embeddings, 1..depth blocks, depth + 1 the top."""
+    if name.startswith("encoder.blocks."):
+        return int(name.split(".")[2]) + 1
+    if name.startswith(("encoder.patch_embed", "encoder.cls_token", "encoder.pos_embed", "encoder.norm_pre")):
+        return 0
+    return depth + 1
+
+
+def llrd_param_groups(model: AgeViT, layer_decay: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimiser groups with an `lr_scale` per layer; no weight decay on biases and norms (ndim < 2)."""
+    depth = len(model.encoder.blocks)
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer, decay = layer_id(name, depth), p.ndim >= 2
+        group = groups.setdefault(
+            (layer, decay),
+            {
+                "params": [],
+                "names": [],
+                "lr_scale": layer_decay ** (depth + 1 - layer),
+                "weight_decay": weight_decay if decay else 0.0,
+            },
+        )
+        group["params"].append(p)
+        group["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_age_model(cfg: AgeTrainConfig, mean_age: float, init: Path | None) -> AgeViT:
+    """A fresh AgeViT, its encoder from an MAE encoder file (`fahr export-encoder`) if given."""
+    torch.manual_seed(cfg.seed)
+    model = AgeViT(cfg.arch, cfg.img_size, mean_age=mean_age)
+    if init is not None:
+        load_encoder_weights(model.encoder, Path(init))
+    return model
+
+
+def _write_curve(out_dir: Path, history: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CURVE_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(out_dir / CURVE_FILE, buf.getvalue())
+
+
+def _save(path: Path, model: AgeViT, card: dict[str, str]) -> None:
+    save_age_model(path, model, card)
+    lines = [f"# FAHR-FaceAge model ({model.arch}, {model.img_size}x{model.img_size})", ""]
+    lines += [f"- {k}: {v}" for k, v in card.items()]
+    lines += ["", "Load with `fahr_core.age.model.load_age_model(path)`; not a clinical model.", ""]
+    atomic_write_text(path.with_suffix(".md"), "\n".join(lines))
+
+
+def train_age_model(
+    cfg: AgeTrainConfig,
+    train_images: np.ndarray,
+    train_ages: np.ndarray,
+    val_images: np.ndarray,
+    val_ages: np.ndarray,
+    out_dir: Path,
+    init: Path | None = None,
+    card: dict[str, str] | None = None,
+    echo: Callable[[str], None] = log.info,
+) -> dict[str, Any]:
+    """Run both stages; write model_best/model_final (.safetensors + .md) and curve.csv to `out_dir`.
+
+    Images are uint8 (N, 3, S, S) aligned crops. Returns the history and the best epoch's row.
+    """
+    if len(train_images) < cfg.batch_size:
+        raise ValueError(f"{len(train_images)} training faces: fewer than one batch of {cfg.batch_size}")
+    if not len(val_images):
+        raise ValueError("no validation faces")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+    model = build_age_model(cfg, float(np.mean(train_ages)), init)
+    groups = llrd_param_groups(model, cfg.layer_decay, cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    y = torch.as_tensor(train_ages, dtype=torch.float32)
+    base_card = {
+        **(card or {}),
+        "init": str(init) if init else "random",
+        "config": json.dumps(asdict(cfg), sort_keys=True),
+    }
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    start = time.perf_counter()
+    stages = [
+        ("general", cfg.epochs, cfg.lr, lambda: rng.permutation(len(train_images))),
+        ("balanced", cfg.balanced_epochs, cfg.balanced_lr, lambda: balanced_epoch(train_ages, rng, cfg.cap)),
+    ]
+    for stage, epochs, peak_lr, draw in stages:
+        if not epochs:
+            continue
+        orders = [draw() for _ in range(epochs)]  # drawn up front: the schedule needs the step count
+        total = sum(len(o) // cfg.batch_size for o in orders)
+        warmup = max(1, int(cfg.warmup_fraction * total))
+        step = 0
+        for epoch, order in enumerate(orders, start=1):
+            model.train()
+            losses = []
+            for b in range(len(order) // cfg.batch_size):
+                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                lr = peak_lr * lr_factor(step, warmup, total)
+                for g in opt.param_groups:
+                    g["lr"] = lr * g["lr_scale"]
+                x = to_input(train_images[idx])
+                flip = torch.as_tensor(rng.random(len(idx)) < 0.5)
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                loss = (model(x) - y[idx]).abs().mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+                step += 1
+            m = age_metrics(val_ages, predict_ages(model, val_images))
+            row = {
+                "stage": stage,
+                "epoch": epoch,
+                "train_l1": round(float(np.mean(losses)), 4),
+                "val_mae": round(m["mae"], 4),
+                "val_mean_decade_mae": round(m["mean_decade_mae"], 4),
+                "lr": f"{peak_lr:g}",
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            history.append(row)
+            _write_curve(out_dir, history)
+            echo(
+                f"{stage} epoch {epoch}/{epochs}: train L1 {row['train_l1']:.2f} y, validation MAE "
+                f"{row['val_mae']:.2f} y, mean per-decade MAE {row['val_mean_decade_mae']:.2f} y "
+                f"({row['seconds']:.0f} s)"
+            )
+            key = "val_mae" if cfg.select == "mae" else "val_mean_decade_mae"
+            if best is None or row[key] < best[key]:
+                best = row
+                meta = {f"best_{k}": str(v) for k, v in row.items()}
+                _save(out_dir / BEST_MODEL, model, {**base_card, **meta})
+    assert best is not None  # at least one epoch ran (checked by the config)
+    last = {f"final_{k}": str(v) for k, v in history[-1].items()}
+    _save(out_dir / FINAL_MODEL, model, {**base_card, **last})
+    return {"history": history, "best": best, "seconds": round(time.perf_counter() - start, 1)}

@@ -1,0 +1,53 @@
+"""`fahr age predict`: a folder of photos is aligned first; photos QC rejects are reported, not fatal."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from fahr_core.age.model import AgeViT, save_age_model
+from fahr_core.age.predict import predict_ages
+from fahr_core.cohort import demo_faces_dir, load_labelled_faces
+from fahr_core.faces.images import load_faces
+from fahr_core.faces.pipeline import AlignmentTable
+from fahr_server.tools import app as fahr_app
+
+
+def test_predict_folder_with_a_corrupt_file_and_a_non_face(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = AgeViT("vit_micro", 112)
+    torch.nn.init.normal_(model.head.weight, std=5.0)  # so different faces get different ages
+    save_age_model(tmp_path / "age.safetensors", model)
+    photos = tmp_path / "photos"
+    (photos / "ward2").mkdir(parents=True)
+    faces = load_labelled_faces(demo_faces_dir())[:3]
+    for i, f in enumerate(faces):
+        shutil.copy(f.path, photos / ("ward2" if i == 2 else "") / f"patient{i}.jpg")
+    (photos / "broken.jpg").write_bytes(faces[0].path.read_bytes()[:300])
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(photos / "noise.png")
+
+    out = tmp_path / "preds.csv"
+    args = ["age", "predict", "--model", str(tmp_path / "age.safetensors"), "--photos", str(photos)]
+    result = CliRunner().invoke(fahr_app, [*args, "--out", str(out), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "3 predicted, 2 rejected" in result.output
+    with out.open() as f:
+        rows = {r["file"]: r for r in csv.DictReader(f)}
+    assert sorted(rows) == ["broken.jpg", "noise.png", "patient0.jpg", "patient1.jpg", "ward2/patient2.jpg"]
+    assert rows["broken.jpg"]["status"] == rows["noise.png"]["status"] == "rejected"
+    assert rows["broken.jpg"]["reason"].startswith("unreadable")
+    assert rows["noise.png"]["reason"].startswith("no_face")
+    assert rows["broken.jpg"]["predicted_age"] == rows["noise.png"]["predicted_age"] == ""
+
+    table = AlignmentTable.read(tmp_path / "preds-aligned" / "alignment.csv")  # the default cache
+    crops = {r.path: table.crop_path(r) for r in table.aligned}
+    names = ["patient0.jpg", "patient1.jpg", "ward2/patient2.jpg"]
+    expected = predict_ages(model, load_faces([crops[str(photos / n)] for n in names], 112))
+    got = [float(rows[n]["predicted_age"]) for n in names]
+    assert got == [round(float(e), 2) for e in expected] and len(set(got)) == 3
