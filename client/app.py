@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fahr_core.age import delivery
 from fahr_core.config import ModelConfig, load_site_config
 from fahr_core.privacy.audit import append_audit
 from fahr_core.privacy.outbound import check_outbound
@@ -97,5 +98,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         "run_id": int(msg.metadata.run_id),
         "fahr_version": version("fahr"),
     }
-    metrics, _ = site.evaluate(msg.content["arrays"].to_torch_state_dict(), spec, meta)
+    age_model, age = None, msg.content.array_records.get(delivery.ARRAYS_KEY)  # the federation's, if any
+    if age is not None:
+        sha256 = str(msg.content["config"][delivery.SHA256_KEY])
+        age_model = site.receive_age_model(age.to_numpy_ndarrays()[0], sha256)
+    metrics, _ = site.evaluate(msg.content["arrays"].to_torch_state_dict(), spec, meta, age_model)
     return _reply(msg, site, server_round, metrics)

@@ -26,6 +26,9 @@ class ModelConfig:
     arch: str = "vit_base"
     img_size: int = 112
     encoder_checkpoint: str = ""  # safetensors file of MAE-pretrained encoder weights; "" = random init
+    # the federation's one age model (fahr_core.age.model format), sent to every site with the final
+    # evaluation for the face-age deviation analysis; "" = sites report FAD as not computed
+    age_checkpoint: str = ""
     n_intervals: int = 10  # follow-up intervals of the discrete-time hazard head
     horizon_years: float = 10.0  # follow-up beyond this is censored at it
 
@@ -254,12 +257,11 @@ def site_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> SiteC
 def server_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> ServerConfig:
     fed = dict(raw.get("federation", {}))
     model = ModelConfig(**_section(ModelConfig, raw.get("model", {}), f"{source} [model]"))
-    if model.encoder_checkpoint:  # relative to the config file, like every other path
-        model = replace(model, encoder_checkpoint=str((base / model.encoder_checkpoint).resolve()))
-        _check(
-            Path(model.encoder_checkpoint).is_file(),
-            f"{source}: [model].encoder_checkpoint {model.encoder_checkpoint} not found",
-        )
+    for key in ("encoder_checkpoint", "age_checkpoint"):  # relative to the config file, like every path
+        if getattr(model, key):
+            path = (base / getattr(model, key)).resolve()
+            _check(path.is_file(), f"{source}: [model].{key} {path} not found")
+            model = replace(model, **{key: str(path)})
     values = _section(ServerConfig, fed, f"{source} [federation]")
     if "workdir" in values:
         values["workdir"] = (base / values["workdir"]).resolve()

@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fahr_core.age.delivery import DeliveredAgeModel, receive_age_model
 from fahr_core.cohort import Cohort, load_cohort, split_patients
 from fahr_core.config import ModelConfig, SiteConfig
 from fahr_core.faces.detect import BlazeFaceDetector, Detector, insightface_detector
-from fahr_core.faces.images import load_faces
+from fahr_core.faces.images import load_faces, to_input
 from fahr_core.faces.pipeline import AlignmentTable, Progress, align_photos, alignment_summary
 from fahr_core.faces.qc import QCConfig
 from fahr_core.io import atomic_write_json
 from fahr_core.models.checkpoint import save_weights
+from fahr_core.models.saliency import MIN_PATIENTS_FOR_SALIENCY, CohortSaliency, cohort_saliency
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.ledger import PrivacyLedger
 from fahr_core.report.wire import summary_to_metrics
@@ -49,6 +51,13 @@ def _as_data(cohort: Cohort, images: np.ndarray, index: dict[Path, int]) -> Surv
         time=cohort.time.astype(np.float32),
         event=cohort.event.astype(np.int64),
     )
+
+
+def _own_photos(data: SurvivalData) -> tuple[np.ndarray, tuple[tuple[int, ...], ...]]:
+    """Only these patients' faces, and their photo indices into them (`images` holds every patient's)."""
+    used = sorted({i for idx in data.photos for i in idx})
+    where = {i: k for k, i in enumerate(used)}
+    return data.images[used], tuple(tuple(where[i] for i in idx) for idx in data.photos)
 
 
 class SiteRuntime:
@@ -150,9 +159,35 @@ class SiteRuntime:
         )
         return new_state, metrics
 
-    def evaluate(self, state: State, spec: ModelConfig, meta: dict) -> tuple[dict[str, float], dict]:
+    def receive_age_model(self, payload: np.ndarray, sha256: str) -> DeliveredAgeModel:
+        """Check and keep the federation's age model the server sent (see fahr_core.age.delivery)."""
+        return receive_age_model(payload, sha256, self.cfg.workdir / "age_model.safetensors")
+
+    def _fad_and_saliency(
+        self, model: SurvivalViT, test: SurvivalData, age: np.ndarray, age_model: DeliveredAgeModel | None
+    ) -> tuple[np.ndarray | None, CohortSaliency | None]:
+        """Face-age deviation per held-out patient (mean over photos) and both models' mean saliency.
+
+        Saliency needs MIN_PATIENTS_FOR_SALIENCY patients: a mean over fewer faces would show individuals.
+        """
+        images, photos = _own_photos(test)
+        fad = None
+        scorers = {"Survival risk score": lambda x: model(x)[0]}
+        if age_model is not None:
+            predicted = age_model.model.predict(to_input(images)).numpy()
+            fad = np.array([predicted[list(idx)].mean() for idx in photos]) - age
+            scorers["Predicted age"] = age_model.model
+        if len(test) < MIN_PATIENTS_FOR_SALIENCY:
+            return fad, None
+        return fad, cohort_saliency(scorers, images)
+
+    def evaluate(
+        self, state: State, spec: ModelConfig, meta: dict, age_model: DeliveredAgeModel | None = None
+    ) -> tuple[dict[str, float], dict]:
         """Score the held-out split with the global model and write the site's validation report.
 
+        With the federation's `age_model`, the report adds the face-age deviation analysis; the mean saliency
+        maps of the survival model (and of the age model, if any) are drawn for 10 or more patients.
         Returns the scalar metrics for the server and the report's summary (aggregates only).
         """
         from fahr_core.report.site import write_site_report  # lifelines/matplotlib: evaluation only
@@ -185,6 +220,7 @@ class SiteRuntime:
         }
         test = split.test_cohort
         alpha = model.head.baseline.weight.detach().squeeze(-1).numpy()
+        fad, saliency = self._fad_and_saliency(model, split.test, test.age, age_model)
         summary = write_site_report(
             self.cfg.report_dir,
             self.cfg.name,
@@ -197,6 +233,9 @@ class SiteRuntime:
             male=test.is_male.astype(float),
             surv_pred=survival_at(risk, alpha, spec.horizon_years, (1.0, 2.0, 5.0)),
             qc=split.qc,
+            fad=fad,
+            age_model=None if age_model is None else age_model.describe(),
+            saliency=saliency,
         )
         atomic_write_json(self.cfg.workdir / "last_evaluation.json", {"meta": meta, "privacy": privacy})
         metrics = summary_to_metrics(summary)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import time
 from importlib.metadata import version
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fahr_core.age.delivery import age_model_payload
 from fahr_core.config import ServerConfig, load_server_config
 from fahr_core.io import atomic_write_json
 from fahr_core.models.checkpoint import load_encoder_weights
@@ -52,6 +54,9 @@ def main(grid: Grid, context: Context) -> None:
     round_config = ConfigRecord(
         {**cfg.model.to_record(), "num-rounds": cfg.rounds, "fahr-version": fahr_version}
     )
+    if cfg.model.age_checkpoint:
+        strategy.age_model = age_model_payload(Path(cfg.model.age_checkpoint))
+        log.info("age model for the sites' FAD analysis: %s", cfg.model.age_checkpoint)
     started = time.time()
     result = strategy.start(
         grid=grid,

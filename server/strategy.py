@@ -14,11 +14,13 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from fahr_core.age import delivery
 from fahr_core.models.checkpoint import save_weights
 from fahr_core.updates import screen_updates
 
@@ -48,6 +50,10 @@ class TooFewSites(RuntimeError):
 
 
 class FahrFedAvg(FedAvg):
+    # the federation's one age model, (file bytes, sha256), sent with the final evaluation for every site's
+    # face-age deviation analysis (fahr_core.age.delivery); set by the ServerApp when configured
+    age_model: tuple[np.ndarray, str] | None = None
+
     def __init__(
         self,
         workdir: Path,
@@ -110,7 +116,14 @@ class FahrFedAvg(FedAvg):
     ) -> Iterable[Message]:
         if server_round != self.num_rounds:
             return []
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        if self.age_model is None:
+            return super().configure_evaluate(server_round, arrays, config, grid)
+        payload, sha256 = self.age_model
+        config[delivery.SHA256_KEY] = sha256
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        for m in messages:
+            m.content[delivery.ARRAYS_KEY] = ArrayRecord([payload])
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies, rejected = self._screen(server_round, list(replies))

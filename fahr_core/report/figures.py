@@ -127,3 +127,20 @@ def calibration_png(horizons: Sequence[dict[str, Any]]) -> bytes | None:
     axes[0].set_ylabel("Observed survival (Kaplan-Meier)")
     axes[0].legend(loc="upper left", fontsize=7)
     return _png(fig)
+
+
+def saliency_png(maps: dict[str, np.ndarray], mean_face: np.ndarray) -> bytes:
+    """Each model's mean saliency map over the cohort's average face, side by side, one colour scale each.
+
+    Maps are shown up to their 99th percentile so a few extreme pixels do not wash out the rest; each
+    panel has its own scale because the question is *where* each model looks, not how strongly.
+    """
+    face = mean_face.transpose(1, 2, 0).mean(axis=2)  # grey, so the heat colours stay readable
+    fig = Figure(figsize=(3.2 * len(maps), 3.6))
+    axes = fig.subplots(1, len(maps), squeeze=False)[0]
+    for ax, (label, m) in zip(axes, maps.items(), strict=True):
+        ax.imshow(face, cmap="gray", vmin=0, vmax=255)
+        ax.imshow(m, cmap="inferno", alpha=0.6, vmin=0, vmax=float(np.percentile(m, 99)) or None)
+        ax.set_title(label, fontsize=10)
+        ax.set_axis_off()
+    return _png(fig)

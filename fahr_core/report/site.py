@@ -13,9 +13,12 @@ from typing import Any
 import numpy as np
 
 from fahr_core.io import atomic_write_json, atomic_write_text
+from fahr_core.models.saliency import MIN_PATIENTS_FOR_SALIENCY, CohortSaliency
 from fahr_core.report import figures
 from fahr_core.report.html import esc, figure, fmt, kv_table, notes_list, p_phrase, page, table
+from fahr_core.survival.fad import REDUNDANCY_ALARM, fad_statistics
 from fahr_core.survival.metrics import (
+    ADJUSTER_LABELS,
     as_arrays,
     evaluate,
     km_by_quartile,
@@ -222,7 +225,104 @@ def _qc_table(qc: dict[str, Any] | None) -> str:
     return table(("Item", "Count"), rows)
 
 
-def _render(s: dict[str, Any], km_png: bytes | None, cal_png: bytes | None) -> str:
+def _lr_text(test: dict[str, Any]) -> str:
+    return f"\u03c7\u00b2 = {fmt(test['chi2'])}, {p_phrase(test['p'])}"
+
+
+def _fad_section(s: dict[str, Any]) -> list[str]:
+    fad = s["fad"]
+    parts = ["<h2>Face-age deviation</h2>"]
+    if fad is None:
+        return parts + [
+            "<p>Face-age deviation (FAD) was not computed: no age model came with this evaluation (the "
+            "server's [model].age_checkpoint is not set).</p>"
+        ]
+    model, hr, corr, joint = fad["age_model"], fad["hr_per_decade"], fad["correlation"], fad["joint"]
+    adjusted = " and ".join(ADJUSTER_LABELS[c] for c in (hr or {}).get("adjusted_for", [])) or "age"
+    parts.append(
+        f"<p>FAD is the age the federation's age model reads from a patient's face minus the patient's "
+        f"recorded age: a positive FAD means the face looks older than the patient is. Age model "
+        f"{esc(model['arch'])}, sha256 <code>{esc(model['sha256'])}</code>. Mean FAD {fmt(fad['mean'], 1)} "
+        f"years (SD {fmt(fad['sd'], 1)}); mean absolute deviation {fmt(fad['mean_abs'], 1)} years, which is "
+        "how far the model's reading is from the recorded age on average at this site.</p>"
+    )
+    corr_text = NA
+    if corr is not None:
+        corr_text = (
+            f"{fmt(corr['pearson'])} (95% CI {_ci(*corr['pearson_ci'])}), {p_phrase(corr['pearson_p'])}; "
+            f"Spearman's rho {fmt(corr['spearman'])}"
+        )
+    parts.append(
+        table(
+            ("Question", "Answer"),
+            [
+                (f"Hazard ratio per decade of FAD, adjusted for {adjusted}", _hr_text(hr)),
+                ("Correlation of FAD with the survival risk score (Pearson r)", corr_text),
+            ],
+        )
+    )
+    if corr is not None:
+        verdict = (
+            f"Redundancy alarm: |r| is above {REDUNDANCY_ALARM:g}, so the survival model may mostly be "
+            "reading apparent age; the joint model below says whether each still adds something."
+            if corr["redundancy_alarm"]
+            else f"|r| is below the redundancy alarm of {REDUNDANCY_ALARM:g}: the risk score is not just "
+            "apparent age."
+        )
+        parts.append(
+            f'<p class="note">{esc(verdict)}</p>' if corr["redundancy_alarm"] else f"<p>{esc(verdict)}</p>"
+        )
+    if joint is not None:
+        parts += [
+            table(
+                (
+                    f"Term (one Cox model: FAD, risk score, {adjusted})",
+                    "Hazard ratio",
+                    "What it adds (LR test)",
+                ),
+                [
+                    ("FAD, per decade", _hr_text(joint["fad_per_decade"]), _lr_text(joint["lr_test"]["fad"])),
+                    (
+                        "Risk score, per SD",
+                        _hr_text(joint["risk_per_sd"]),
+                        _lr_text(joint["lr_test"]["risk"]),
+                    ),
+                ],
+            ),
+            "<p>Each likelihood-ratio test compares the joint model with the same model without that term: "
+            "a small p-value means the term predicts death beyond everything else in the model.</p>",
+        ]
+    return parts
+
+
+def _saliency_section(s: dict[str, Any], png: bytes | None) -> list[str]:
+    sal = s["saliency"]
+    similarity = (
+        ""
+        if sal is None or sal["similarity"] is None
+        else (
+            f" The two maps correlate with r = {fmt(sal['similarity'])} (1: the models are sensitive to "
+            "the same places in the same proportions; 0: unrelated places)."
+        )
+    )
+    return [
+        "<h2>Where the models look</h2>",
+        figure(
+            png,
+            "Mean saliency maps of the models over the held-out patients' aligned faces",
+            "Brighter means the model's output changes more when those pixels change (gradient times "
+            f"input), averaged over {sal['n_faces'] if sal else 0} aligned faces and drawn on their average "
+            "face; every face is aligned to the same template, so a place on the map is the same place on "
+            f"every face.{similarity}",
+            f"Saliency maps are not shown: they are drawn only for at least {MIN_PATIENTS_FOR_SALIENCY} "
+            "held-out patients, because a mean over fewer faces would show individual patients.",
+        ),
+    ]
+
+
+def _render(
+    s: dict[str, Any], km_png: bytes | None, cal_png: bytes | None, saliency_png: bytes | None = None
+) -> str:
     ci = s["c_index_ci"]
     ci_text = f" (95% CI {_ci(*ci)})" if ci else ""
     parts = [
@@ -245,6 +345,8 @@ def _render(s: dict[str, Any], km_png: bytes | None, cal_png: bytes | None) -> s
         f"<p>Log-rank test (same survival in all four quartiles): {p_phrase(s['logrank_p'])}</p>",
         *_hazard_ratios(s),
         *_calibration(s, cal_png),
+        *_fad_section(s),
+        *_saliency_section(s, saliency_png),
         "<h2>Face alignment quality control</h2>",
         _qc_table(s["alignment_qc"]),
         "<h2>Privacy spent</h2>",
@@ -271,21 +373,43 @@ def write_site_report(
     male: np.ndarray | None = None,
     surv_pred: dict[float, np.ndarray] | None = None,
     qc: dict[str, Any] | None = None,
+    fad: np.ndarray | None = None,
+    age_model: dict[str, Any] | None = None,
+    saliency: CohortSaliency | None = None,
 ) -> dict[str, Any]:
     """Evaluate one site's risk scores and write ``summary.json`` and ``report.html`` into ``out_dir``.
 
     ``age`` (years) and ``male`` (0/1) per patient enable the cohort description and the age+sex-adjusted
     hazard ratios; ``surv_pred`` ({horizon in years: predicted S(horizon) per patient}) enables
-    calibration; ``qc`` is the face-alignment QC summary (counts only). Each may be None: the report then
-    says "not available". Returns the summary dict exactly as written; it holds aggregates only.
+    calibration; ``qc`` is the face-alignment QC summary (counts only); ``fad`` (face-age deviation per
+    patient, years; needs ``age``) with ``age_model`` (what produced it, e.g. its sha256) adds the FAD
+    analysis; ``saliency`` adds the models' mean saliency maps (drawn in the HTML only; the summary keeps
+    their similarity). Each may be None: the report then says "not available" or "not computed".
+    Returns the summary dict exactly as written; it holds aggregates only.
     summary.json is written last, so its presence means the report is complete.
     """
     time, event, risk = as_arrays(time, event, risk)
     ev = evaluate(time, event, risk, n_boot=n_boot, age=age, male=male, surv_pred=surv_pred)
     notes = ev.pop("notes")
+    fad_summary = None
+    if fad is not None:
+        if age is None:
+            raise ValueError("face-age deviations need the patients' age (FAD is relative to it)")
+        stats = fad_statistics(time, event, risk, fad, age, male)
+        notes += stats.pop("notes")
+        fad_summary = {"age_model": plain(age_model), **stats}
     summary = {
         "site": str(site),
         **ev,
+        "fad": fad_summary,
+        "saliency": None
+        if saliency is None
+        else {
+            "method": "gradient x input, per-face maps normalised to sum 1, mean over aligned faces",
+            "n_faces": saliency.n_faces,
+            "models": list(saliency.maps),
+            "similarity": saliency.similarity,
+        },
         "alignment_qc": plain(qc),
         "privacy": plain(privacy),
         "meta": plain(meta),
@@ -296,6 +420,7 @@ def write_site_report(
         km_png = figures.km_quartiles_png(km_by_quartile(time, event, risk_quartiles(risk)))
     cal_png = figures.calibration_png(ev["calibration"]["horizons"]) if ev["calibration"] else None
     out_dir = Path(out_dir)
-    atomic_write_text(out_dir / "report.html", _render(summary, km_png, cal_png))
+    sal_png = None if saliency is None else figures.saliency_png(saliency.maps, saliency.mean_face)
+    atomic_write_text(out_dir / "report.html", _render(summary, km_png, cal_png, sal_png))
     atomic_write_json(out_dir / "summary.json", summary)
     return summary

@@ -1,0 +1,149 @@
+"""Face-age deviation (FAD): does looking older than one's age predict death beyond age, sex and risk score?
+
+FAD = the global age model's predicted (face) age - the patient's chronological age, in years. FAHR-Face
+reports three things about it, and so does every site report:
+
+1. the hazard ratio per decade of FAD in a Cox model adjusted for age and sex;
+2. the correlation of FAD with the survival risk score: if it is high (|r| above 0.7, the paper's
+   redundancy alarm), the survival model may have learnt little more than apparent age;
+3. one Cox model with FAD and the risk score together (plus age and sex), with a likelihood-ratio test of
+   what each adds to the other.
+
+Like :func:`fahr_core.survival.metrics.evaluate`, :func:`fad_statistics` never raises on a degenerate
+cohort: what cannot be computed is None, with the reason in ``notes``. The Cox fits are the metrics
+module's (same convergence checks, same CI conventions).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from fahr_core.survival.metrics import (
+    NotEstimable,
+    _adjusters,
+    _cox_hr,
+    _finite,
+    _model_name,
+    as_arrays,
+    as_covariate,
+)
+
+DECADE = 10.0  # FAD enters the Cox models in decades: an HR per 10 years reads like the paper's
+REDUNDANCY_ALARM = 0.7  # |Pearson r| of FAD with the risk score above this: the two may say the same thing
+MIN_PATIENTS = 10  # below this a Cox model with up to four covariates is noise
+
+
+def _correlation(fad: np.ndarray, risk: np.ndarray) -> dict[str, Any]:
+    """Pearson r with its 95% Fisher-z CI (scipy) and the alarm, plus Spearman's rho (robust to outliers)."""
+    pearson = stats.pearsonr(fad, risk)
+    ci = pearson.confidence_interval(confidence_level=0.95)  # Fisher z transform, like the Cox CIs' 95%
+    spearman = stats.spearmanr(fad, risk)
+    r = float(pearson.statistic)
+    return {
+        "pearson": r,
+        "pearson_ci": [float(ci.low), float(ci.high)],
+        "pearson_p": _finite(float(pearson.pvalue)),
+        "spearman": _finite(float(spearman.statistic)),
+        "spearman_p": _finite(float(spearman.pvalue)),
+        "alarm_threshold": REDUNDANCY_ALARM,
+        "redundancy_alarm": abs(r) > REDUNDANCY_ALARM,
+    }
+
+
+def _lr_test(ll_full: float, ll_reduced: float) -> dict[str, Any]:
+    """Likelihood-ratio test of one added covariate (1 degree of freedom)."""
+    chi2 = max(0.0, 2.0 * (ll_full - ll_reduced))  # a nested fit cannot lose likelihood; clip rounding
+    return {"chi2": chi2, "df": 1, "p": _finite(float(stats.chi2.sf(chi2, 1)))}
+
+
+def fad_statistics(
+    time: Any,
+    event: Any,
+    risk: Any,
+    fad: Any,
+    age: Any,
+    male: Any = None,
+) -> dict[str, Any]:
+    """FAD's summary, its adjusted hazard ratio, its correlation with ``risk`` and the joint model.
+
+    ``fad`` and ``age`` are years per patient, ``male`` 0/1 (None: adjust for age only). Returns
+    ``{n, mean, sd, mean_abs, hr_per_decade, correlation, joint, notes}`` where ``hr_per_decade`` is the
+    metrics module's HR dict (FAD + age + sex), ``correlation`` is Pearson r with CI, Spearman's rho and the
+    redundancy alarm, and ``joint`` holds the HR of FAD (per decade) and of the risk score (per SD) in one
+    model with age and sex, and ``lr_test`` {fad, risk}: each term's likelihood-ratio test against the
+    model without it. Aggregates only; every None has its reason in ``notes``.
+    """
+    time, event, risk = as_arrays(time, event, risk)
+    n = len(time)
+    fad = as_covariate(fad, n, "fad")
+    adjust = _adjusters(as_covariate(age, n, "age"), as_covariate(male, n, "male", binary=True))
+    notes: list[str] = []
+    out: dict[str, Any] = {
+        "n": n,
+        "mean": float(fad.mean()) if n else None,
+        "sd": _finite(float(np.std(fad, ddof=1))) if n > 1 else None,
+        "mean_abs": float(np.abs(fad).mean()) if n else None,
+        "hr_per_decade": None,
+        "correlation": None,
+        "joint": None,
+        "notes": notes,
+    }
+    if n < MIN_PATIENTS:
+        notes.append(
+            f"Only {n} patient(s) (fewer than {MIN_PATIENTS}): the face-age deviation analyses are not "
+            "computed."
+        )
+        return out
+    if out["sd"] in (None, 0.0) or np.ptp(risk) == 0:
+        notes.append(
+            "The face-age deviation or the risk score is the same for every patient, so neither its "
+            "hazard ratio nor its correlation with the risk score is defined."
+        )
+        return out
+    out["correlation"] = _correlation(fad, risk)
+    if out["correlation"]["redundancy_alarm"]:
+        notes.append(
+            f"Redundancy alarm: the face-age deviation and the risk score are strongly correlated "
+            f"(|r| > {REDUNDANCY_ALARM}), so the survival model may mostly be reading apparent age."
+        )
+    decades = fad / DECADE
+    risk_sd = (risk - risk.mean()) / float(np.std(risk, ddof=1))
+    try:
+        fad_hr, fad_fit, _, extra = _cox_hr(
+            time, event, "fad_per_decade", decades, adjust, _model_name("FAD-per-decade", adjust)
+        )
+        out["hr_per_decade"] = fad_hr
+        notes += extra
+        _, risk_fit, _, _ = _cox_hr(
+            time, event, "risk_per_sd", risk_sd, adjust, _model_name("risk-score-per-SD", adjust)
+        )
+        both_hr, both_fit, _, _ = _cox_hr(
+            time,
+            event,
+            "fad_per_decade",
+            decades,
+            {"risk_per_sd": risk_sd, **adjust},
+            "joint FAD and risk-score",
+        )
+    except NotEstimable as exc:
+        notes.append(str(exc))
+        return out
+    risk_row = both_fit.summary.loc["risk_per_sd"]
+    out["joint"] = {
+        "fad_per_decade": both_hr,
+        "risk_per_sd": {
+            "hr": _finite(risk_row["exp(coef)"]),
+            "ci_low": _finite(risk_row["exp(coef) lower 95%"]),
+            "ci_high": _finite(risk_row["exp(coef) upper 95%"]),
+            "p": _finite(risk_row["p"]),
+        },
+        "adjusted_for": both_hr["adjusted_for"],
+        "lr_test": {
+            "fad": _lr_test(both_fit.log_likelihood_, risk_fit.log_likelihood_),
+            "risk": _lr_test(both_fit.log_likelihood_, fad_fit.log_likelihood_),
+        },
+    }
+    return out
