@@ -35,3 +35,11 @@ def test_balanced_epoch_on_real_ages_is_seeded_and_flattens_decades() -> None:
         assert after[d] == round(min(4.0, before.max() / before[d]) * before[d])
     spread = after[before > 0].max() / after[before > 0].min()
     assert spread < before.max() / before[before > 0].min()
+
+
+def test_a_sized_balanced_epoch_keeps_the_age_mix() -> None:
+    ages = [25.0] * 600 + [72.0] * 30 + [41.0] * 300
+    order = balanced_epoch(ages, np.random.default_rng(1), cap=20, size=len(ages))
+    assert len(order) == len(ages)
+    share = np.mean([decade(ages[i]) == 7 for i in order])
+    assert share == pytest.approx(1 / 3, abs=0.05)  # 3% of the faces, a third of the epoch

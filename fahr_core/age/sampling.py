@@ -32,12 +32,16 @@ def oversampling_factors(ages: Sequence[float], cap: float = DEFAULT_CAP) -> dic
     return {int(b): float(min(cap, top / n)) for b, n in zip(bins, counts, strict=True)}
 
 
-def balanced_epoch(ages: Sequence[float], rng: np.random.Generator, cap: float = DEFAULT_CAP) -> np.ndarray:
+def balanced_epoch(
+    ages: Sequence[float], rng: np.random.Generator, cap: float = DEFAULT_CAP, size: int | None = None
+) -> np.ndarray:
     """Shuffled indices of one balanced epoch.
 
     A face of a bin with factor f appears floor(f) times, plus once more for a random
     (f - floor(f)) share of the bin, so each bin's total is round(f * n) and every face of a bin
-    appears within one time of the others.
+    appears within one time of the others. With `size`, only the first `size` indices of that
+    shuffle are kept: an epoch as long as a general one (oversampling UTKFace to the largest
+    decade triples it), with the same age mix in expectation.
     """
     factors = oversampling_factors(ages, cap)
     bins = np.array([decade(a) for a in ages])
@@ -48,4 +52,4 @@ def balanced_epoch(ages: Sequence[float], rng: np.random.Generator, cap: float =
         extra = int(round(f * len(members))) - whole * len(members)
         chosen += [np.tile(members, whole), rng.choice(members, size=extra, replace=False)]
     order = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
-    return rng.permutation(order)
+    return rng.permutation(order)[:size]

@@ -1,7 +1,8 @@
 """FAHR-FaceAge fine-tuning: the ViT regresses age with an L1 loss, in two stages, in one call.
 
 Stage 1 ("general") trains on the faces as they come; stage 2 ("balanced") continues at a lower
-learning rate on age-balanced oversampled epochs (`fahr_core.age.sampling`), so the model stops
+learning rate on age-balanced oversampled epochs (`fahr_core.age.sampling`) of the same length as
+a general one (so an epoch costs the same in either stage), so the model stops
 pulling the elderly towards the middle without forgetting the crowded decades. Both stages use
 AdamW with layer-wise learning-rate decay (BEiT/MAE fine-tuning: block i of L gets
 lr * decay^(L + 1 - (i + 1)), the embedding lr * decay^(L + 1), the final norm and the head the full
@@ -159,7 +160,12 @@ def train_age_model(
     start = time.perf_counter()
     stages = [
         ("general", cfg.epochs, cfg.lr, lambda: rng.permutation(len(train_images))),
-        ("balanced", cfg.balanced_epochs, cfg.balanced_lr, lambda: balanced_epoch(train_ages, rng, cfg.cap)),
+        (
+            "balanced",
+            cfg.balanced_epochs,
+            cfg.balanced_lr,
+            lambda: balanced_epoch(train_ages, rng, cfg.cap, size=len(train_images)),
+        ),
     ]
     for stage, epochs, peak_lr, draw in stages:
         if not epochs:
