@@ -10,17 +10,18 @@ the site comes from the server except the global weights, the round and the mode
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib.metadata import version
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fahr_client import secagg
 from fahr_core.age import delivery
-from fahr_core.config import ModelConfig, load_site_config
+from fahr_core.config import ModelConfig, SiteConfig, load_site_config
 from fahr_core.privacy.audit import append_audit
-from fahr_core.privacy.outbound import check_outbound
+from fahr_core.privacy.outbound import check_outbound, check_secagg_outbound
 from fahr_core.processes import seconds_since_process_start
 from fahr_core.site import SiteRuntime
 
@@ -55,20 +56,26 @@ def _reply(
     metrics: dict,
     state: dict[str, torch.Tensor] | None = None,
     received: dict[str, torch.Tensor] | None = None,
+    secure: secagg.SecAggReply | None = None,
 ) -> Message:
     arrays = state or {}
     check_outbound(arrays, received or {}, metrics)
+    payload = secure.payload if secure is not None else {}
+    if secure is not None:
+        check_secagg_outbound(payload, secure.participants, secure.n_params)
     append_audit(
         site.cfg.audit_path,
         msg.metadata.message_type,
         server_round,
         int(msg.metadata.run_id),
-        arrays,
+        {**arrays, **{f"secagg/{k}": torch.from_numpy(v) for k, v in payload.items()}},
         metrics,
     )
     content = {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.cfg.name})}
     if state is not None:
         content["arrays"] = ArrayRecord(state)
+    if payload:
+        content["secagg"] = ArrayRecord({k: Array(v) for k, v in payload.items()})
     return Message(RecordDict(content), reply_to=msg)
 
 
@@ -79,13 +86,35 @@ def train(msg: Message, context: Context) -> Message:
     spec, server_round, num_rounds = round_info(msg.content["config"])
     received = msg.content["arrays"].to_torch_state_dict()
     state, metrics = site.train_round(received, spec, server_round, num_rounds)
+    secure = None
+    if msg.content["config"].get("secure-aggregation", False):  # the weights wait here; keys go instead
+        secure = secagg.begin(context, site.cfg, received, state, int(metrics["num-examples"]), server_round)
+    sent = secure.payload.values() if secure is not None else state.values()
     metrics = {
         **metrics,
         "startup-seconds": startup,  # process age at entry: interpreter, Flower, imports
         "handler-seconds": time.perf_counter() - started,
-        "bytes-sent": float(sum(v.numel() * v.element_size() for v in state.values())),
+        "bytes-sent": float(sum(v.nbytes for v in sent)),
     }
+    if secure is not None:
+        return _reply(msg, site, server_round, metrics, secure=secure)
     return _reply(msg, site, server_round, metrics, state, received)
+
+
+def _secagg_stage(stage: Callable[[Message, Context, SiteConfig, int], secagg.SecAggReply]):
+    """A ClientApp handler for one secure-aggregation stage after training (see fahr_client.secagg)."""
+
+    def handler(msg: Message, context: Context) -> Message:
+        site = _runtime(context)
+        _, server_round, _ = round_info(msg.content["config"])
+        secure = stage(msg, context, site.cfg, server_round)
+        return _reply(msg, site, server_round, secure.metrics, secure=secure)
+
+    return handler
+
+
+for _action, _stage in secagg.STAGES.items():
+    app.train(_action)(_secagg_stage(_stage))
 
 
 @app.evaluate()

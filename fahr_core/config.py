@@ -147,6 +147,9 @@ class ServerConfig:
     join_timeout_s: float = (
         600.0  # a round fails, with a message, if fewer than min_sites are connected by then
     )
+    # the server learns only the sum of the sites' updates (docs/security.md: off by default, and why)
+    secure_aggregation: bool = False
+    secagg_clip: float = 1.0  # per-coordinate range of each site's example-weighted update under it
     model: ModelConfig = field(default_factory=ModelConfig)
     security: SecurityConfig | None = None  # None: no [security] table; only --insecure runs
 
@@ -277,6 +280,15 @@ def server_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> Ser
     _check(cfg.rounds >= 1, f"{source}: [federation].rounds must be >= 1")
     _check(cfg.min_sites >= 1, f"{source}: [federation].min_sites must be >= 1")
     _check(0 < cfg.fraction_train <= 1, f"{source}: [federation].fraction_train must be in (0, 1]")
+    _check(
+        isinstance(cfg.secure_aggregation, bool),
+        f"{source}: [federation].secure_aggregation must be true or false",
+    )
+    _check(
+        not cfg.secure_aggregation or cfg.min_sites >= 2,
+        f"{source}: [federation].secure_aggregation needs min_sites >= 2 (the sum of one site is its update)",
+    )
+    _check(cfg.secagg_clip > 0, f"{source}: [federation].secagg_clip must be > 0")
     _check(cfg.model.arch in ARCHS, f"{source}: [model].arch must be one of {', '.join(ARCHS)}")
     _check(cfg.model.img_size % 16 == 0, f"{source}: [model].img_size must be a multiple of 16")
     _check(cfg.model.n_intervals >= 2, f"{source}: [model].n_intervals must be >= 2")

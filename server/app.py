@@ -22,6 +22,7 @@ from fahr_core.models.checkpoint import load_encoder_weights
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.report.federation import write_federation_report
 from fahr_core.report.wire import metrics_to_summary
+from fahr_server.secagg import SecureSum
 from fahr_server.strategy import FahrFedAvg
 
 app = ServerApp()
@@ -48,11 +49,27 @@ def main(grid: Grid, context: Context) -> None:
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     fahr_version = version("fahr")
     meta = {"fahr_version": fahr_version, "arch": cfg.model.arch, "img_size": str(cfg.model.img_size)}
-    strategy = FahrFedAvg(
-        cfg.workdir, cfg.rounds, cfg.min_sites, cfg.fraction_train, meta, join_timeout_s=cfg.join_timeout_s
-    )
     round_config = ConfigRecord(
-        {**cfg.model.to_record(), "num-rounds": cfg.rounds, "fahr-version": fahr_version}
+        {
+            **cfg.model.to_record(),
+            "num-rounds": cfg.rounds,
+            "fahr-version": fahr_version,
+            "secure-aggregation": cfg.secure_aggregation,
+        }
+    )
+    secure_sum = (
+        SecureSum(grid, round_config, cfg.secagg_clip, cfg.round_timeout_s)
+        if cfg.secure_aggregation
+        else None
+    )
+    strategy = FahrFedAvg(
+        cfg.workdir,
+        cfg.rounds,
+        cfg.min_sites,
+        cfg.fraction_train,
+        meta,
+        join_timeout_s=cfg.join_timeout_s,
+        secure_sum=secure_sum,
     )
     if cfg.model.age_checkpoint:
         strategy.age_model = age_model_payload(Path(cfg.model.age_checkpoint))

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from fahr_core.age import delivery
 from fahr_core.models.checkpoint import save_weights
 from fahr_core.updates import screen_updates
+from fahr_server.secagg import SecureSum
 
 log = logging.getLogger("fahr_server")
 
@@ -62,6 +63,7 @@ class FahrFedAvg(FedAvg):
         fraction_train: float,
         metadata: dict[str, str],
         join_timeout_s: float = 600.0,
+        secure_sum: SecureSum | None = None,
     ):
         super().__init__(
             fraction_train=fraction_train,
@@ -77,6 +79,7 @@ class FahrFedAvg(FedAvg):
         self.site_evaluations: list[dict] = []
         self.join_timeout_s = join_timeout_s
         self._global: dict | None = None  # the weights sent this round, to screen updates against
+        self.secure_sum = secure_sum  # None: sites send weights; else only their sum is learnt
 
     def _await_sites(self, grid: Grid) -> None:
         """Fail the run with a clear message instead of waiting forever for missing sites."""
@@ -126,8 +129,14 @@ class FahrFedAvg(FedAvg):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies, rejected = self._screen(server_round, list(replies))
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        if self.secure_sum is None:
+            replies, rejected = self._screen(server_round, list(replies))
+            arrays, metrics = super().aggregate_train(server_round, replies)
+        else:  # masked updates cannot be screened one by one (docs/security.md)
+            replies, weights = self.secure_sum.run(server_round, replies, self._global or {})
+            rejected, arrays = {}, ArrayRecord(weights)
+            ok = [m.content for m in replies if not m.has_error()]
+            metrics = self.train_metrics_aggr_fn(ok, self.weighted_by_key)
         record = {
             "round": server_round,
             "finished_at": time.time(),
@@ -135,6 +144,8 @@ class FahrFedAvg(FedAvg):
             "sites": {site_of(m): dict(m.content["metrics"]) for m in replies if not m.has_error()},
             "failures": [str(m.error.reason) for m in replies if m.has_error()],
         }
+        if self.secure_sum is not None:
+            record["secure_aggregation"] = self.secure_sum.last
         with (self.workdir / "rounds.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
         if arrays is not None:

@@ -7,8 +7,10 @@ import pytest
 import torch
 from scipy import stats
 
+from fahr_core.config import ConfigError, server_config_from_dict
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy import secagg
+from fahr_core.privacy.outbound import OutboundViolation, check_secagg_outbound
 from fahr_core.privacy.secagg import Quantiser, SecAggError, SiteSecrets
 
 CONTEXT = b"run 1 round 1"
@@ -149,3 +151,34 @@ def test_shares_are_bound_to_sender_recipient_and_round():
         secagg.decrypt_shares(secrets[2], 2, enc, {1: out[3]}, CONTEXT)  # meant for site 3
     with pytest.raises(SecAggError, match="threshold 1 for 3 sites"):
         secagg.encrypt_shares(secrets[1], 1, enc, 1, CONTEXT)
+
+
+def test_outbound_gate_admits_only_protocol_fields_of_fixed_size():
+    ok = {
+        "enc-pk": np.zeros(secagg.KEY_BYTES, np.uint8),
+        "share-to/7": np.zeros(secagg.SHARE_CIPHERTEXT_BYTES, np.uint8),
+        "masked": np.zeros(10, np.uint32),
+    }
+    check_secagg_outbound(ok, participants=[7, 8], n_params=10)
+    for bad, match in (
+        ({"masked": np.zeros(11, np.uint32)}, "expected uint32\\[10\\]"),  # e.g. one value per patient
+        ({"masked": np.zeros(10, np.float32)}, "expected uint32"),
+        ({"share-to/9": np.zeros(secagg.SHARE_CIPHERTEXT_BYTES, np.uint8)}, "names no participating site"),
+        ({"risk-scores": np.zeros(10, np.uint32)}, "not part of the protocol"),
+        ({"key-share/7": np.zeros(secagg.SHARE_BYTES + 1, np.uint8)}, "expected uint8"),
+    ):
+        with pytest.raises(OutboundViolation, match=match):
+            check_secagg_outbound(bad, participants=[7, 8], n_params=10)
+
+
+def test_server_config_switch_is_validated(tmp_path):
+    on = server_config_from_dict({"federation": {"secure_aggregation": True}}, "s.toml", tmp_path)
+    assert on.secure_aggregation and on.secagg_clip == 1.0
+    assert not server_config_from_dict({}, "s.toml", tmp_path).secure_aggregation  # off by default
+    for fed, match in (
+        ({"secure_aggregation": "yes"}, "secure_aggregation must be true or false"),
+        ({"secure_aggregation": True, "min_sites": 1}, "needs min_sites >= 2"),
+        ({"secagg_clip": 0.0}, "secagg_clip must be > 0"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            server_config_from_dict({"federation": fed}, "s.toml", tmp_path)

@@ -9,10 +9,12 @@ accident through a new field someone adds to a reply.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
+import numpy as np
 import torch
 
+from fahr_core.privacy.secagg import KEY_BYTES, SHARE_BYTES, SHARE_CIPHERTEXT_BYTES
 from fahr_core.report.wire import SUMMARY_METRICS
 
 TRAINING_METRICS = frozenset(
@@ -29,6 +31,7 @@ TRAINING_METRICS = frozenset(
         "startup-seconds",
         "handler-seconds",
         "bytes-sent",
+        "secagg-clipped",
     }
 )
 ALLOWED_METRICS = TRAINING_METRICS | SUMMARY_METRICS
@@ -72,3 +75,38 @@ def check_outbound(
             raise OutboundViolation(f"metric {key!r} is not on the list of metrics a site may send")
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
             raise OutboundViolation(f"metric {key!r} must be a finite number, got {value!r}")
+
+
+# secure-aggregation fields: name (before "/node") -> dtype and length, fixed by the protocol
+SECAGG_FIELDS = {
+    "enc-pk": (np.uint8, KEY_BYTES),
+    "mask-pk": (np.uint8, KEY_BYTES),
+    "share-to": (np.uint8, SHARE_CIPHERTEXT_BYTES),
+    "seed-share": (np.uint8, SHARE_BYTES),
+    "key-share": (np.uint8, SHARE_BYTES),
+    "masked": (np.uint32, None),  # one value per floating-point model parameter
+}
+
+
+def check_secagg_outbound(
+    payload: Mapping[str, np.ndarray], participants: Collection[int], n_params: int
+) -> None:
+    """Raise OutboundViolation unless every array is a secure-aggregation field of its fixed size.
+
+    Keys, encrypted shares and shares have protocol-fixed byte lengths, one per participating
+    site at most; the masked input has exactly one value per model parameter. None can grow
+    with the number of patients.
+    """
+    for name, value in payload.items():
+        field, _, node = name.partition("/")
+        if field not in SECAGG_FIELDS:
+            raise OutboundViolation(f"secure-aggregation field {name!r} is not part of the protocol")
+        if node and (not node.isdigit() or int(node) not in participants):
+            raise OutboundViolation(f"secure-aggregation field {name!r} names no participating site")
+        dtype, size = SECAGG_FIELDS[field]
+        size = n_params if size is None else size
+        if value.dtype != dtype or value.shape != (size,):
+            raise OutboundViolation(
+                f"secure-aggregation field {name!r}: {value.dtype}{list(value.shape)}, "
+                f"expected {np.dtype(dtype)}[{size}]; refusing to send"
+            )

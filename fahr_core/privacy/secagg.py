@@ -36,6 +36,7 @@ NONCE_BYTES = 12
 # sender id, recipient id, share of b, share of the mask key; AES-GCM nonce and tag around it
 SHARE_CIPHERTEXT_BYTES = NONCE_BYTES + 16 + 2 * SHARE_BYTES + 16
 MODULUS_BITS = 32
+SHARE, MASK, UNMASK = "secagg_share", "secagg_mask", "secagg_unmask"  # the stages after training
 _SIGNED_MAX = 2 ** (MODULUS_BITS - 1) - 1
 
 State = Mapping[str, torch.Tensor]
@@ -76,6 +77,10 @@ class Quantiser:
     @property
     def step(self) -> float:
         return self.clip / self.levels
+
+    def fits(self, n_sites: int) -> bool:
+        """Whether the sum of `n_sites` inputs stays clear of wrapping around the modulus."""
+        return self.levels * n_sites <= _SIGNED_MAX
 
     def sum_error_bound(self, n_sites: int) -> float:
         return n_sites * self.step
@@ -315,3 +320,13 @@ def _reconstruct(shares: Mapping[int, Mapping[int, bytes]], node: int, threshold
     if len(held) < threshold:
         raise SecAggError(f"{len(held)} shares of node {node}'s {what}; {threshold} are needed")
     return combine(dict(list(held.items())[:threshold]))
+
+
+def blobs_to_arrays(prefix: str, blobs: Mapping[int, bytes]) -> dict[str, np.ndarray]:
+    """Per-site byte strings as named uint8 arrays (`prefix/node`), the form they travel in."""
+    return {f"{prefix}/{node}": np.frombuffer(blob, dtype=np.uint8).copy() for node, blob in blobs.items()}
+
+
+def arrays_to_blobs(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[int, bytes]:
+    """The inverse of `blobs_to_arrays` for the names under `prefix`."""
+    return {int(k.split("/", 1)[1]): v.tobytes() for k, v in arrays.items() if k.startswith(prefix + "/")}
