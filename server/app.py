@@ -18,11 +18,12 @@ from flwr.serverapp import Grid, ServerApp
 from fahr_core.age.delivery import age_model_payload
 from fahr_core.config import ServerConfig, load_server_config
 from fahr_core.io import atomic_write_json
-from fahr_core.models.checkpoint import load_encoder_weights
+from fahr_core.models.checkpoint import load_encoder_weights, load_weights
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.report.federation import write_federation_report
 from fahr_core.report.wire import metrics_to_summary
 from fahr_server.secagg import SecureSum
+from fahr_server.state import FederationState, model_record, resume_point
 from fahr_server.strategy import FahrFedAvg
 
 app = ServerApp()
@@ -49,6 +50,13 @@ def main(grid: Grid, context: Context) -> None:
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     fahr_version = version("fahr")
     meta = {"fahr_version": fahr_version, "arch": cfg.model.arch, "img_size": str(cfg.model.img_size)}
+    if context.run_config.get("resume"):
+        state = resume_point(cfg)
+        weights = load_weights(cfg.workdir / state.checkpoint)
+        log.info("resuming after round %d of %d from %s", state.last_round, state.rounds, state.checkpoint)
+    else:
+        state = FederationState(0, cfg.rounds, "", "", fahr_version, model_record(cfg))
+        weights = initial_model(cfg).state_dict()
     round_config = ConfigRecord(
         {
             **cfg.model.to_record(),
@@ -68,6 +76,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg.min_sites,
         cfg.fraction_train,
         meta,
+        state,
         join_timeout_s=cfg.join_timeout_s,
         secure_sum=secure_sum,
     )
@@ -75,10 +84,10 @@ def main(grid: Grid, context: Context) -> None:
         strategy.age_model = age_model_payload(Path(cfg.model.age_checkpoint))
         log.info("age model for the sites' FAD analysis: %s", cfg.model.age_checkpoint)
     started = time.time()
-    result = strategy.start(
+    strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(initial_model(cfg).state_dict()),
-        num_rounds=cfg.rounds,
+        initial_arrays=ArrayRecord(weights),
+        num_rounds=cfg.rounds - state.last_round,
         timeout=cfg.round_timeout_s,
         train_config=round_config,
         evaluate_config=round_config,
@@ -98,7 +107,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg.workdir / "run.json",
         {
             "rounds": cfg.rounds,
-            "completed_rounds": sorted(result.train_metrics_clientapp),
+            "completed_rounds": list(range(1, strategy.state.last_round + 1)),
             "sites_reporting": [s["site"] for s in summaries],
             "c_index_weighted_mean": report["c_index_weighted_mean"],
         },

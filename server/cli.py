@@ -24,6 +24,7 @@ from fahr_server.flower import (
     write_app,
     write_cli_connection,
 )
+from fahr_server.state import ResumeError, earlier_run_records, resume_point, trim_rounds_log
 
 app = new_app("The fahr federation server.")
 
@@ -39,14 +40,20 @@ def run_federation(
     insecure: bool,
     echo=print,
     on_ready: Callable[[], object] | None = None,
+    resume: bool = False,
 ) -> int:
     """Start a SuperLink, run the federation to its end, stop the SuperLink. Returns an exit code.
 
     `on_ready` runs once the SuperLink is up and the site keys are registered (sites started before
-    their key is registered are refused), just before the run is submitted.
+    their key is registered are refused), just before the run is submitted. With `resume` the run
+    continues after the last round recorded in the workdir's state.json; without it, a workdir
+    holding an earlier run's results is refused rather than mixed with a new run.
     """
     work = cfg.workdir
     work.mkdir(parents=True, exist_ok=True)
+    first = _first_round(cfg, resume, echo)
+    if first is None:
+        return 2
     for stale in ("run.json",):
         (work / stale).unlink(missing_ok=True)
     if not port_free(cfg.address, cfg.port):
@@ -60,7 +67,7 @@ def run_federation(
         )
         return 2
     env = flower_env(work / "flwr-home")
-    app_dir = write_app(work / "app", config_path)
+    app_dir = write_app(work / "app", config_path, resume)
     write_cli_connection(work / "flwr-home", f"{cfg.address}:{cfg.port}", security)
     mode = "plain HTTP (--insecure)" if security is None else "TLS + SuperNode authentication"
     log_path = work / "superlink.log"
@@ -78,7 +85,10 @@ def run_federation(
             echo(f"registered {len(security.site_keys)} site key(s); unregistered sites are refused")
         if on_ready is not None:
             on_ready()
-        echo(f"submitting run: {cfg.rounds} rounds, at least {cfg.min_sites} sites, model {cfg.model.arch}")
+        echo(
+            f"submitting run: rounds {first} to {cfg.rounds}, at least {cfg.min_sites} sites, "
+            f"model {cfg.model.arch}"
+        )
         with (work / "run.log").open("ab") as log:
             runner = subprocess.Popen(
                 [console_script("flwr"), "run", str(app_dir), "fahr", "--stream"],
@@ -118,10 +128,34 @@ def run_federation(
         link.stop()
 
 
+def _first_round(cfg: ServerConfig, resume: bool, echo: Callable[[str], object]) -> int | None:
+    """The round this run starts at, or None (after saying why) when it must not start."""
+    if not resume:
+        found = earlier_run_records(cfg.workdir)
+        if found:
+            echo(
+                f"error: {cfg.workdir} holds an earlier federation's results ({', '.join(found)}); "
+                "continue it with --resume, or set another [federation].workdir for a new federation"
+            )
+            return None
+        return 1
+    try:
+        state = resume_point(cfg)
+    except ResumeError as e:
+        echo(f"error: {e}")
+        return None
+    trim_rounds_log(cfg.workdir, state.last_round)
+    echo(f"resuming: rounds 1 to {state.last_round} of {state.rounds} completed ({state.checkpoint})")
+    return state.last_round + 1
+
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Option("--config", "-c", help="server TOML ([federation], [model])")],
     insecure: Annotated[bool, typer.Option(help="plain HTTP; for loopback tests only")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="continue after the last completed round recorded in the workdir")
+    ] = False,
 ) -> None:
     """Run a federation to its end and write the global report."""
     try:
@@ -140,7 +174,7 @@ def run(
             fg=typer.colors.RED,
             err=True,
         )
-    raise typer.Exit(run_federation(cfg, config.resolve(), insecure, echo=typer.echo))
+    raise typer.Exit(run_federation(cfg, config.resolve(), insecure, echo=typer.echo, resume=resume))
 
 
 if __name__ == "__main__":

@@ -45,11 +45,12 @@ def console_script(name: str) -> str:
     return found
 
 
-def write_app(app_dir: Path, config_path: Path) -> Path:
+def write_app(app_dir: Path, config_path: Path, resume: bool = False) -> Path:
     """A minimal Flower App whose components are fahr's installed ServerApp and ClientApp.
 
     Flower ships the app's folder to the SuperLink as a bundle; keeping it to one pyproject.toml
-    keeps the bundle tiny. The run config carries the absolute path of the server config.
+    keeps the bundle tiny. The run config carries the absolute path of the server config and
+    whether the ServerApp continues the run recorded in the workdir's state.json.
     """
     ver = version("fahr")
     atomic_write_text(
@@ -74,6 +75,7 @@ clientapp = "fahr_client.app:app"
 
 [tool.flwr.app.config]
 config-path = "{config_path.resolve()}"
+resume = {str(resume).lower()}
 """,
     )
     return app_dir

@@ -37,41 +37,59 @@ def local_credentials(
     return table, connections
 
 
+def start_site(toml: Path, superlink: str, runtime_port: int, insecure: bool = False) -> Managed:
+    """`fahr-client start` for the site in `toml`, as a hospital would run it, in its own process group."""
+    site = load_site_config(toml)
+    cmd = [
+        console_script("fahr-client"),
+        "start",
+        "--site",
+        site.name,
+        "--config",
+        str(toml),
+        "--superlink",
+        superlink,
+        "--runtime-port",
+        str(runtime_port),
+    ]
+    cmd += ["--insecure"] if insecure else []
+    return Managed(f"site {site.name}", cmd, site.workdir.parent / f"{site.name}-client.log")
+
+
+def site_runtime_port(server_port: int, index: int) -> int:
+    """The local SuperNode runtime port of the `index`-th site of a local federation."""
+    return server_port + 100 + index
+
+
 def run_local_federation(
     server_toml: Path,
     site_tomls: Sequence[Path],
     echo: Callable[[str], object] = print,
     insecure: bool = False,
+    resume: bool = False,
 ) -> int:
     """Run the federation in `server_toml` with the sites in `site_tomls` on 127.0.0.1; exit code.
 
     Secure unless `insecure`: the server config then needs `[security]` and each site `[connection]`
-    (see `local_credentials`).
+    (see `local_credentials`). `resume` continues an interrupted run (`fahr-server run --resume`).
     """
     cfg = load_server_config(server_toml)
     clients: list[Managed] = []
 
     def start_sites() -> None:
         for i, toml in enumerate(site_tomls):
-            site = load_site_config(toml)
-            cmd = [
-                console_script("fahr-client"),
-                "start",
-                "--site",
-                site.name,
-                "--config",
-                str(toml),
-                "--superlink",
-                f"{cfg.address}:{cfg.port}",
-                "--runtime-port",
-                str(cfg.port + 100 + i),
-            ]
-            cmd += ["--insecure"] if insecure else []
-            clients.append(Managed(f"site {site.name}", cmd, site.workdir.parent / f"{site.name}-client.log"))
+            clients.append(
+                start_site(toml, f"{cfg.address}:{cfg.port}", site_runtime_port(cfg.port, i), insecure)
+            )
 
     try:
         code = run_federation(
-            cfg, Path(server_toml).resolve(), insecure=insecure, echo=echo, on_ready=start_sites
+            cfg,
+            Path(server_toml).resolve(),
+            insecure=insecure,
+            echo=echo,
+            on_ready=start_sites,
+            resume=resume,
         )
         if code:
             for c in clients:

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from fahr_core.age import delivery
 from fahr_core.models.checkpoint import save_weights
 from fahr_core.updates import screen_updates
 from fahr_server.secagg import SecureSum
+from fahr_server.state import FederationState, file_sha256, write_state
 
 log = logging.getLogger("fahr_server")
 
@@ -51,6 +53,13 @@ class TooFewSites(RuntimeError):
 
 
 class FahrFedAvg(FedAvg):
+    """FedAvg that screens updates, checkpoints every round and can continue an interrupted run.
+
+    `state` is the last committed round's state (`last_round` 0 for a fresh run). Flower's loop counts
+    its rounds from 1, so a resumed run's loop round r is federation round `last_round + r`: every
+    hook maps it, and sites see the true round (their DP noise seed and budget schedule depend on it).
+    """
+
     # the federation's one age model, (file bytes, sha256), sent with the final evaluation for every site's
     # face-age deviation analysis (fahr_core.age.delivery); set by the ServerApp when configured
     age_model: tuple[np.ndarray, str] | None = None
@@ -62,6 +71,7 @@ class FahrFedAvg(FedAvg):
         min_sites: int,
         fraction_train: float,
         metadata: dict[str, str],
+        state: FederationState,
         join_timeout_s: float = 600.0,
         secure_sum: SecureSum | None = None,
     ):
@@ -79,6 +89,9 @@ class FahrFedAvg(FedAvg):
         self.site_evaluations: list[dict] = []
         self.join_timeout_s = join_timeout_s
         self._global: dict | None = None  # the weights sent this round, to screen updates against
+        self.state = state
+        self.offset = state.last_round
+        self._sites: dict[int, str] = {}  # node id -> site name, to name a site whose reply is an error
         self.secure_sum = secure_sum  # None: sites send weights; else only their sum is learnt
 
     def _await_sites(self, grid: Grid) -> None:
@@ -97,7 +110,7 @@ class FahrFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self._await_sites(grid)
         self._global = arrays.to_torch_state_dict()
-        return super().configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round + self.offset, arrays, config, grid)
 
     def _screen(self, server_round: int, replies: list[Message]) -> tuple[list[Message], dict[str, str]]:
         """Drop replies whose weights are malformed or outliers; log each rejection with its reason."""
@@ -117,6 +130,7 @@ class FahrFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.offset
         if server_round != self.num_rounds:
             return []
         if self.age_model is None:
@@ -128,7 +142,19 @@ class FahrFedAvg(FedAvg):
             m.content[delivery.ARRAYS_KEY] = ArrayRecord([payload])
         return messages
 
+    def _failures(self, replies: list[Message]) -> dict[str, str]:
+        """site -> reason for each error reply (a site that died mid-round: Flower's node-unavailable)."""
+        for m in replies:
+            if not m.has_error():
+                self._sites[m.metadata.src_node_id] = site_of(m)
+        return {
+            self._sites.get(m.metadata.src_node_id, f"node-{m.metadata.src_node_id}"): str(m.error.reason)
+            for m in replies
+            if m.has_error()
+        }
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        server_round += self.offset
         if self.secure_sum is None:
             replies, rejected = self._screen(server_round, list(replies))
             arrays, metrics = super().aggregate_train(server_round, replies)
@@ -137,30 +163,56 @@ class FahrFedAvg(FedAvg):
             rejected, arrays = {}, ArrayRecord(weights)
             ok = [m.content for m in replies if not m.has_error()]
             metrics = self.train_metrics_aggr_fn(ok, self.weighted_by_key)
+        failures = self._failures(replies)
         record = {
             "round": server_round,
             "finished_at": time.time(),
             "rejected": rejected,
             "sites": {site_of(m): dict(m.content["metrics"]) for m in replies if not m.has_error()},
-            "failures": [str(m.error.reason) for m in replies if m.has_error()],
+            "failures": failures,
         }
         if self.secure_sum is not None:
             record["secure_aggregation"] = self.secure_sum.last
         with (self.workdir / "rounds.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if arrays is not None:
-            state = arrays.to_torch_state_dict()
-            meta = {**self.metadata, "round": str(server_round)}
-            save_weights(
-                self.workdir / "checkpoints" / f"global_round_{server_round:03d}.safetensors", state, meta
+        if len(record["sites"]) < self.min_train_nodes:
+            raise TooFewSites(
+                f"round {server_round}: only {len(record['sites'])} of the {self.min_train_nodes} required "
+                f"sites sent a usable update (failed: {failures or 'none'}; rejected: {rejected or 'none'}); "
+                "stopping the federation. The last completed round can be continued with --resume"
             )
-            save_weights(self.workdir / "global_model.safetensors", state, meta)
-            log.info("round %d: global weights saved (%d sites)", server_round, len(record["sites"]))
+        state = arrays.to_torch_state_dict()
+        meta = {**self.metadata, "round": str(server_round)}
+        checkpoint = self.workdir / "checkpoints" / f"global_round_{server_round:03d}.safetensors"
+        save_weights(checkpoint, state, meta)
+        save_weights(self.workdir / "global_model.safetensors", state, meta)
+        self._commit(server_round, checkpoint, record)
+        log.info("round %d: global weights saved (%d sites)", server_round, len(record["sites"]))
         return arrays, metrics
 
+    def _commit(self, server_round: int, checkpoint: Path, record: dict) -> None:
+        """Write state.json: from now on a crash resumes after this round."""
+        spent = {site: float(m["epsilon"]) for site, m in record["sites"].items() if "epsilon" in m}
+        rejections = dict(self.state.rejections)
+        for site in record["rejected"]:
+            rejections[site] = rejections.get(site, 0) + 1
+        self.state = replace(
+            self.state,
+            last_round=server_round,
+            checkpoint=str(checkpoint.relative_to(self.workdir)),
+            checkpoint_sha256=file_sha256(checkpoint),
+            site_epsilon={**self.state.site_epsilon, **spent},  # each site's ledger total, not a sum
+            rejections=rejections,
+        )
+        write_state(self.workdir, self.state)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
+        """Keep each site's evaluation for the federation report, which aggregates them itself.
+
+        Flower's mean of the sites' metrics needs every site to send the same keys; a site sends only
+        the metrics its held-out patients define (no events: no C-index), and that must not end the run.
+        """
         for m in replies:
             if not m.has_error():
                 self.site_evaluations.append({"site": site_of(m), **dict(m.content["metrics"])})
-        return super().aggregate_evaluate(server_round, replies)
+        return None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -60,6 +63,50 @@ def make_sites(
         dump_site_config(cfg, out / name / "site.toml")
         tomls.append(out / name / "site.toml")
     return tomls
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _live_processes() -> dict[int, tuple[str, int]]:
+    """pid -> (command line, process group) of every live, non-zombie process (Linux /proc)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat[0] != "Z":
+            found[int(pid)] = (cmd, int(stat[2]))
+    return found
+
+
+def flower_processes_under(folder: Path | str) -> list[str]:
+    """Command lines of live processes that mention `folder` (ours carry it in their arguments)."""
+    return [cmd for cmd, _ in _live_processes().values() if str(folder) in cmd]
+
+
+def process_groups_under(*marks: Path | str) -> set[int]:
+    """Process groups of the live processes whose command line mentions any of `marks`."""
+    return {pgid for cmd, pgid in _live_processes().values() if any(str(m) in cmd for m in marks)}
+
+
+def crash_processes_under(*marks: Path | str) -> set[int]:
+    """SIGKILL the whole process group of every process mentioning one of `marks`: a machine crash,
+    as far as those processes can tell (no handler runs). Returns the groups."""
+    groups = process_groups_under(*marks)
+    for pgid in groups:
+        os.killpg(pgid, signal.SIGKILL)
+    return groups
+
+
+def live_groups(groups: set[int]) -> list[str]:
+    """Command lines of live processes still in `groups`."""
+    return [cmd for cmd, pgid in _live_processes().values() if pgid in groups]
 
 
 @pytest.fixture

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,29 +16,9 @@ from fahr_server.app import initial_model
 from fahr_server.cli import run_federation
 from fahr_server.flower import flower_env, start_supernode
 from fahr_server.local import local_credentials, run_local_federation
-from tests.conftest import make_sites
+from tests.conftest import flower_processes_under, free_port, make_sites
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def flower_processes_under(folder: Path) -> list[str]:
-    """Command lines of live processes that mention `folder` (ours carry it in their arguments)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if str(folder) in cmd and state != "Z":
-            found.append(cmd)
-    return found
 
 
 def test_two_sites_two_rounds(tmp_path, shared_utkface):

@@ -1,0 +1,104 @@
+"""The federation's resumable state: what `fahr-server run --resume` needs after a crash.
+
+After every completed round the strategy writes `workdir/state.json` atomically, and only after
+that round's checkpoint is on disk: the state file is the commit point of a round. A crash before
+it leaves the previous round's state whole, and the interrupted round is simply run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fahr_core.config import ServerConfig
+from fahr_core.io import atomic_write_json, atomic_write_text
+
+STATE_FILE = "state.json"
+ROUNDS_LOG = "rounds.jsonl"
+# What a federation leaves in its workdir; a fresh run refuses to mix its results with these.
+RUN_RECORDS = (STATE_FILE, ROUNDS_LOG, "rejections.jsonl", "checkpoints", "global_model.safetensors")
+
+
+class ResumeError(RuntimeError):
+    """There is nothing to resume, or the earlier run cannot be continued with this config."""
+
+
+@dataclass(frozen=True)
+class FederationState:
+    """The last completed round and everything needed to continue after it."""
+
+    last_round: int
+    rounds: int  # planned
+    checkpoint: str  # relative to the workdir
+    checkpoint_sha256: str
+    fahr_version: str
+    model: dict  # the [model] table the federation started with
+    site_epsilon: dict[str, float] = field(default_factory=dict)  # latest cumulative spend each site reported
+    rejections: dict[str, int] = field(default_factory=dict)  # rejected updates per site, all rounds
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def model_record(cfg: ServerConfig) -> dict:
+    """The model settings a resumed run must share with the run it continues."""
+    return {k: str(v) for k, v in asdict(cfg.model).items()}
+
+
+def write_state(workdir: Path, state: FederationState) -> None:
+    atomic_write_json(Path(workdir) / STATE_FILE, asdict(state))
+
+
+def read_state(workdir: Path) -> FederationState | None:
+    path = Path(workdir) / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        return FederationState(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise ResumeError(f"{path}: unreadable federation state ({e})") from None
+
+
+def resume_point(cfg: ServerConfig) -> FederationState:
+    """The state to continue from; raises ResumeError saying why the run cannot be resumed."""
+    state = read_state(cfg.workdir)
+    where = cfg.workdir / STATE_FILE
+    if state is None:
+        raise ResumeError(f"nothing to resume: {where} does not exist (no round of a run there completed)")
+    now = model_record(cfg)
+    if state.model != now:
+        changed = sorted(k for k in {*state.model, *now} if state.model.get(k) != now.get(k))
+        raise ResumeError(
+            f"cannot resume: the [model] settings changed since the run started ({', '.join(changed)}); "
+            f"the saved weights in {cfg.workdir} belong to the old model"
+        )
+    if state.rounds != cfg.rounds:
+        raise ResumeError(
+            f"cannot resume: the run planned {state.rounds} rounds and the config now says {cfg.rounds}; "
+            "sites spread their privacy budget over the planned rounds, so the plan cannot change"
+        )
+    if state.last_round >= state.rounds:
+        raise ResumeError(f"nothing to resume: all {state.rounds} rounds completed ({where})")
+    checkpoint = cfg.workdir / state.checkpoint
+    if not checkpoint.is_file() or file_sha256(checkpoint) != state.checkpoint_sha256:
+        raise ResumeError(
+            f"cannot resume: {checkpoint} is missing or differs from the checkpoint recorded in {where}"
+        )
+    return state
+
+
+def earlier_run_records(workdir: Path) -> list[str]:
+    """Names of an earlier federation's records in `workdir` (a fresh run must not mix with them)."""
+    return [name for name in RUN_RECORDS if (Path(workdir) / name).exists()]
+
+
+def trim_rounds_log(workdir: Path, last_round: int) -> None:
+    """Drop rounds.jsonl lines of rounds after `last_round`: a crash may have logged a round it never
+    committed, and the resumed run logs that round again."""
+    path = Path(workdir) / ROUNDS_LOG
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["round"] <= last_round]
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
