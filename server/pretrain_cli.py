@@ -1,4 +1,4 @@
-"""`fahr pretrain` / `fahr export-encoder`: MAE pre-training of the FAHR-Face encoder.
+"""`fahr pretrain` / `fahr export-encoder` / `fahr shards build`: MAE pre-training of the FAHR-Face encoder.
 
 Multi-GPU (or multi-process on CPU):
     torchrun --nproc_per_node=8 -m fahr_server.pretrain_cli pretrain --data ... --out ...
@@ -15,6 +15,10 @@ import typer
 from fahr_server.cli_app import new_app
 
 app = new_app("MAE pre-training of the FAHR-Face encoder.")
+shards_app = typer.Typer(
+    help="Pre-decoded uint8 face shards for fast pre-training input.", no_args_is_help=True
+)
+app.add_typer(shards_app, name="shards")
 
 
 @app.callback()
@@ -24,7 +28,9 @@ def _main() -> None:
 
 @app.command("pretrain")
 def pretrain_command(
-    data: Annotated[Path, typer.Option(help="Folder of face crops (identity folders or flat).")],
+    data: Annotated[
+        Path, typer.Option(help="Folder of face crops (identity folders or flat), or of shards.")
+    ],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoint.pt, loss_curve.csv/.png, files.txt.")],
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt if it exists.")] = False,
     arch: Annotated[
@@ -99,6 +105,71 @@ def export_encoder_command(
         raise typer.Exit(2)
     path = export_encoder(checkpoint, out)
     typer.echo(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+@shards_app.command("build")
+def shards_build_command(
+    src: Annotated[Path, typer.Option(help="Folder of faces: WebFace42M identity folders, or flat.")],
+    out: Annotated[Path, typer.Option(help="Shard folder: shard-NNNNN.npy, index.json, files.txt.")],
+    shard_size: Annotated[int, typer.Option(help="Images per shard (10,000 at 112 px: 376 MB).")] = 10_000,
+    img_size: Annotated[int, typer.Option(help="Stored size; other sizes are resized (bilinear).")] = 112,
+    align: Annotated[
+        bool, typer.Option(help="Detect, quality-check and align first (fahr-client align's aligner).")
+    ] = False,
+    align_dir: Annotated[
+        Path | None, typer.Option(help="Alignment cache for --align (default OUT/alignment; resumable).")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Processes for alignment and decoding.")] = 1,
+) -> None:
+    """Decode a folder of faces once into memory-mappable shards (re-run to resume a killed build)."""
+    from fahr_core.train.pretrain import list_images
+    from fahr_core.train.shards import ShardIndex, build_shards
+
+    names = list_images(src)
+    if not names:
+        typer.echo(f"error: {src}: no images found", err=True)
+        raise typer.Exit(2)
+    skipped: list[dict] = []
+    if align:
+        from fahr_core.faces.detect import BlazeFaceDetector
+        from fahr_core.faces.pipeline import align_photos
+
+        with typer.progressbar(length=len(names), label="aligning") as bar:
+            table = align_photos(
+                [src / n for n in names],
+                align_dir or out / "alignment",
+                BlazeFaceDetector(),
+                workers=workers,
+                progress=lambda done, total: bar.update(1),
+            )
+        sources = [
+            (n, table.crop_path(r)) for n, r in zip(names, table.rows, strict=True) if r.status == "aligned"
+        ]
+        skipped = [
+            {"file": n, "reason": f"alignment: {r.reason}"}
+            for n, r in zip(names, table.rows, strict=True)
+            if r.status != "aligned"
+        ]
+    else:
+        sources = [(n, src / n) for n in names]
+    try:
+        build_shards(
+            sources,
+            out,
+            img_size,
+            shard_size,
+            skipped,
+            workers,
+            progress=lambda done, total: typer.echo(f"shard {done}/{total} written"),
+        )
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    index = ShardIndex.read(out)
+    typer.echo(
+        f"{sum(index.counts)} images in {len(index.files)} shards in {out}; "
+        f"{len(index.skipped)} skipped (listed with reasons in {out / 'index.json'})"
+    )
 
 
 if __name__ == "__main__":

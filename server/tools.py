@@ -23,7 +23,7 @@ from fahr_core.io import atomic_write_text
 from fahr_server.age_cli import app as age_app
 from fahr_server.cli_app import new_app
 from fahr_server.local import local_credentials, run_local_federation
-from fahr_server.pretrain_cli import export_encoder_command, pretrain_command
+from fahr_server.pretrain_cli import export_encoder_command, pretrain_command, shards_app
 
 app = new_app("fahr research tools.")
 cohort_app = typer.Typer(
@@ -33,6 +33,7 @@ app.add_typer(cohort_app, name="cohort")
 app.command("pretrain")(pretrain_command)
 app.command("export-encoder")(export_encoder_command)
 app.add_typer(age_app, name="age")
+app.add_typer(shards_app, name="shards")
 certs_app = typer.Typer(
     help="Certificates: the federation's CA, server TLS, site keys.", no_args_is_help=True
 )
@@ -62,6 +63,7 @@ def certs_site(
 
 
 DEMO_ENCODER = demo_faces_dir() / "encoder_vit_micro.safetensors"
+DEMO_AGE_MODEL = demo_faces_dir() / "age_vit_micro.safetensors"  # every site's FAD (docs/fad.md)
 
 
 def _floats(text: str, what: str) -> tuple[float, ...]:
@@ -141,6 +143,7 @@ workdir = "server"
 [model]
 arch = "vit_micro"
 encoder_checkpoint = "{DEMO_ENCODER}"
+age_checkpoint = "{DEMO_AGE_MODEL}"
 
 {security}""",
     )

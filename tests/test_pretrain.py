@@ -20,10 +20,12 @@ from fahr_core.models.vit import SurvivalViT
 from fahr_core.train.pretrain import (
     PretrainConfig,
     export_encoder,
+    list_images,
     load_checkpoint,
     pretrain,
     reconstruction_figure,
 )
+from fahr_core.train.shards import build_shards
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(arch="vit_micro", decoder_dim=64, decoder_depth=1, decoder_heads=4)
@@ -125,6 +127,27 @@ def test_resume_matches_an_uninterrupted_run(full_run, faces_dir, tmp_path):
     np.testing.assert_allclose(
         [h["lr"] for h in second["history"]], [h["lr"] for h in full["history"]], rtol=1e-9
     )
+
+
+def test_shards_train_like_the_folder_and_resume_exactly(full_run, faces_dir, tmp_path):
+    """The same faces as shards (3 of them): the same losses as the folder-fed run, across a resume."""
+    _, full = full_run
+    shards = tmp_path / "shards"
+    build_shards([(n, faces_dir / n) for n in list_images(faces_dir)], shards, shard_size=25)
+    first = pretrain(CFG, shards, tmp_path / "run", stop_at=13, echo=lambda s: None)
+    np.testing.assert_allclose(
+        [h["loss"] for h in first["history"]], [h["loss"] for h in full["history"][:13]], rtol=1e-6
+    )
+    assert not (tmp_path / "run" / "files.txt").exists()  # the shard index is the file list
+    # Resumed with two DataLoader workers, each mapping the shards itself.
+    second = pretrain(replace(CFG, num_workers=2), shards, tmp_path / "run", resume=True, echo=lambda s: None)
+    np.testing.assert_allclose(
+        [h["loss"] for h in second["history"]], [h["loss"] for h in full["history"]], rtol=1e-5
+    )
+    # Other shards under the same run folder: refused rather than silently trained on.
+    build_shards([(n, faces_dir / n) for n in list_images(faces_dir)[:40]], shards, shard_size=25)
+    with pytest.raises(ValueError, match="not the images"):
+        pretrain(replace(CFG, total_steps=31), shards, tmp_path / "run", resume=True, echo=lambda s: None)
 
 
 def test_two_processes_match_one_with_the_same_global_batch(faces_dir, tmp_path):

@@ -1,8 +1,10 @@
-"""MAE pre-training of the FAHR-Face encoder on a folder of face crops (WebFace42M or any folder).
+"""MAE pre-training of the FAHR-Face encoder on a folder of face crops (WebFace42M or any folder)
+or on pre-decoded shards of them (`fahr_core.train.shards`): one trainer, two data sources.
 
 Determinism is by construction, so a run resumed from its checkpoint continues exactly as if never
 stopped, and N processes under torchrun train like one process with the same global batch:
-- the data order is a seeded permutation of a sorted file list per epoch; global micro-batch k is
+- the data order is a seeded permutation of the images per epoch (a folder's sorted file list, or
+  the shards' order, which is the same list less the skipped files); global micro-batch k is
   a fixed slice of it, rank r reads its own part of that slice, and DataLoader worker w of a rank
   builds the micro-batches with (k - start) % workers == w (the DataLoader hands them back in order);
 - the mask noise of micro-batch k is drawn for the whole global batch from a generator seeded by
@@ -13,6 +15,7 @@ stopped, and N processes under torchrun train like one process with the same glo
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import math
@@ -33,6 +36,7 @@ from fahr_core.faces.images import PhotoError, load_face, to_input
 from fahr_core.io import atomic_write_bytes, atomic_write_text
 from fahr_core.models.checkpoint import save_weights
 from fahr_core.models.mae import MAE
+from fahr_core.train.shards import ShardReader, is_shard_dir
 
 log = logging.getLogger(__name__)
 
@@ -95,39 +99,17 @@ def load_file_list(data_dir: Path, out_dir: Path) -> list[str]:
     return files
 
 
-class FaceStream(IterableDataset):
-    """Endless stream of uint8 micro-batches (k, (B, 3, S, S)) for one rank, from micro-batch `start`.
+class FolderSource:
+    """Images of a folder, decoded as they are read; only the file names are held."""
 
-    Only file names are held; images are decoded as they are read. Each epoch is a permutation of
-    the files seeded by (seed, epoch); the last incomplete global micro-batch of an epoch is dropped.
-    """
-
-    def __init__(
-        self,
-        data_dir: Path,
-        files: list[str],
-        img_size: int,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        start: int = 0,
-    ):
+    def __init__(self, data_dir: Path, files: list[str], img_size: int):
         # One bytes array rather than a list of str: at WebFace42M scale a list costs GBs per
         # DataLoader worker (reference counts defeat copy-on-write); the array is shared.
         self.data_dir, self.files, self.img_size = Path(data_dir), np.array(files, dtype=np.bytes_), img_size
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.seed, self.start = seed, start
-        self.global_micro = batch_size * world_size
-        self.per_epoch = len(files) // self.global_micro
-        if self.per_epoch == 0:
-            raise ValueError(
-                f"{len(files)} images is fewer than one global micro-batch ({self.global_micro})"
-            )
+        self.fingerprint = hashlib.sha256("\n".join(files).encode("utf-8")).hexdigest()
 
-    def position(self, k: int) -> tuple[int, int]:
-        """(epoch, index within the epoch) of global micro-batch k."""
-        return divmod(k, self.per_epoch)
+    def __len__(self) -> int:
+        return len(self.files)
 
     def _load(self, name: bytes) -> np.ndarray:
         try:
@@ -138,6 +120,51 @@ class FaceStream(IterableDataset):
             log.warning("%s; using a grey image in its place", e)
             return np.full((3, self.img_size, self.img_size), 127, np.uint8)
 
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """uint8 (B, 3, S, S) of the images at `indices`."""
+        return np.stack([self._load(self.files[i]) for i in indices])
+
+
+FaceSource = FolderSource | ShardReader  # both: len(), read(indices) -> uint8 (B, 3, S, S), fingerprint
+
+
+def open_source(data: Path, out_dir: Path, img_size: int) -> FaceSource:
+    """Shards when `data` holds a shard index (`fahr shards build`), else a folder of photos."""
+    if is_shard_dir(data):
+        return ShardReader(data, img_size)
+    return FolderSource(data, load_file_list(data, out_dir), img_size)
+
+
+class FaceStream(IterableDataset):
+    """Endless stream of uint8 micro-batches (k, (B, 3, S, S)) for one rank, from micro-batch `start`.
+
+    Each epoch is a permutation of the source's images seeded by (seed, epoch); the last incomplete
+    global micro-batch of an epoch is dropped. The source reads only the images asked for.
+    """
+
+    def __init__(
+        self,
+        source: FaceSource,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        start: int = 0,
+    ):
+        self.source = source
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.start = seed, start
+        self.global_micro = batch_size * world_size
+        self.per_epoch = len(source) // self.global_micro
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"{len(source)} images is fewer than one global micro-batch ({self.global_micro})"
+            )
+
+    def position(self, k: int) -> tuple[int, int]:
+        """(epoch, index within the epoch) of global micro-batch k."""
+        return divmod(k, self.per_epoch)
+
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
@@ -146,11 +173,12 @@ class FaceStream(IterableDataset):
         while True:
             epoch, index = self.position(k)
             if epoch != perm_epoch:
-                perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.files)).astype(np.int32)
+                perm = (
+                    np.random.default_rng([self.seed, epoch]).permutation(len(self.source)).astype(np.int32)
+                )
                 perm_epoch = epoch
             lo = index * self.global_micro + self.rank * self.batch_size
-            batch = np.stack([self._load(self.files[i]) for i in perm[lo : lo + self.batch_size]])
-            yield k, torch.from_numpy(batch)
+            yield k, torch.from_numpy(self.source.read(perm[lo : lo + self.batch_size]))
             k += n_workers
 
 
@@ -264,9 +292,9 @@ def pretrain(
     out_dir.mkdir(parents=True, exist_ok=True)
     if world > 1:
         if main:
-            load_file_list(data_dir, out_dir)
+            open_source(data_dir, out_dir, cfg.img_size)  # writes files.txt once, for all ranks
         dist.barrier()
-    files = load_file_list(data_dir, out_dir)
+    source = open_source(data_dir, out_dir, cfg.img_size)
 
     torch.manual_seed(cfg.seed)
     mae = MAE(
@@ -294,6 +322,10 @@ def pretrain(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, history = state["step"], state["history"]
+        if state.get("data_fingerprint", source.fingerprint) != source.fingerprint:
+            raise ValueError(
+                f"{data_dir}: not the images {ckpt_path} was trained on (they were {state['data_dir']})"
+            )
         _set_rng_state(state["rng"])
         if main:
             echo(f"resumed from {ckpt_path} at step {step} (epoch {state['epoch']}, index {state['index']})")
@@ -307,9 +339,7 @@ def pretrain(
         )
     fwd = torch.compile(model) if cfg.compile else model
 
-    stream = FaceStream(
-        data_dir, files, cfg.img_size, cfg.batch_size, rank, world, cfg.seed, start=step * cfg.accum_steps
-    )
+    stream = FaceStream(source, cfg.batch_size, rank, world, cfg.seed, start=step * cfg.accum_steps)
     loader = DataLoader(
         stream,
         batch_size=None,
@@ -339,6 +369,7 @@ def pretrain(
             "world_size": world,
             "config": asdict(cfg),
             "data_dir": str(data_dir.resolve()),
+            "data_fingerprint": source.fingerprint,
             "history": history,
             "rng": _rng_state(),
         }
@@ -349,7 +380,7 @@ def pretrain(
 
     if main:
         echo(
-            f"MAE pre-training {cfg.arch} on {len(files)} images, {world} process(es) on {device}, "
+            f"MAE pre-training {cfg.arch} on {len(source)} images, {world} process(es) on {device}, "
             f"global batch {global_batch}, lr {cfg.lr(world):.3g}, steps {step}->{end}"
         )
     mae.train()
