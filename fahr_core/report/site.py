@@ -18,7 +18,6 @@ from fahr_core.report import figures
 from fahr_core.report.html import esc, figure, fmt, kv_table, notes_list, p_phrase, page, table
 from fahr_core.survival.fad import REDUNDANCY_ALARM, fad_statistics
 from fahr_core.survival.metrics import (
-    ADJUSTER_LABELS,
     as_arrays,
     evaluate,
     km_by_quartile,
@@ -238,7 +237,7 @@ def _fad_section(s: dict[str, Any]) -> list[str]:
             "server's [model].age_checkpoint is not set).</p>"
         ]
     model, hr, corr, joint = fad["age_model"], fad["hr_per_decade"], fad["correlation"], fad["joint"]
-    adjusted = " and ".join(ADJUSTER_LABELS[c] for c in (hr or {}).get("adjusted_for", [])) or "age"
+    adjusted = _adjusted_label(s) or "age"
     parts.append(
         f"<p>FAD is the age the federation's age model reads from a patient's face minus the patient's "
         f"recorded age: a positive FAD means the face looks older than the patient is. Age model "
@@ -264,10 +263,11 @@ def _fad_section(s: dict[str, Any]) -> list[str]:
     if corr is not None:
         verdict = (
             f"Redundancy alarm: |r| is above {REDUNDANCY_ALARM:g}, so the survival model may mostly be "
-            "reading apparent age; the joint model below says whether each still adds something."
+            "reading how old faces look for their age; the joint model below says whether each still adds "
+            "something."
             if corr["redundancy_alarm"]
-            else f"|r| is below the redundancy alarm of {REDUNDANCY_ALARM:g}: the risk score is not just "
-            "apparent age."
+            else f"|r| is below the redundancy alarm of {REDUNDANCY_ALARM:g}: the risk score is not a "
+            "restatement of the face-age deviation."
         )
         parts.append(
             f'<p class="note">{esc(verdict)}</p>' if corr["redundancy_alarm"] else f"<p>{esc(verdict)}</p>"
@@ -393,8 +393,8 @@ def write_site_report(
     notes = ev.pop("notes")
     fad_summary = None
     if fad is not None:
-        if age is None:
-            raise ValueError("face-age deviations need the patients' age (FAD is relative to it)")
+        if age is None or age_model is None:
+            raise ValueError("face-age deviations need the patients' age and a description of the age model")
         stats = fad_statistics(time, event, risk, fad, age, male)
         notes += stats.pop("notes")
         fad_summary = {"age_model": plain(age_model), **stats}

@@ -5,7 +5,7 @@ reports three things about it, and so does every site report:
 
 1. the hazard ratio per decade of FAD in a Cox model adjusted for age and sex;
 2. the correlation of FAD with the survival risk score: if it is high (|r| above 0.7, the paper's
-   redundancy alarm), the survival model may have learnt little more than apparent age;
+   redundancy alarm), the survival model may have learnt little more than how old a face looks for its age;
 3. one Cox model with FAD and the risk score together (plus age and sex), with a likelihood-ratio test of
    what each adds to the other.
 
@@ -107,7 +107,8 @@ def fad_statistics(
     if out["correlation"]["redundancy_alarm"]:
         notes.append(
             f"Redundancy alarm: the face-age deviation and the risk score are strongly correlated "
-            f"(|r| > {REDUNDANCY_ALARM}), so the survival model may mostly be reading apparent age."
+            f"(|r| > {REDUNDANCY_ALARM}), so the survival model may mostly be reading how old faces look "
+            "for their age."
         )
     decades = fad / DECADE
     risk_sd = (risk - risk.mean()) / float(np.std(risk, ddof=1))
