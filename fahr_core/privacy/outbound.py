@@ -1,9 +1,10 @@
 """What may leave a site, decided here and nowhere else.
 
 A site sends the server only (a) model weights with exactly the names, shapes and dtypes of the
-global model it received, and (b) named scalar metrics from a fixed list. Nothing whose size
-depends on the number of patients can pass these checks, so per-patient data cannot leak by
-accident through a new field someone adds to a reply.
+global model it received, (b) named scalar metrics from a fixed list, and (c) under secure
+aggregation, the protocol's fields at sizes the protocol fixes. Nothing whose size depends on
+the number of patients can pass these checks, so per-patient data cannot leak by accident
+through a new field someone adds to a reply.
 """
 
 from __future__ import annotations
