@@ -137,6 +137,11 @@ def mask(msg: Message, context: Context, cfg: SiteConfig, server_round: int) -> 
     for node, blob in inbox.items():
         st[f"inbox/{node}"] = blob
     weight = int(st["num-examples"]) / float(config["secagg-total-examples"])
+    if not 0 < weight <= 1:
+        raise SecAggError(
+            f"the server's total of {config['secagg-total-examples']} examples is below this site's "
+            f"{st['num-examples']}"
+        )
     update = np.load(_update_path(cfg))
     quantised, clipped = quantiser.quantise(weight * update, np.random.default_rng())
     masked = secagg.mask_input(quantised, secrets, me, {u: mask_keys[u] for u in inbox})

@@ -160,7 +160,7 @@ def _agree(private: bytes, public: bytes, purpose: bytes) -> bytes:
 def prg(seed: bytes, n: int) -> np.ndarray:
     """n uniform uint32 from a 32-byte seed (ChaCha20 key stream): only the seed's holders can remove it."""
     stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
-    return np.frombuffer(stream.update(bytes(4 * n)), dtype="<u4").astype(np.uint32)
+    return np.frombuffer(stream.update(bytes(4 * n)), dtype="<u4").astype(np.uint32, copy=False)
 
 
 def _share(secret: bytes, threshold: int, n: int) -> list[bytes]:
