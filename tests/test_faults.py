@@ -1,0 +1,395 @@
+"""Fault injection with real SuperLink and SuperNode processes on 127.0.0.1 (issue #5).
+
+The server crashes after round 1 and resumes; a site dies mid-round and restarts; compromised
+sites send a NaN and an oversized update. Compromised sites are simulated in the test only: a
+`sitecustomize.py` on the sites' PYTHONPATH patches the ClientApp process (FAHR_TEST_FAULTS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common import Metadata
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from fahr_core.cohort import demo_faces_dir
+from fahr_core.config import load_server_config, load_site_config
+from fahr_core.io import atomic_write_text
+from fahr_core.models.checkpoint import load_weights, save_weights
+from fahr_core.privacy.ledger import PrivacyLedger
+from fahr_core.processes import Managed
+from fahr_core.site import SiteRuntime
+from fahr_server.app import initial_model
+from fahr_server.cli import run_federation
+from fahr_server.flower import console_script
+from fahr_server.local import local_credentials, run_local_federation, site_runtime_port, start_site
+from fahr_server.state import FederationState, file_sha256, model_record, read_state, write_state
+from fahr_server.strategy import FahrFedAvg, TooFewSites
+from tests.conftest import (
+    crash_processes_under,
+    flower_processes_under,
+    free_port,
+    live_groups,
+    make_sites,
+    process_groups_under,
+)
+
+# Loaded by every Python process of a site; acts only in the ClientApp process (one per message).
+# A fault per site and round: "nan" (a NaN weight), "scale" (the update times 1000), both sent past
+# the site's own outbound gate as a compromised site would; "fail-unless:PATH" (refuse the round
+# until PATH exists, before training or touching the privacy ledger); "wait-for:PATH" (start
+# training only once PATH exists).
+SITECUSTOMIZE = """
+import importlib.util, json, os, sys, time
+
+FAULTS = json.loads(os.environ.get("FAHR_TEST_FAULTS", "{}"))
+
+
+def compromise(client_app):
+    import torch
+    from fahr_core import site as core_site
+
+    original_train = core_site.SiteRuntime.train_round
+
+    def train_round(self, state, spec, server_round, num_rounds):
+        fault = FAULTS.get(self.cfg.name, {}).get(str(server_round), "")
+        if fault.startswith("fail-unless:") and not os.path.exists(fault.split(":", 1)[1]):
+            raise RuntimeError(f"test fault: site {self.cfg.name} refuses round {server_round}")
+        while fault.startswith("wait-for:") and not os.path.exists(fault.split(":", 1)[1]):
+            time.sleep(0.2)
+        new, metrics = original_train(self, state, spec, server_round, num_rounds)
+        if fault == "nan":
+            name = next(k for k, v in new.items() if v.dtype.is_floating_point)
+            new[name] = torch.full_like(new[name], float("nan"))
+        elif fault == "scale":
+            new = {k: state[k] + 1000 * (v - state[k]) if v.dtype.is_floating_point else v
+                   for k, v in new.items()}
+        if fault in ("nan", "scale"):
+            client_app.check_outbound = lambda *args: None
+        return new, metrics
+
+    core_site.SiteRuntime.train_round = train_round
+
+
+class PatchOnImport:
+    # Patch fahr_client.app when the ClientApp process imports it, not at start-up: the process
+    # must reach its SuperNode before its task token expires.
+
+    def find_spec(self, name, path, target=None):
+        if name != "fahr_client.app":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            compromise(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if FAULTS:
+    sys.meta_path.insert(0, PatchOnImport())
+"""
+
+
+def inject_faults(tmp_path: Path, monkeypatch, faults: dict[str, dict[str, str]]) -> None:
+    """Processes started from now on load the fault-injecting sitecustomize with `faults`."""
+    folder = tmp_path / "compromised"
+    atomic_write_text(folder / "sitecustomize.py", SITECUSTOMIZE)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+    )
+    monkeypatch.setenv("FAHR_TEST_FAULTS", json.dumps(faults))
+
+
+def server_toml(folder: Path, port: int, rounds: int, min_sites: int, security: str = "") -> Path:
+    path = folder / "server.toml"
+    atomic_write_text(
+        path,
+        f"""[federation]
+rounds = {rounds}
+min_sites = {min_sites}
+port = {port}
+workdir = "server"
+round_timeout_s = 600
+join_timeout_s = 120
+
+[model]
+arch = "vit_micro"
+
+{security}""",
+    )
+    return path
+
+
+def rounds_log(work: Path) -> list[dict]:
+    return [json.loads(line) for line in (work / "rounds.jsonl").read_text().splitlines()]
+
+
+def wait_for(condition, timeout_s: float, what: str, alive: Managed | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if alive is not None and not alive.running:
+            raise AssertionError(f"{alive.name} exited while waiting for {what}:\n{alive.tail(40)}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def ledger_of(toml: Path) -> PrivacyLedger:
+    site = load_site_config(toml)
+    raw = json.loads(site.ledger_path.read_text())
+    return PrivacyLedger.open(site.ledger_path, raw["budget"], raw["delta"])
+
+
+def _reply(node: int, site: str = "", weights: dict | None = None) -> Message:
+    """A train reply as the ServerApp receives it: weights and metrics, or Flower's error."""
+    meta = Metadata(1, "", node, 0, "ins", "1", 0.0, 600.0, "train")
+    if weights is None:
+        return Message(metadata=meta, error=Error(code=0, reason=f"node {node} is unavailable"))
+    content = {
+        "arrays": ArrayRecord(weights),
+        "metrics": MetricRecord({"num-examples": 10, "epsilon": 1.5}),
+        "site": ConfigRecord({"name": site}),
+    }
+    return Message(metadata=meta, content=RecordDict(content))
+
+
+def _strategy(work: Path, last_round: int = 0) -> FahrFedAvg:
+    state = FederationState(last_round, 3, "", "", "test", {})
+    strategy = FahrFedAvg(work, 3, 2, 1.0, {}, state, join_timeout_s=1)
+    strategy._global = {"w": torch.zeros(4)}
+    return strategy
+
+
+def test_a_round_completes_with_the_sites_that_replied_and_commits_its_state(tmp_path):
+    strategy = _strategy(tmp_path, last_round=1)  # resumed after round 1: Flower's round 1 is round 2
+    replies = [_reply(1, "a", {"w": torch.ones(4)}), _reply(2, "b", {"w": torch.ones(4) * 3}), _reply(3)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert torch.equal(arrays.to_torch_state_dict()["w"], torch.full((4,), 2.0))
+    (record,) = rounds_log(tmp_path)
+    assert record["round"] == 2 and set(record["sites"]) == {"a", "b"}
+    assert record["failures"] == {"node-3": "node 3 is unavailable"}
+    state = read_state(tmp_path)
+    assert (state.last_round, state.site_epsilon) == (2, {"a": 1.5, "b": 1.5})
+    assert state.checkpoint_sha256 == file_sha256(tmp_path / "checkpoints" / "global_round_002.safetensors")
+
+
+def test_too_few_usable_updates_fail_the_round_naming_the_sites(tmp_path):
+    strategy = _strategy(tmp_path)
+    strategy.aggregate_train(1, [_reply(1, "a", {"w": torch.ones(4)}), _reply(2, "b", {"w": torch.ones(4)})])
+    nan = {"w": torch.full((4,), float("nan"))}
+    with pytest.raises(
+        TooFewSites, match=r"round 2: only 0 of the 2 required sites.*'a': 'node 1 is unavail"
+    ):
+        strategy.aggregate_train(2, [_reply(1), _reply(2, "b", nan)])
+    assert read_state(tmp_path).last_round == 1  # the failed round is not committed
+    assert read_state(tmp_path).rejections == {}
+    assert "non-finite" in (tmp_path / "rejections.jsonl").read_text()
+
+
+def _finished_round(work: Path, toml: Path) -> None:
+    cfg = load_server_config(toml)
+    save_weights(work / "checkpoints" / "global_round_001.safetensors", {"w": torch.zeros(2)})
+    ckpt = "checkpoints/global_round_001.safetensors"
+    write_state(
+        work, FederationState(1, cfg.rounds, ckpt, file_sha256(work / ckpt), "test", model_record(cfg))
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "resume", "message"),
+    [
+        ("", False, "holds an earlier federation's results (state.json, checkpoints)"),
+        ("", True, None),
+        ('arch = "vit_tiny"', True, "the [model] settings changed since the run started (arch)"),
+        ("rounds", True, "the run planned 2 rounds and the config now says 3"),
+        ("tamper", True, "differs from the checkpoint recorded"),
+        ("fresh", True, "nothing to resume"),
+    ],
+)
+def test_resume_and_fresh_runs_refuse_what_they_cannot_continue(tmp_path, change, resume, message):
+    toml = server_toml(tmp_path, free_port(), 2, 1)
+    work = tmp_path / "server"
+    if change != "fresh":
+        _finished_round(work, toml)
+    if change == "tamper":
+        save_weights(work / "checkpoints" / "global_round_001.safetensors", {"w": torch.ones(2)})
+    text = toml.read_text()
+    text = text.replace("rounds = 2", "rounds = 3") if change == "rounds" else text
+    atomic_write_text(toml, text.replace('arch = "vit_micro"', change) if "arch" in change else text)
+    lines: list[str] = []
+    started: list[bool] = []
+
+    def stop_once_started() -> None:  # resumable: it got as far as starting the SuperLink
+        started.append(True)
+        raise KeyboardInterrupt
+
+    code = run_federation(load_server_config(toml), toml, True, lines.append, stop_once_started, resume)
+    if message is None:
+        assert code == 130 and started and "resuming: rounds 1 to 1 of 2 completed" in "\n".join(lines)
+    else:
+        assert code == 2 and not started and message in "\n".join(lines), lines
+    assert flower_processes_under(tmp_path) == []
+
+
+def uninterrupted(server: Path, sites: list[Path]) -> dict[str, torch.Tensor]:
+    """The federation's global model computed in this process, round after round without a break:
+    the same site training (SiteRuntime) and Flower's weighted averaging as the ServerApp's."""
+    cfg = load_server_config(server)
+    weights = initial_model(cfg).state_dict()
+    for server_round in range(1, cfg.rounds + 1):
+        replies = []
+        for toml in sites:
+            site = SiteRuntime(load_site_config(toml))
+            state, metrics = site.train_round(weights, cfg.model, server_round, cfg.rounds)
+            replies.append(
+                RecordDict(
+                    {"arrays": ArrayRecord(state), "metrics": MetricRecord({"n": metrics["num-examples"]})}
+                )
+            )
+        weights = aggregate_arrayrecords(replies, "n").to_torch_state_dict()
+    return weights
+
+
+@pytest.mark.e2e
+def test_server_crash_after_round_1_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    sizes = (40, 30)
+    port = free_port()
+    crash = tmp_path / "crashsrv"
+    toml = server_toml(crash, port, 2, 2)
+    # the reference: copies of the same sites (own ledgers), trained without interruption
+    plain_sites = make_sites(tmp_path / "plainsites", demo_faces_dir(), sizes, epsilon=4.0)
+    expected = uninterrupted(toml, plain_sites)
+
+    # The same federation again; the server crashes once round 1 is committed. The sites refuse
+    # round 2 until the server is back, so the crash cannot race a site already training round 2.
+    resume_go = tmp_path / "server-is-back"
+    inject_faults(tmp_path, monkeypatch, {s: {"2": f"fail-unless:{resume_go}"} for s in ("site1", "site2")})
+    sites = make_sites(tmp_path / "crashsites", demo_faces_dir(), sizes, epsilon=4.0)
+    work = crash / "server"
+    server_side = f"--runtime-api-address 127.0.0.1:{port}"
+    server = Managed(
+        "fahr-server",
+        [console_script("fahr-server"), "run", "--config", str(toml), "--insecure"],
+        crash / "cli.log",
+    )
+    clients = [
+        start_site(t, f"127.0.0.1:{port}", site_runtime_port(port, i), True) for i, t in enumerate(sites)
+    ]
+    try:
+        wait_for(lambda: (s := read_state(work)) is not None and s.last_round == 1, 600, "round 1", server)
+        # the CLI, SuperLink and `flwr run` name the folder; Flower's SuperExec and ServerApp (in a
+        # session of their own) name the SuperLink's address
+        groups = crash_processes_under(crash, server_side)
+        server.proc.wait(timeout=10)
+        wait_for(lambda: not live_groups(groups), 10, "the killed server's processes to end")
+        assert flower_processes_under(crash) == [] and flower_processes_under(server_side) == []
+
+        resume_go.touch()
+        lines = []
+        code = run_federation(load_server_config(toml), toml, insecure=True, echo=lines.append, resume=True)
+        assert code == 0, "\n".join(lines[-40:])
+    finally:
+        server.stop()
+        for c in clients:
+            c.stop()
+    assert "resuming: rounds 1 to 1 of 2 completed" in "\n".join(lines)
+
+    final = load_weights(work / "global_model.safetensors")
+    worst = max(float((final[k] - expected[k]).abs().max()) for k in final if final[k].is_floating_point())
+    assert worst < 1e-4, worst
+    assert any(
+        not torch.equal(final[k], load_weights(work / "checkpoints" / "global_round_001.safetensors")[k])
+        for k in final
+        if final[k].is_floating_point()
+    )
+    assert [r["round"] for r in rounds_log(work)] == [1, 2]
+    assert json.loads((work / "run.json").read_text())["completed_rounds"] == [1, 2]
+
+    state = read_state(work)
+    for toml_b, toml_a in zip(sites, plain_sites, strict=True):
+        ledger, plain_ledger = ledger_of(toml_b), ledger_of(toml_a)
+        assert [r["server_round"] for r in ledger.rounds] == [1, 2]  # each round counted once
+        assert ledger.epsilon == pytest.approx(plain_ledger.epsilon, rel=1e-6)
+        assert state.site_epsilon[load_site_config(toml_b).name] == pytest.approx(ledger.epsilon)
+    assert state.last_round == 2
+    assert flower_processes_under(tmp_path) == []
+    wait_for(lambda: not flower_processes_under(server_side), 30, "the SuperExec to follow the SuperLink")
+
+
+def clientapps_of(groups: set[int]) -> list[str]:
+    return [cmd for cmd in live_groups(groups) if "flwr-clientapp" in cmd]
+
+
+@pytest.mark.e2e
+def test_sites_dying_rejoining_and_sending_bad_updates(tmp_path, monkeypatch):
+    """Three sites, at least two needed. Round 1: site2 sends an oversized update. Round 2: site3
+    dies mid-round and restarts with the same key (site1 holds its round-2 training until then, so
+    the round stays open). Round 3: site1 sends NaN weights; the restarted site3 takes part."""
+    port = free_port()
+    security, connections = local_credentials(tmp_path / "certs", ["site1", "site2", "site3"], port)
+    sites = make_sites(tmp_path / "sites", demo_faces_dir(), (30, 30, 30), connections=connections)
+    restarted = tmp_path / "site3-restarted"
+    inject_faults(
+        tmp_path,
+        monkeypatch,
+        {"site1": {"2": f"wait-for:{restarted}", "3": "nan"}, "site2": {"1": "scale"}},
+    )
+    toml = server_toml(tmp_path, port, 3, 2, security)
+    work = tmp_path / "server"
+    node = tmp_path / "sites" / "site3"
+    site3: list[Managed] = []
+    problems: list[BaseException] = []
+
+    def kill_and_restart_site3() -> None:
+        try:
+            wait_for(lambda: (s := read_state(work)) is not None and s.last_round == 1, 900, "round 1")
+            wait_for(lambda: bool(clientapps_of(process_groups_under(node))), 300, "site3's round 2")
+            groups = crash_processes_under(node)
+            wait_for(lambda: not live_groups(groups), 10, "the killed site's processes to end")
+            problems.extend(AssertionError(cmd) for cmd in flower_processes_under(node))
+            # Flower counts a node as gone once it missed its heartbeats; restart only after that
+            time.sleep((HEARTBEAT_PATIENCE + 0.5) * HEARTBEAT_DEFAULT_INTERVAL)
+            log = node.parent / "site3-client.log"
+            site3.append(start_site(sites[2], f"127.0.0.1:{port}", free_port()))
+            wait_for(lambda: log.read_text().count("SuperNode joining") == 2, 300, "site3 to restart")
+        except BaseException as e:  # reported by the test, after the federation
+            problems.append(e)
+        finally:
+            restarted.touch()
+
+    lines: list[str] = []
+    watcher = threading.Thread(target=kill_and_restart_site3, daemon=True)
+    watcher.start()
+    try:
+        code = run_local_federation(toml, sites, lines.append)
+    finally:
+        for c in site3:
+            c.stop()
+    watcher.join(timeout=5)
+    assert not problems, problems
+    assert code == 0, "\n".join(lines[-40:])
+
+    r1, r2, r3 = rounds_log(work)
+    assert set(r1["rejected"]) == {"site2"} and "median of the other sites" in r1["rejected"]["site2"]
+    assert set(r1["sites"]) == {"site1", "site3"}
+    assert set(r2["sites"]) == {"site1", "site2"} and not r2["rejected"]
+    assert set(r2["failures"]) == {"site3"}, r2["failures"]  # Flower's node-unavailable error
+    assert set(r3["rejected"]) == {"site1"} and "non-finite" in r3["rejected"]["site1"]
+    assert set(r3["sites"]) == {"site2", "site3"}  # the restarted site rejoined
+    logged = [json.loads(line) for line in (work / "rejections.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["site"]) for r in logged] == [(1, "site2"), (3, "site1")]
+    assert read_state(work).rejections == {"site1": 1, "site2": 1}
+    assert flower_processes_under(tmp_path) == []
