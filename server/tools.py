@@ -63,6 +63,7 @@ def certs_site(
 
 
 DEMO_ENCODER = demo_faces_dir() / "encoder_vit_micro.safetensors"
+DEMO_AGE_MODEL = demo_faces_dir() / "age_vit_micro.safetensors"  # every site's FAD (docs/fad.md)
 
 
 def _floats(text: str, what: str) -> tuple[float, ...]:
@@ -142,6 +143,7 @@ workdir = "server"
 [model]
 arch = "vit_micro"
 encoder_checkpoint = "{DEMO_ENCODER}"
+age_checkpoint = "{DEMO_AGE_MODEL}"
 
 {security}""",
     )
