@@ -23,12 +23,12 @@ from scipy import stats
 
 from fahr_core.survival.metrics import (
     NotEstimable,
-    _adjusters,
-    _cox_hr,
-    _finite,
-    _model_name,
+    adjusters,
     as_arrays,
     as_covariate,
+    cox_hr,
+    finite,
+    model_name,
 )
 
 DECADE = 10.0  # FAD enters the Cox models in decades: an HR per 10 years reads like the paper's
@@ -45,9 +45,9 @@ def _correlation(fad: np.ndarray, risk: np.ndarray) -> dict[str, Any]:
     return {
         "pearson": r,
         "pearson_ci": [float(ci.low), float(ci.high)],
-        "pearson_p": _finite(float(pearson.pvalue)),
-        "spearman": _finite(float(spearman.statistic)),
-        "spearman_p": _finite(float(spearman.pvalue)),
+        "pearson_p": finite(float(pearson.pvalue)),
+        "spearman": finite(float(spearman.statistic)),
+        "spearman_p": finite(float(spearman.pvalue)),
         "alarm_threshold": REDUNDANCY_ALARM,
         "redundancy_alarm": abs(r) > REDUNDANCY_ALARM,
     }
@@ -56,7 +56,7 @@ def _correlation(fad: np.ndarray, risk: np.ndarray) -> dict[str, Any]:
 def _lr_test(ll_full: float, ll_reduced: float) -> dict[str, Any]:
     """Likelihood-ratio test of one added covariate (1 degree of freedom)."""
     chi2 = max(0.0, 2.0 * (ll_full - ll_reduced))  # a nested fit cannot lose likelihood; clip rounding
-    return {"chi2": chi2, "df": 1, "p": _finite(float(stats.chi2.sf(chi2, 1)))}
+    return {"chi2": chi2, "df": 1, "p": finite(float(stats.chi2.sf(chi2, 1)))}
 
 
 def fad_statistics(
@@ -79,12 +79,12 @@ def fad_statistics(
     time, event, risk = as_arrays(time, event, risk)
     n = len(time)
     fad = as_covariate(fad, n, "fad")
-    adjust = _adjusters(as_covariate(age, n, "age"), as_covariate(male, n, "male", binary=True))
+    adjust = adjusters(as_covariate(age, n, "age"), as_covariate(male, n, "male", binary=True))
     notes: list[str] = []
     out: dict[str, Any] = {
         "n": n,
         "mean": float(fad.mean()) if n else None,
-        "sd": _finite(float(np.std(fad, ddof=1))) if n > 1 else None,
+        "sd": finite(float(np.std(fad, ddof=1))) if n > 1 else None,
         "mean_abs": float(np.abs(fad).mean()) if n else None,
         "hr_per_decade": None,
         "correlation": None,
@@ -113,15 +113,15 @@ def fad_statistics(
     decades = fad / DECADE
     risk_sd = (risk - risk.mean()) / float(np.std(risk, ddof=1))
     try:
-        fad_hr, fad_fit, _, extra = _cox_hr(
-            time, event, "fad_per_decade", decades, adjust, _model_name("FAD-per-decade", adjust)
+        fad_hr, fad_fit, _, extra = cox_hr(
+            time, event, "fad_per_decade", decades, adjust, model_name("FAD-per-decade", adjust)
         )
         out["hr_per_decade"] = fad_hr
         notes += extra
-        _, risk_fit, _, _ = _cox_hr(
-            time, event, "risk_per_sd", risk_sd, adjust, _model_name("risk-score-per-SD", adjust)
+        _, risk_fit, _, _ = cox_hr(
+            time, event, "risk_per_sd", risk_sd, adjust, model_name("risk-score-per-SD", adjust)
         )
-        both_hr, both_fit, _, _ = _cox_hr(
+        both_hr, both_fit, _, _ = cox_hr(
             time,
             event,
             "fad_per_decade",
@@ -136,10 +136,10 @@ def fad_statistics(
     out["joint"] = {
         "fad_per_decade": both_hr,
         "risk_per_sd": {
-            "hr": _finite(risk_row["exp(coef)"]),
-            "ci_low": _finite(risk_row["exp(coef) lower 95%"]),
-            "ci_high": _finite(risk_row["exp(coef) upper 95%"]),
-            "p": _finite(risk_row["p"]),
+            "hr": finite(risk_row["exp(coef)"]),
+            "ci_low": finite(risk_row["exp(coef) lower 95%"]),
+            "ci_high": finite(risk_row["exp(coef) upper 95%"]),
+            "p": finite(risk_row["p"]),
         },
         "adjusted_for": both_hr["adjusted_for"],
         "lr_test": {

@@ -231,7 +231,7 @@ def time_dependent_auc(
         except ValueError as exc:
             notes.append(_sksurv_reason(exc, label))
             continue
-        row["auc"] = _finite(auc)
+        row["auc"] = finite(auc)
         if row["auc"] is None:
             notes.append(f"{label} is undefined for this cohort.")
     return {"by_time": by_time, "notes": notes}
@@ -278,11 +278,11 @@ def logrank_quartiles(time: np.ndarray, event: np.ndarray, quartile: np.ndarray)
     return float(multivariate_logrank_test(time, quartile, event).p_value)
 
 
-def _adjusters(age: np.ndarray | None, male: np.ndarray | None) -> dict[str, np.ndarray]:
+def adjusters(age: np.ndarray | None, male: np.ndarray | None) -> dict[str, np.ndarray]:
     return {k: v for k, v in (("age", age), ("male", male)) if v is not None}
 
 
-def _cox_hr(
+def cox_hr(
     time: np.ndarray,
     event: np.ndarray,
     term: str,
@@ -327,17 +327,17 @@ def _cox_hr(
             "data carry no information about it (e.g. all deaths at the same time)."
         )
     hr = {
-        "hr": _finite(row["exp(coef)"]),
-        "ci_low": _finite(row["exp(coef) lower 95%"]),
-        "ci_high": _finite(row["exp(coef) upper 95%"]),
-        "p": _finite(row["p"]),
+        "hr": finite(row["exp(coef)"]),
+        "ci_low": finite(row["exp(coef) lower 95%"]),
+        "ci_high": finite(row["exp(coef) upper 95%"]),
+        "p": finite(row["p"]),
         "n": len(df),
         "adjusted_for": [c for c in df.columns if c in adjust],
     }
     return hr, cph, df, notes
 
 
-def _model_name(base: str, adjust: Mapping[str, np.ndarray]) -> str:
+def model_name(base: str, adjust: Mapping[str, np.ndarray]) -> str:
     if not adjust:
         return f"unadjusted {base}"
     return f"{base} (adjusted for {' and '.join(ADJUSTER_LABELS[k] for k in adjust)})"
@@ -349,16 +349,14 @@ def _top_vs_bottom(
     """HR of the top vs bottom risk quartile; only patients in those two quartiles enter the model."""
     q = risk_quartiles(risk)
     keep = (q == 0) | (q == 3)
-    what = _model_name("highest-vs-lowest-quartile", adjust)
+    what = model_name("highest-vs-lowest-quartile", adjust)
     if not event[keep].any():
         raise NotEstimable(
             "No deaths among patients in the lowest and highest risk quartiles, so their hazard ratio "
             "cannot be estimated."
         )
     sub = {k: v[keep] for k, v in adjust.items()}
-    hr, _, _, notes = _cox_hr(
-        time[keep], event[keep], "top_quartile", (q[keep] == 3).astype(float), sub, what
-    )
+    hr, _, _, notes = cox_hr(time[keep], event[keep], "top_quartile", (q[keep] == 3).astype(float), sub, what)
     return hr, notes
 
 
@@ -367,7 +365,7 @@ def _ph_check(cph: CoxPHFitter, df: pd.DataFrame) -> tuple[dict[str, Any], list[
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = proportional_hazard_test(cph, df, time_transform="rank")
-    p = {str(k): _finite(v) for k, v in result.summary["p"].items()}
+    p = {str(k): finite(v) for k, v in result.summary["p"].items()}
     out = {"time_transform": "rank", "p": p, "risk_score_violates": None}
     notes = []
     risk_p = p.get("risk_per_sd")
@@ -403,7 +401,7 @@ def adjusted_hazard_ratios(
     """
     time, event, risk = as_arrays(time, event, risk)
     n, events = len(time), int(event.sum())
-    adjust = _adjusters(as_covariate(age, n, "age"), as_covariate(male, n, "male", binary=True))
+    adjust = adjusters(as_covariate(age, n, "age"), as_covariate(male, n, "male", binary=True))
     out: dict[str, Any] = {"top_vs_bottom": None, "per_sd": None, "ph_test": None, "notes": []}
     notes: list[str] = out["notes"]
     skip = quartile_skip_reason(n, events)
@@ -420,8 +418,8 @@ def adjusted_hazard_ratios(
         notes.append("All risk scores are identical, so a hazard ratio per standard deviation is undefined.")
         return out
     try:
-        what = _model_name("per-SD", adjust)
-        hr, cph, df, extra = _cox_hr(time, event, "risk_per_sd", (risk - risk.mean()) / sd, adjust, what)
+        what = model_name("per-SD", adjust)
+        hr, cph, df, extra = cox_hr(time, event, "risk_per_sd", (risk - risk.mean()) / sd, adjust, what)
         out["per_sd"] = {**hr, "sd": sd}
         notes += extra
     except NotEstimable as exc:
@@ -511,8 +509,8 @@ def calibration(time: np.ndarray, event: np.ndarray, surv_pred: Mapping[float, n
                 {
                     "n": int(mask.sum()),
                     "predicted": float(pred[mask].mean()),
-                    "observed": None if km is None else _finite(km[0]),
-                    "observed_ci": None if km is None else [_finite(km[1]), _finite(km[2])],
+                    "observed": None if km is None else finite(km[0]),
+                    "observed_ci": None if km is None else [finite(km[1]), finite(km[2])],
                 }
             )
         done = [b for b in row["bins"] if b["observed"] is not None]
@@ -546,7 +544,7 @@ def demographics(age: np.ndarray | None, male: np.ndarray | None) -> dict[str, A
     if age is not None and len(age):
         out["age"] = {
             "mean": float(age.mean()),
-            "sd": _finite(float(np.std(age, ddof=1))) if len(age) > 1 else None,
+            "sd": finite(float(np.std(age, ddof=1))) if len(age) > 1 else None,
             # quartiles, not min/max: the extremes are two real patients' exact ages
             "q1": float(np.percentile(age, 25)),
             "q3": float(np.percentile(age, 75)),
@@ -556,7 +554,7 @@ def demographics(age: np.ndarray | None, male: np.ndarray | None) -> dict[str, A
     return out
 
 
-def _finite(x: float) -> float | None:
+def finite(x: float) -> float | None:
     """JSON has no NaN/inf: undefined numbers become None."""
     return float(x) if np.isfinite(x) else None
 
@@ -636,7 +634,7 @@ def evaluate(
         notes.append("The cohort is empty: no statistic can be computed.")
         return out
 
-    out["median_follow_up"] = _finite(median_follow_up(time, event))
+    out["median_follow_up"] = finite(median_follow_up(time, event))
     if out["median_follow_up"] is None:
         notes.append(
             "Median follow-up (reverse Kaplan-Meier) is not reported: too few patients were still alive "
@@ -679,7 +677,7 @@ def evaluate(
     if skip is not None:
         notes.append(skip)
         return out
-    out["logrank_p"] = _finite(logrank_quartiles(time, event, risk_quartiles(risk)))
+    out["logrank_p"] = finite(logrank_quartiles(time, event, risk_quartiles(risk)))
     if out["logrank_p"] is None:
         notes.append("The log-rank test across risk quartiles gave no finite p-value for this cohort.")
     adjust = age is not None or male is not None
