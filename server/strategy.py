@@ -92,6 +92,7 @@ class FahrFedAvg(FedAvg):
         self.state = state
         self.offset = state.last_round
         self._sites: dict[int, str] = {}  # node id -> site name, to name a site whose reply is an error
+        self._sent: list[Message] = []  # this round's train messages (the grid sets their ids on sending)
         self.secure_sum = secure_sum  # None: sites send weights; else only their sum is learnt
 
     def _await_sites(self, grid: Grid) -> None:
@@ -110,7 +111,8 @@ class FahrFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self._await_sites(grid)
         self._global = arrays.to_torch_state_dict()
-        return super().configure_train(server_round + self.offset, arrays, config, grid)
+        self._sent = list(super().configure_train(server_round + self.offset, arrays, config, grid))
+        return self._sent
 
     def _screen(self, server_round: int, replies: list[Message]) -> tuple[list[Message], dict[str, str]]:
         """Drop replies whose weights are malformed or outliers; log each rejection with its reason."""
@@ -143,13 +145,19 @@ class FahrFedAvg(FedAvg):
         return messages
 
     def _failures(self, replies: list[Message]) -> dict[str, str]:
-        """site -> reason for each error reply (a site that died mid-round: Flower's node-unavailable)."""
+        """site -> reason for each error reply (a site that died mid-round: Flower's node-unavailable).
+
+        The SuperLink writes such a reply itself, from its own node id, so the site is found from
+        the message it answers.
+        """
         for m in replies:
             if not m.has_error():
                 self._sites[m.metadata.src_node_id] = site_of(m)
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        failed = {sent_to.get(m.metadata.reply_to_message_id, m.metadata.src_node_id): m for m in replies}
         return {
-            self._sites.get(m.metadata.src_node_id, f"node-{m.metadata.src_node_id}"): str(m.error.reason)
-            for m in replies
+            self._sites.get(node, f"node-{node}"): str(m.error.reason)
+            for node, m in failed.items()
             if m.has_error()
         }
 

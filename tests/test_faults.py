@@ -154,10 +154,12 @@ def ledger_of(toml: Path) -> PrivacyLedger:
 
 
 def _reply(node: int, site: str = "", weights: dict | None = None) -> Message:
-    """A train reply as the ServerApp receives it: weights and metrics, or Flower's error."""
-    meta = Metadata(1, "", node, 0, "ins", "1", 0.0, 600.0, "train")
+    """A train reply as the ServerApp receives it: weights and metrics from the site, or an error
+    the SuperLink wrote itself (from its own node id, 1) for the message it sent to `node`."""
     if weights is None:
+        meta = Metadata(1, "", 1, 0, f"to-{node}", "1", 0.0, 600.0, "train")
         return Message(metadata=meta, error=Error(code=0, reason=f"node {node} is unavailable"))
+    meta = Metadata(1, "", node, 0, f"to-{node}", "1", 0.0, 600.0, "train")
     content = {
         "arrays": ArrayRecord(weights),
         "metrics": MetricRecord({"num-examples": 10, "epsilon": 1.5}),
@@ -170,6 +172,10 @@ def _strategy(work: Path, last_round: int = 0) -> FahrFedAvg:
     state = FederationState(last_round, 3, "", "", "test", {})
     strategy = FahrFedAvg(work, 3, 2, 1.0, {}, state, join_timeout_s=1)
     strategy._global = {"w": torch.zeros(4)}
+    strategy._sent = [  # the train messages, with the ids the grid gave them when sending
+        Message(metadata=Metadata(1, f"to-{n}", 1, n, "", "1", 0.0, 600.0, "train"), content=RecordDict())
+        for n in (1, 2, 3)
+    ]
     return strategy
 
 
@@ -180,7 +186,7 @@ def test_a_round_completes_with_the_sites_that_replied_and_commits_its_state(tmp
     assert torch.equal(arrays.to_torch_state_dict()["w"], torch.full((4,), 2.0))
     (record,) = rounds_log(tmp_path)
     assert record["round"] == 2 and set(record["sites"]) == {"a", "b"}
-    assert record["failures"] == {"node-3": "node 3 is unavailable"}
+    assert record["failures"] == {"node-3": "node 3 is unavailable"}  # never replied: name unknown
     state = read_state(tmp_path)
     assert (state.last_round, state.site_epsilon) == (2, {"a": 1.5, "b": 1.5})
     assert state.checkpoint_sha256 == file_sha256(tmp_path / "checkpoints" / "global_round_002.safetensors")
@@ -362,8 +368,8 @@ def test_sites_dying_rejoining_and_sending_bad_updates(tmp_path, monkeypatch):
             problems.extend(AssertionError(cmd) for cmd in flower_processes_under(node))
             # Flower counts a node as gone once it missed its heartbeats; restart only after that
             time.sleep((HEARTBEAT_PATIENCE + 0.5) * HEARTBEAT_DEFAULT_INTERVAL)
-            log = node.parent / "site3-client.log"
             site3.append(start_site(sites[2], f"127.0.0.1:{port}", free_port()))
+            log = site3[0].log_path  # the same file as the first start's: count the joins
             wait_for(lambda: log.read_text().count("SuperNode joining") == 2, 300, "site3 to restart")
         except BaseException as e:  # reported by the test, after the federation
             problems.append(e)
