@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from fahr_core.age.split import TOP_DECADE, decade
 from fahr_core.cohort.faces import FaceRecord
 from fahr_core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from fahr_core.report.figures import _png
+from fahr_core.report.figures import figure_png
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
@@ -74,7 +74,7 @@ def error_vs_age_png(ages: np.ndarray, predicted: np.ndarray, metrics: dict[str,
     ax.set_ylabel("error (years)")
     ax.set_title(f"MAE {metrics['mae']:.2f} y, mean per-decade MAE {metrics['mean_decade_mae']:.2f} y")
     ax.legend(loc="upper right", fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def write_evaluation(

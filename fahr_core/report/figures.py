@@ -20,7 +20,7 @@ from fahr_core.survival.metrics import QUARTILE_LABELS, KMCurve
 _QUARTILE_COLOURS = ("#2166ac", "#67a9cf", "#ef8a62", "#b2182b")
 
 
-def _png(fig: Figure) -> bytes:
+def figure_png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -42,7 +42,7 @@ def km_quartiles_png(curves: Sequence[KMCurve]) -> bytes:
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def forest_png(
@@ -92,7 +92,7 @@ def forest_png(
         ax.set_xlim(0, 1)
     ax.set_xlabel(xlabel)
     ax.grid(axis="x", alpha=0.3)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def calibration_png(horizons: Sequence[dict[str, Any]]) -> bytes | None:
@@ -126,7 +126,7 @@ def calibration_png(horizons: Sequence[dict[str, Any]]) -> bytes | None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Observed survival (Kaplan-Meier)")
     axes[0].legend(loc="upper left", fontsize=7)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def saliency_png(maps: dict[str, np.ndarray], mean_face: np.ndarray) -> bytes:
@@ -143,4 +143,4 @@ def saliency_png(maps: dict[str, np.ndarray], mean_face: np.ndarray) -> bytes:
         ax.imshow(m, cmap="inferno", alpha=0.6, vmin=0, vmax=float(np.percentile(m, 99)) or None)
         ax.set_title(label, fontsize=10)
         ax.set_axis_off()
-    return _png(fig)
+    return figure_png(fig)
