@@ -150,6 +150,12 @@ class ServerConfig:
     # the server learns only the sum of the sites' updates (docs/security.md: off by default, and why)
     secure_aggregation: bool = False
     secagg_clip: float = 1.0  # per-coordinate range of each site's example-weighted update under it
+    # how screened updates are combined: "fedavg" (weighted mean), or a robust rule from Flower against
+    # poisoned updates that pass screening: "median", "trimmed_mean" (trim_fraction cut at each end),
+    # "krum" (the update closest to its neighbours, tolerating krum_malicious sites)
+    aggregation: str = "fedavg"
+    trim_fraction: float = 0.2
+    krum_malicious: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     security: SecurityConfig | None = None  # None: no [security] table; only --insecure runs
 
@@ -289,6 +295,18 @@ def server_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> Ser
         f"{source}: [federation].secure_aggregation needs min_sites >= 2 (the sum of one site is its update)",
     )
     _check(cfg.secagg_clip > 0, f"{source}: [federation].secagg_clip must be > 0")
+    _check(
+        cfg.aggregation in AGGREGATIONS,
+        f"{source}: [federation].aggregation must be one of {', '.join(AGGREGATIONS)}, "
+        f"not {cfg.aggregation!r}",
+    )
+    _check(
+        cfg.aggregation == "fedavg" or not cfg.secure_aggregation,
+        f"{source}: [federation].aggregation = {cfg.aggregation!r} needs each site's update, which secure "
+        "aggregation hides; use 'fedavg' with secure_aggregation",
+    )
+    _check(0 <= cfg.trim_fraction < 0.5, f"{source}: [federation].trim_fraction must be in [0, 0.5)")
+    _check(cfg.krum_malicious >= 0, f"{source}: [federation].krum_malicious must be >= 0")
     _check(cfg.model.arch in ARCHS, f"{source}: [model].arch must be one of {', '.join(ARCHS)}")
     _check(cfg.model.img_size % 16 == 0, f"{source}: [model].img_size must be a multiple of 16")
     _check(cfg.model.n_intervals >= 2, f"{source}: [model].n_intervals must be >= 2")
@@ -296,6 +314,7 @@ def server_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> Ser
 
 
 ARCHS = ("vit_base", "vit_small", "vit_tiny", "vit_micro")
+AGGREGATIONS = ("fedavg", "median", "trimmed_mean", "krum")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from fahr_core.report.federation import write_federation_report
 from fahr_core.report.wire import metrics_to_summary
 from fahr_server.secagg import SecureSum
 from fahr_server.state import FederationState, model_record, resume_point
-from fahr_server.strategy import FahrFedAvg
+from fahr_server.strategy import FahrFedAvg, robust_aggregator
 
 app = ServerApp()
 log = logging.getLogger("fahr_server")
@@ -79,9 +79,10 @@ def main(grid: Grid, context: Context) -> None:
         state,
         join_timeout_s=cfg.join_timeout_s,
         secure_sum=secure_sum,
+        age_model=age_model_payload(Path(cfg.model.age_checkpoint)) if cfg.model.age_checkpoint else None,
+        aggregator=robust_aggregator(cfg.aggregation, cfg.trim_fraction, cfg.krum_malicious),
     )
     if cfg.model.age_checkpoint:
-        strategy.age_model = age_model_payload(Path(cfg.model.age_checkpoint))
         log.info("age model for the sites' FAD analysis: %s", cfg.model.age_checkpoint)
     started = time.time()
     strategy.start(

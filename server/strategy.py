@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fahr_core.age import delivery
@@ -48,6 +48,24 @@ def aggregate_train_metrics(contents: list[RecordDict], weight_key: str) -> Metr
     return agg
 
 
+def robust_aggregator(name: str, trim_fraction: float, krum_malicious: int) -> FedAvg | None:
+    """Flower's strategy whose `aggregate_train` combines the screened updates; None: plain FedAvg.
+
+    Screening rejects broken and grossly outlying updates; these rules also bound what a site whose
+    poisoned update passes screening can do, at the cost of ignoring how many patients each site has.
+    """
+    common = {"train_metrics_aggr_fn": aggregate_train_metrics}
+    if name == "median":
+        return FedMedian(**common)
+    if name == "trimmed_mean":
+        return FedTrimmedAvg(beta=trim_fraction, **common)
+    if name == "krum":
+        return Krum(num_malicious_nodes=krum_malicious, **common)
+    if name == "fedavg":
+        return None
+    raise ValueError(f"unknown aggregation {name!r}")
+
+
 class TooFewSites(RuntimeError):
     """Fewer than the minimum number of sites are connected."""
 
@@ -60,10 +78,6 @@ class FahrFedAvg(FedAvg):
     hook maps it, and sites see the true round (their DP noise seed and budget schedule depend on it).
     """
 
-    # the federation's one age model, (file bytes, sha256), sent with the final evaluation for every site's
-    # face-age deviation analysis (fahr_core.age.delivery); set by the ServerApp when configured
-    age_model: tuple[np.ndarray, str] | None = None
-
     def __init__(
         self,
         workdir: Path,
@@ -74,6 +88,8 @@ class FahrFedAvg(FedAvg):
         state: FederationState,
         join_timeout_s: float = 600.0,
         secure_sum: SecureSum | None = None,
+        age_model: tuple[np.ndarray, str] | None = None,
+        aggregator: FedAvg | None = None,
     ):
         super().__init__(
             fraction_train=fraction_train,
@@ -94,6 +110,10 @@ class FahrFedAvg(FedAvg):
         self._sites: dict[int, str] = {}  # node id -> site name, to name a site whose reply is an error
         self._sent: list[Message] = []  # this round's train messages (the grid sets their ids on sending)
         self.secure_sum = secure_sum  # None: sites send weights; else only their sum is learnt
+        # the federation's one age model, (file bytes, sha256), sent with the final evaluation for every
+        # site's face-age deviation analysis (fahr_core.age.delivery); None: no FAD analysis
+        self.age_model = age_model
+        self.aggregator = aggregator  # a robust rule from robust_aggregator(); None: FedAvg itself
 
     def _await_sites(self, grid: Grid) -> None:
         """Fail the run with a clear message instead of waiting forever for missing sites."""
@@ -165,7 +185,8 @@ class FahrFedAvg(FedAvg):
         server_round += self.offset
         if self.secure_sum is None:
             replies, rejected = self._screen(server_round, list(replies))
-            arrays, metrics = super().aggregate_train(server_round, replies)
+            combine = self.aggregator.aggregate_train if self.aggregator else super().aggregate_train
+            arrays, metrics = combine(server_round, replies)
         else:  # masked updates cannot be screened one by one (docs/security.md)
             replies, weights = self.secure_sum.run(server_round, replies, self._global or {})
             rejected, arrays = {}, ArrayRecord(weights)

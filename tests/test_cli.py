@@ -73,6 +73,12 @@ def test_server_config_errors_name_the_key(tmp_path):
     path.write_text("[model]\nencoder_checkpoint = 'mae.safetensors'\n")
     with pytest.raises(ConfigError, match=r"encoder_checkpoint .*mae.safetensors not found"):
         load_server_config(path)
+    path.write_text("[federation]\naggregation = 'mean'\n")
+    with pytest.raises(ConfigError, match=r"\[federation\].aggregation must be one of fedavg, median"):
+        load_server_config(path)
+    path.write_text("[federation]\naggregation = 'krum'\nsecure_aggregation = true\n")
+    with pytest.raises(ConfigError, match=r"'krum' needs each site's update, which secure aggregation hides"):
+        load_server_config(path)
     path.write_text("[model]\narch = 'vit_huge'\n")
     result = runner.invoke(server_app, ["run", "--config", str(path), "--insecure"])
     assert result.exit_code == 2 and "[model].arch" in result.output

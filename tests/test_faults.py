@@ -18,6 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common import Metadata
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fahr_core.cohort import demo_faces_dir
@@ -32,7 +33,7 @@ from fahr_server.cli import run_federation
 from fahr_server.flower import console_script
 from fahr_server.local import local_credentials, run_local_federation, site_runtime_port, start_site
 from fahr_server.state import FederationState, file_sha256, model_record, read_state, write_state
-from fahr_server.strategy import FahrFedAvg, TooFewSites
+from fahr_server.strategy import FahrFedAvg, TooFewSites, robust_aggregator
 from tests.conftest import (
     crash_processes_under,
     flower_processes_under,
@@ -168,9 +169,9 @@ def _reply(node: int, site: str = "", weights: dict | None = None) -> Message:
     return Message(metadata=meta, content=RecordDict(content))
 
 
-def _strategy(work: Path, last_round: int = 0) -> FahrFedAvg:
+def _strategy(work: Path, last_round: int = 0, aggregator: FedAvg | None = None) -> FahrFedAvg:
     state = FederationState(last_round, 3, "", "", "test", {})
-    strategy = FahrFedAvg(work, 3, 2, 1.0, {}, state, join_timeout_s=1)
+    strategy = FahrFedAvg(work, 3, 2, 1.0, {}, state, join_timeout_s=1, aggregator=aggregator)
     strategy._global = {"w": torch.zeros(4)}
     strategy._sent = [  # the train messages, with the ids the grid gave them when sending
         Message(metadata=Metadata(1, f"to-{n}", 1, n, "", "1", 0.0, 600.0, "train"), content=RecordDict())
@@ -203,6 +204,21 @@ def test_too_few_usable_updates_fail_the_round_naming_the_sites(tmp_path):
     assert read_state(tmp_path).last_round == 1  # the failed round is not committed
     assert read_state(tmp_path).rejections == {}
     assert "non-finite" in (tmp_path / "rejections.jsonl").read_text()
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [("fedavg", 3.7), ("median", 3.0), ("trimmed_mean", (2 + 3 + 3.5) / 3), ("krum", 3.0)],
+)
+def test_robust_aggregation_limits_a_poisoned_update_that_passes_screening(tmp_path, rule, expected):
+    """Five sites, one pulling the model to 9: its update is within 5x the median norm, so only the
+    aggregation rule can limit it (Krum keeps the update nearest its neighbours: 3)."""
+    strategy = _strategy(tmp_path, aggregator=robust_aggregator(rule, trim_fraction=0.2, krum_malicious=1))
+    values = (1.0, 2.0, 3.0, 3.5, 9.0)
+    replies = [_reply(n, f"s{n}", {"w": torch.full((4,), v)}) for n, v in enumerate(values, start=1)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert rounds_log(tmp_path)[0]["rejected"] == {}  # screening let the poisoned update through
+    torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.full((4,), expected))
 
 
 def _finished_round(work: Path, toml: Path) -> None:
