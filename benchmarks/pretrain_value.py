@@ -10,8 +10,9 @@ The evidence issue #6 asks for, at CPU scale. Stages (each prints what it ran):
     fahr pretrain --data RUN/shards-train --out RUN/mae ...      (see docs/pretraining.md)
     fahr export-encoder --checkpoint RUN/mae/checkpoint.pt --out RUN/encoder.safetensors
     python benchmarks/pretrain_value.py finetune --out RUN [--init RUN/encoder.safetensors]
-        fine-tunes an AgeViT on the training shards (or a seeded subset, --subset) with a fixed
-        budget and writes the validation MAE (overall and per decade) to
+        fine-tunes an AgeViT with `fahr age train`'s trainer (general stage: L1, layer-wise lr decay)
+        on the training shards (or a seeded subset, --subset) with a fixed budget and writes the
+        validation MAE (overall and per decade) to
         RUN/finetune-<mae|random>-<faces>x<epochs>.json.
     python benchmarks/pretrain_value.py probe --out RUN [--init RUN/encoder.safetensors]
         ridge regression of age on the frozen encoder's features (4,000 training faces):
@@ -28,14 +29,15 @@ import os
 import platform
 import subprocess
 import sys
-import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fahr_core.age.model import AgeViT
-from fahr_core.age.split import decade, decade_split
+from fahr_core.age.split import decade_split
+from fahr_core.age.train import AgeTrainConfig, train_age_model
 from fahr_core.faces.detect import BlazeFaceDetector
 from fahr_core.faces.images import to_input
 from fahr_core.faces.pipeline import align_photos
@@ -86,79 +88,39 @@ def _part(out: Path, part: str, ages: dict[str, float]) -> tuple[np.ndarray, np.
     return reader.read(np.arange(len(reader))), y
 
 
-@torch.no_grad()
-def _predict(model: AgeViT, x: np.ndarray) -> np.ndarray:
-    model.eval()
-    return np.concatenate([model(to_input(x[i : i + 256])).numpy() for i in range(0, len(x), 256)])
-
-
 def finetune(
     out: Path, init: Path | None, arch: str, epochs: int, batch_size: int, lr: float, subset: int
 ) -> dict:
-    """AdamW + one-cycle cosine, L1 loss, horizontal flips; the same for both initialisations.
+    """`fahr age train`'s trainer (general stage only, the same for both initialisations).
 
     `subset` > 0 fine-tunes on that many training faces (a seeded draw, the same for both), for a
-    CPU-sized budget; the validation part is always evaluated in full, once, at the end.
+    CPU-sized budget; the validation part is evaluated after every epoch and the last epoch reported.
     """
     ages = {Path(r["file"]).name: float(r["age"]) for r in _labels()}
     x_train, y_train = _part(out, "train", ages)
     x_val, y_val = _part(out, "validation", ages)
-    rng = np.random.default_rng(0)
     if subset:
-        keep = np.sort(rng.permutation(len(x_train))[:subset])
+        keep = np.sort(np.random.default_rng(0).permutation(len(x_train))[:subset])
         x_train, y_train = x_train[keep], y_train[keep]
-    torch.manual_seed(0)
-    model = AgeViT(arch, 112, float(y_train.mean()))
-    if init is not None:
-        load_encoder_weights(model.encoder, init)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    steps = epochs * (len(x_train) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    y = torch.from_numpy(y_train)
-    curve, start = [], time.perf_counter()
-    for epoch in range(epochs):
-        total = 0.0
-        model.train()
-        order = rng.permutation(len(x_train))
-        for b in range(len(x_train) // batch_size):
-            idx = order[b * batch_size : (b + 1) * batch_size]
-            xb = to_input(x_train[idx])
-            if rng.random() < 0.5:
-                xb = xb.flip(-1)
-            loss = (model(xb) - y[idx]).abs().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach())
-        train_l1 = total / (len(x_train) // batch_size)
-        curve.append({"epoch": epoch + 1, "train_l1": train_l1, "s": round(time.perf_counter() - start)})
-        print(f"[{init or 'random'}] epoch {epoch + 1}/{epochs}: train L1 {train_l1:.2f} y", flush=True)
-    err = np.abs(_predict(model, x_val) - y_val)
-    per_decade = {
-        str(d): float(err[[decade(a) == d for a in y_val]].mean()) for d in sorted({decade(a) for a in y_val})
-    }
+    cfg = AgeTrainConfig(arch=arch, epochs=epochs, balanced_epochs=0, batch_size=batch_size, lr=lr)
+    tag = f"{'mae' if init else 'random'}-{len(x_train)}x{epochs}"
+    run = train_age_model(cfg, x_train, y_train, x_val, y_val, out / f"finetune-{tag}", init)
+    last = run["history"][-1]
     result = {
         "init": str(init) if init else "random",
-        "arch": arch,
-        "params": sum(p.numel() for p in model.parameters()),
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
+        "config": asdict(cfg),
         "n_train": len(x_train),
         "train_subset_seed": 0 if subset else None,
         "n_validation": len(x_val),
-        "val_mae": float(err.mean()),
-        "val_mean_decade_mae": float(np.mean(list(per_decade.values()))),
-        "val_mae_by_decade": per_decade,
-        "curve": curve,
-        "seconds": time.perf_counter() - start,
+        "val_mae": last["val_mae"],
+        "val_mean_decade_mae": last["val_mean_decade_mae"],
+        "curve": run["history"],
+        "seconds": run["seconds"],
         "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
     }
-    atomic_write_json(out / f"finetune-{'mae' if init else 'random'}-{len(x_train)}x{epochs}.json", result)
+    atomic_write_json(out / f"finetune-{tag}.json", result)
     return result
 
 

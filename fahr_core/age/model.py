@@ -19,19 +19,31 @@ KIND = "fahr-face-age"
 
 
 class AgeViT(nn.Module):
-    """Face (N, 3, H, W) -> predicted age in years (N,)."""
+    """Face (N, 3, H, W) -> predicted age in years (N,).
 
-    def __init__(self, arch: str = "vit_base", img_size: int = 112, mean_age: float = 40.0):
+    The head predicts a standardised age, `age_mean + age_scale * head(features)`, with both
+    constants taken from the training labels and saved with the weights. A head that had to reach
+    ages of 0-100 in raw years moves only about one lr per Adam step and spends thousands of steps
+    getting there: short runs then never leave the constant prediction.
+    """
+
+    def __init__(
+        self, arch: str = "vit_base", img_size: int = 112, mean_age: float = 40.0, sd_age: float = 20.0
+    ):
         super().__init__()
+        if not sd_age > 0:
+            raise ValueError(f"sd_age must be positive, got {sd_age}")
         self.arch = arch
         self.img_size = img_size
         self.encoder = build_encoder(arch, img_size)
         self.head = nn.Linear(self.encoder.embed_dim, 1)
         nn.init.zeros_(self.head.weight)
-        nn.init.constant_(self.head.bias, mean_age)  # start at the mean: early L1 gradients are sane
+        nn.init.zeros_(self.head.bias)  # start at the mean: early L1 gradients are sane
+        self.register_buffer("age_mean", torch.tensor(float(mean_age)))
+        self.register_buffer("age_scale", torch.tensor(float(sd_age)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x)).squeeze(-1)
+        return self.age_mean + self.age_scale * self.head(self.encoder(x)).squeeze(-1)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 128) -> torch.Tensor:

@@ -99,10 +99,10 @@ def llrd_param_groups(model: AgeViT, layer_decay: float, weight_decay: float) ->
     return [groups[k] for k in sorted(groups)]
 
 
-def build_age_model(cfg: AgeTrainConfig, mean_age: float, init: Path | None) -> AgeViT:
-    """A fresh AgeViT, its encoder from an MAE encoder file (`fahr export-encoder`) if given."""
+def build_age_model(cfg: AgeTrainConfig, train_ages: np.ndarray, init: Path | None) -> AgeViT:
+    """A fresh AgeViT scaled to the training ages, its encoder from an MAE encoder file if given."""
     torch.manual_seed(cfg.seed)
-    model = AgeViT(cfg.arch, cfg.img_size, mean_age=mean_age)
+    model = AgeViT(cfg.arch, cfg.img_size, float(np.mean(train_ages)), float(np.std(train_ages)) or 1.0)
     if init is not None:
         load_encoder_weights(model.encoder, Path(init))
     return model
@@ -146,7 +146,7 @@ def train_age_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
-    model = build_age_model(cfg, float(np.mean(train_ages)), init)
+    model = build_age_model(cfg, train_ages, init)
     groups = llrd_param_groups(model, cfg.layer_decay, cfg.weight_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
     y = torch.as_tensor(train_ages, dtype=torch.float32)
