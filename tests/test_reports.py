@@ -14,6 +14,7 @@ import pytest
 
 from fahr_core.report.federation import pooled_hr, write_federation_report
 from fahr_core.report.site import write_site_report
+from fahr_core.report.wire import metrics_to_summary
 from tests.test_metrics import DEGENERATE, cohort, simulate, true_surv
 
 PRIVACY = {"epsilon": np.float64(2.5), "delta": 1e-5, "budget": 8.0, "noise_multiplier": 1.1}
@@ -242,3 +243,44 @@ def test_federation_report_with_no_sites(tmp_path: Path) -> None:
     g = write_federation_report(tmp_path, [], {})
     assert g["c_index_weighted_mean"] is None and g["notes"]
     assert "base64" not in (tmp_path / "report.html").read_text()
+
+
+def test_federation_report_pools_the_sites_fad_hazard_ratios_from_their_metrics(tmp_path: Path) -> None:
+    """The FAD aggregates arrive as wire metrics; the global report tables and pools them."""
+    z = 1.959963984540054
+    sent = {
+        "a": {"hr": 1.5, "low": 1.1, "high": 2.0, "r": 0.3, "p": 0.01},
+        "b": {"hr": 1.2, "low": 0.8, "high": 1.8, "r": -0.1, "p": 0.4},
+    }
+    summaries = [
+        metrics_to_summary(
+            site,
+            {
+                "num-examples": 60,
+                "fad-hr-decade": v["hr"],
+                "fad-hr-decade-low": v["low"],
+                "fad-hr-decade-high": v["high"],
+                "fad-risk-r": v["r"],
+                "fad-risk-r-low": v["r"] - 0.2,
+                "fad-risk-r-high": v["r"] + 0.2,
+                "fad-lr-p": v["p"],
+                "saliency-similarity": 0.8,
+            },
+        )
+        for site, v in sent.items()
+    ]
+    g = write_federation_report(tmp_path / "global", summaries, {"rounds": 1})
+    se = [(math.log(v["high"]) - math.log(v["low"])) / (2 * z) for v in sent.values()]
+    w = [1 / e**2 for e in se]
+    log_hr = sum(wi * math.log(v["hr"]) for wi, v in zip(w, sent.values(), strict=True)) / sum(w)
+    pooled = g["fad_hr_per_decade_pooled"]
+    assert pooled["hr"] == pytest.approx(math.exp(log_hr)) and pooled["n_sites"] == 2
+    html = (tmp_path / "global" / "report.html").read_text()
+    assert "Face-age deviation by site" in html and "1.50 (1.10\u20132.00)" in html
+    assert any(
+        alt.startswith("Forest plot of the age- and sex-adjusted hazard ratio per decade")
+        for alt in images(html)
+    )
+    legacy = write_federation_report(tmp_path / "legacy", [{"site": "x", "n": 5}], {})
+    assert legacy["fad_hr_per_decade_pooled"] is None
+    assert "Face-age deviation" not in (tmp_path / "legacy" / "report.html").read_text()

@@ -85,7 +85,75 @@ def _site_row(s: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def _render(g: dict[str, Any], c_forest: bytes | None, hr_forest: bytes | None) -> str:
+def _fad_rows(sites: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each site's face-age deviation results, flattened (site, hr, r, r_ci, lr_p, similarity)."""
+    rows = []
+    for s in sites:
+        fad = s.get("fad") or {}
+        rows.append(
+            {
+                "site": str(s.get("site", "?")),
+                "hr": fad.get("hr_per_decade"),
+                "r": (fad.get("correlation") or {}).get("pearson"),
+                "r_ci": (fad.get("correlation") or {}).get("pearson_ci"),
+                "lr_p": (((fad.get("joint") or {}).get("lr_test") or {}).get("fad") or {}).get("p"),
+                "similarity": (s.get("saliency") or {}).get("similarity"),
+            }
+        )
+    return rows
+
+
+def _fad_section(g: dict[str, Any], fad_forest: bytes | None) -> list[str]:
+    """FAD across sites: per-site table, forest plot of the HR per decade, pooled HR (if any sent FAD)."""
+    rows = _fad_rows(g["sites"])
+    if not any(r["hr"] or r["r"] is not None for r in rows):
+        return []
+    parts = [
+        "<h2>Face-age deviation by site</h2>",
+        "<p>Each site computed face-age deviation (FAD: the age model's reading of the face minus the "
+        "recorded age) with the same age model and sent these aggregates only.</p>",
+        table(
+            (
+                "Site",
+                "HR per decade of FAD, age+sex adjusted (95% CI)",
+                "FAD vs risk score r (95% CI)",
+                "What FAD adds to the risk score (LR p)",
+                "Saliency maps r",
+            ),
+            [
+                (
+                    r["site"],
+                    _hr_cell(r["hr"]),
+                    f"{fmt(r['r'])} ({_ci_text(r['r_ci'])})",
+                    fmt_p(r["lr_p"]),
+                    fmt(r["similarity"]),
+                )
+                for r in rows
+            ],
+        ),
+        figure(
+            fad_forest,
+            "Forest plot of the age- and sex-adjusted hazard ratio per decade of face-age deviation by site "
+            "(log scale)",
+            "Each square is one site's hazard ratio per decade of FAD with its 95% confidence interval; "
+            "the red diamond pools the sites (fixed effect). Right of the dashed line at 1: looking older "
+            "than one's age goes with a higher death rate at that site, beyond age and sex.",
+            "No forest plot: no site reported a FAD hazard ratio.",
+        ),
+    ]
+    pooled = g["fad_hr_per_decade_pooled"]
+    if pooled is not None:
+        parts.append(
+            f"<p>Pooled HR per decade of FAD: {fmt(pooled['hr'])} "
+            f"(95% CI {_ci_text([pooled['ci_low'], pooled['ci_high']])}) over {pooled['n_sites']} site(s); "
+            f"I\u00b2 = {fmt(100 * pooled['i2'], 0)}%.</p>"
+        )
+    return parts
+
+
+def _render(
+    g: dict[str, Any], c_forest: bytes | None, hr_forest: bytes | None, fad_forest: bytes | None = None
+) -> str:
     pooled = g["hr_per_sd_adjusted_pooled"]
     parts = [
         "<h1>Federated validation report</h1>",
@@ -136,6 +204,7 @@ def _render(g: dict[str, Any], c_forest: bytes | None, hr_forest: bytes | None) 
             f"(95% CI {_ci_text([pooled['ci_low'], pooled['ci_high']])}) over {pooled['n_sites']} site(s); "
             f"I\u00b2 = {fmt(100 * pooled['i2'], 0)}% of the spread between sites exceeds chance.</p>"
         )
+    parts += _fad_section(g, fad_forest)
     site_notes = [f"Site {s.get('site', '?')}: {n}" for s in g["sites"] for n in s.get("notes", [])]
     parts += [
         "<h2>Model and data</h2>",
@@ -187,11 +256,12 @@ def write_federation_report(
         "c_index_weighted_mean": mean,
         "c_index_weighted_n": n_scored,
         "hr_per_sd_adjusted_pooled": pooled_hr(sites),
+        "fad_hr_per_decade_pooled": pooled_hr(_fad_rows(sites), "hr"),
         "sites": sites,
         "meta": plain(meta),
         "notes": notes,
     }
-    c_forest = hr_forest = None
+    c_forest = hr_forest = fad_forest = None
     if sites:
         rows = [(str(s.get("site", "?")), s.get("c_index"), s.get("c_index_ci")) for s in sites]
         c_forest = figures.forest_png(rows, mean)
@@ -205,7 +275,18 @@ def write_federation_report(
             pooled_label="Pooled (fixed effect)",
             missing_text="not reported",
         )
+    fad_pooled = summary["fad_hr_per_decade_pooled"]
+    if fad_pooled is not None:
+        fad_forest = figures.forest_png(
+            _forest_rows(_fad_rows(sites), "hr"),
+            fad_pooled["hr"],
+            xlabel="Hazard ratio per decade of face-age deviation, adjusted for age and sex (log scale)",
+            reference=1.0,
+            log_scale=True,
+            pooled_label="Pooled (fixed effect)",
+            missing_text="not reported",
+        )
     out_dir = Path(out_dir)
-    atomic_write_text(out_dir / "report.html", _render(summary, c_forest, hr_forest))
+    atomic_write_text(out_dir / "report.html", _render(summary, c_forest, hr_forest, fad_forest))
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
