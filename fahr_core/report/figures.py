@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
 
 from fahr_core.survival.metrics import QUARTILE_LABELS, KMCurve
 
@@ -88,7 +89,11 @@ def forest_png(
     ax.axvline(reference, color="grey", linestyle="--", linewidth=1)
     ax.set_yticks(range(len(labels)), labels)
     ax.set_ylim(len(labels) - 0.5, -0.5)
-    if not log_scale:
+    if log_scale:  # plain numbers (0.5, 1, 2) at round ratios, not crowded 3x10^-1 minor labels
+        ax.xaxis.set_major_locator(FixedLocator([0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100]))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
         ax.set_xlim(0, 1)
     ax.set_xlabel(xlabel)
     ax.grid(axis="x", alpha=0.3)
