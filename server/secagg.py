@@ -121,7 +121,7 @@ class SecureSum:
         seed_shares: dict[int, dict[int, bytes]] = {}
         key_shares: dict[int, dict[int, bytes]] = {}
         for v, m in unmasking.items():
-            index = secagg.share_index(list(shared), v)
+            index = secagg.share_index(list(setup), v)  # sites number shares over all who trained
             for prefix, held in (("seed-share", seed_shares), ("key-share", key_shares)):
                 for u, share in secagg.arrays_to_blobs(_arrays(m), prefix).items():
                     held.setdefault(u, {})[index] = share

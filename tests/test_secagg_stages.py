@@ -89,6 +89,20 @@ def test_a_site_dropping_before_masking_leaves_the_fedavg_of_the_others(federati
     assert not (load_site_config(tomls[0]).workdir / "secagg_update.npy").exists()  # deleted once masked
 
 
+def test_a_middle_site_dropping_while_sharing_keys_leaves_the_fedavg_of_the_others(federation):
+    """Shares are numbered over every site that trained; a gap in the middle must not shift them."""
+    contexts, replies, trained, reference, config, _ = federation
+    driver = SecureSum(LocalGrid(contexts, {22: "train.secagg_share"}), config, 1.0, 10.0)
+    kept, weights = driver.run(1, replies, reference)
+    survivors = (11, 33)
+    assert sorted(m.metadata.src_node_id for m in kept if not m.has_error()) == list(survivors)
+    total = sum(SIZES[v] for v in survivors)
+    bound = driver.last["max_abs_error"]
+    for k in reference:
+        fedavg = sum(SIZES[v] * trained[v][k].double() for v in survivors) / total
+        assert (weights[k].double() - fedavg).abs().max().item() <= bound + 2e-7 * fedavg.abs().max().item()
+
+
 def test_too_few_sites_left_to_unmask_fails_the_round_clearly(federation):
     contexts, replies, _, reference, config, _ = federation
     grid = LocalGrid(contexts, {22: "train.secagg_unmask", 33: "train.secagg_unmask"})
