@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 from fahr_core.config import ServerConfig
@@ -17,8 +18,9 @@ from fahr_core.io import atomic_write_json, atomic_write_text
 
 STATE_FILE = "state.json"
 ROUNDS_LOG = "rounds.jsonl"
+REJECTIONS_LOG = "rejections.jsonl"
 # What a federation leaves in its workdir; a fresh run refuses to mix its results with these.
-RUN_RECORDS = (STATE_FILE, ROUNDS_LOG, "rejections.jsonl", "checkpoints", "global_model.safetensors")
+RUN_RECORDS = (STATE_FILE, ROUNDS_LOG, REJECTIONS_LOG, "checkpoints", "global_model.safetensors")
 
 
 class ResumeError(RuntimeError):
@@ -44,8 +46,11 @@ def file_sha256(path: Path) -> str:
 
 
 def model_record(cfg: ServerConfig) -> dict:
-    """The model settings a resumed run must share with the run it continues."""
-    return {k: str(v) for k, v in asdict(cfg.model).items()}
+    """The model settings a resumed run must share with the run it continues.
+
+    The age model is left out: it only serves the final evaluation, not the weights being trained.
+    """
+    return {k: str(v) for k, v in asdict(cfg.model).items() if k != "age_checkpoint"}
 
 
 def write_state(workdir: Path, state: FederationState) -> None:
@@ -75,6 +80,11 @@ def resume_point(cfg: ServerConfig) -> FederationState:
             f"cannot resume: the [model] settings changed since the run started ({', '.join(changed)}); "
             f"the saved weights in {cfg.workdir} belong to the old model"
         )
+    if state.fahr_version != version("fahr"):
+        raise ResumeError(
+            f"cannot resume: the run was started by fahr {state.fahr_version} and this is fahr "
+            f"{version('fahr')}; finish it with the version that started it"
+        )
     if state.rounds != cfg.rounds:
         raise ResumeError(
             f"cannot resume: the run planned {state.rounds} rounds and the config now says {cfg.rounds}; "
@@ -95,10 +105,19 @@ def earlier_run_records(workdir: Path) -> list[str]:
     return [name for name in RUN_RECORDS if (Path(workdir) / name).exists()]
 
 
+def _round_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["round"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line half-written when the server died
+
+
 def trim_rounds_log(workdir: Path, last_round: int) -> None:
-    """Drop rounds.jsonl lines of rounds after `last_round`: a crash may have logged a round it never
-    committed, and the resumed run logs that round again."""
-    path = Path(workdir) / ROUNDS_LOG
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["round"] <= last_round]
-        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    """Drop rounds.jsonl and rejections.jsonl lines of rounds after `last_round` (and half-written
+    ones): a crash may have logged a round it never committed, and the resumed run logs it again."""
+    for name in (ROUNDS_LOG, REJECTIONS_LOG):
+        path = Path(workdir) / name
+        if path.exists():
+            lines = path.read_text().splitlines()
+            kept = [line for line in lines if (r := _round_of(line)) is not None and r <= last_round]
+            atomic_write_text(path, "".join(f"{line}\n" for line in kept))

@@ -25,7 +25,7 @@ from fahr_core.age import delivery
 from fahr_core.models.checkpoint import save_weights
 from fahr_core.updates import screen_updates
 from fahr_server.secagg import SecureSum
-from fahr_server.state import FederationState, file_sha256, write_state
+from fahr_server.state import REJECTIONS_LOG, ROUNDS_LOG, FederationState, file_sha256, write_state
 
 log = logging.getLogger("fahr_server")
 
@@ -141,7 +141,7 @@ class FahrFedAvg(FedAvg):
         rejected = screen_updates(updates, self._global or {})
         for site, reason in rejected.items():
             log.warning("round %d: update from site %s rejected: %s", server_round, site, reason)
-            with (self.workdir / "rejections.jsonl").open("a") as f:
+            with (self.workdir / REJECTIONS_LOG).open("a") as f:
                 f.write(
                     json.dumps({"round": server_round, "site": site, "reason": reason, "at": time.time()})
                     + "\n"
@@ -202,7 +202,7 @@ class FahrFedAvg(FedAvg):
         }
         if self.secure_sum is not None:
             record["secure_aggregation"] = self.secure_sum.last
-        with (self.workdir / "rounds.jsonl").open("a") as f:
+        with (self.workdir / ROUNDS_LOG).open("a") as f:
             f.write(json.dumps(record) + "\n")
         if len(record["sites"]) < self.min_train_nodes:
             raise TooFewSites(

@@ -11,6 +11,7 @@ import json
 import os
 import threading
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,14 @@ from fahr_server.app import initial_model
 from fahr_server.cli import run_federation
 from fahr_server.flower import console_script
 from fahr_server.local import local_credentials, run_local_federation, site_runtime_port, start_site
-from fahr_server.state import FederationState, file_sha256, model_record, read_state, write_state
+from fahr_server.state import (
+    FederationState,
+    file_sha256,
+    model_record,
+    read_state,
+    trim_rounds_log,
+    write_state,
+)
 from fahr_server.strategy import FahrFedAvg, TooFewSites, robust_aggregator
 from tests.conftest import (
     crash_processes_under,
@@ -221,13 +229,12 @@ def test_robust_aggregation_limits_a_poisoned_update_that_passes_screening(tmp_p
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.full((4,), expected))
 
 
-def _finished_round(work: Path, toml: Path) -> None:
+def _finished_round(work: Path, toml: Path, fahr_version: str = version("fahr")) -> None:
     cfg = load_server_config(toml)
     save_weights(work / "checkpoints" / "global_round_001.safetensors", {"w": torch.zeros(2)})
     ckpt = "checkpoints/global_round_001.safetensors"
-    write_state(
-        work, FederationState(1, cfg.rounds, ckpt, file_sha256(work / ckpt), "test", model_record(cfg))
-    )
+    digest = file_sha256(work / ckpt)
+    write_state(work, FederationState(1, cfg.rounds, ckpt, digest, fahr_version, model_record(cfg)))
 
 
 @pytest.mark.parametrize(
@@ -239,13 +246,14 @@ def _finished_round(work: Path, toml: Path) -> None:
         ("rounds", True, "the run planned 2 rounds and the config now says 3"),
         ("tamper", True, "differs from the checkpoint recorded"),
         ("fresh", True, "nothing to resume"),
+        ("version", True, "the run was started by fahr 0.0.1 and this is fahr"),
     ],
 )
 def test_resume_and_fresh_runs_refuse_what_they_cannot_continue(tmp_path, change, resume, message):
     toml = server_toml(tmp_path, free_port(), 2, 1)
     work = tmp_path / "server"
     if change != "fresh":
-        _finished_round(work, toml)
+        _finished_round(work, toml, "0.0.1" if change == "version" else version("fahr"))
     if change == "tamper":
         save_weights(work / "checkpoints" / "global_round_001.safetensors", {"w": torch.ones(2)})
     text = toml.read_text()
@@ -415,3 +423,11 @@ def test_sites_dying_rejoining_and_sending_bad_updates(tmp_path, monkeypatch):
     assert [(r["round"], r["site"]) for r in logged] == [(1, "site2"), (3, "site1")]
     assert read_state(work).rejections == {"site1": 1, "site2": 1}
     assert flower_processes_under(tmp_path) == []
+
+
+def test_resume_drops_uncommitted_and_half_written_log_lines(tmp_path):
+    (tmp_path / "rounds.jsonl").write_text('{"round": 1}\n{"round": 2}\n{"round": 3, "si')
+    (tmp_path / "rejections.jsonl").write_text('{"round": 1, "site": "a"}\n{"round": 2, "site": "a"}\n')
+    trim_rounds_log(tmp_path, 1)
+    assert rounds_log(tmp_path) == [{"round": 1}]
+    assert (tmp_path / "rejections.jsonl").read_text() == '{"round": 1, "site": "a"}\n'
