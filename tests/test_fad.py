@@ -109,6 +109,8 @@ def test_degenerate_cohorts_give_reasons_not_errors(cohort):
     c = cohort
     few = fad_statistics(c.time[:6], c.event[:6], c.risk[:6], c.fad[:6], c.age[:6], c.male[:6])
     assert few["hr_per_decade"] is None and few["correlation"] is None and "fewer than 10" in few["notes"][0]
+    assert few["mean"] is None and few["mean_abs"] is None  # a mean of 6 patients stays at the site
+    assert "fad-mean" not in summary_to_metrics({"fad": few})
     no_deaths = fad_statistics(c.time, np.zeros_like(c.event), c.risk, c.fad, c.age, c.male)
     assert no_deaths["hr_per_decade"] is None and no_deaths["correlation"] is not None
     assert any("No deaths" in n for n in no_deaths["notes"])

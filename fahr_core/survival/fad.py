@@ -81,17 +81,18 @@ def fad_statistics(
     fad = as_covariate(fad, n, "fad")
     adjust = adjusters(as_covariate(age, n, "age"), as_covariate(male, n, "male", binary=True))
     notes: list[str] = []
+    enough = n >= MIN_PATIENTS  # below it even the mean would come close to describing one patient
     out: dict[str, Any] = {
         "n": n,
-        "mean": float(fad.mean()) if n else None,
-        "sd": finite(float(np.std(fad, ddof=1))) if n > 1 else None,
-        "mean_abs": float(np.abs(fad).mean()) if n else None,
+        "mean": float(fad.mean()) if enough else None,
+        "sd": finite(float(np.std(fad, ddof=1))) if enough else None,
+        "mean_abs": float(np.abs(fad).mean()) if enough else None,
         "hr_per_decade": None,
         "correlation": None,
         "joint": None,
         "notes": notes,
     }
-    if n < MIN_PATIENTS:
+    if not enough:
         notes.append(
             f"Only {n} patient(s) (fewer than {MIN_PATIENTS}): the face-age deviation analyses are not "
             "computed."
