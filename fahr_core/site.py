@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from fahr_core.age.delivery import DeliveredAgeModel, receive_age_model
+from fahr_core.age.predict import predict_ages
 from fahr_core.cohort import Cohort, load_cohort, split_patients
 from fahr_core.config import ModelConfig, SiteConfig
 from fahr_core.faces.detect import BlazeFaceDetector, Detector, insightface_detector
-from fahr_core.faces.images import load_faces, to_input
+from fahr_core.faces.images import load_faces
 from fahr_core.faces.pipeline import AlignmentTable, Progress, align_photos, alignment_summary
 from fahr_core.faces.qc import QCConfig
 from fahr_core.io import atomic_write_json
@@ -174,7 +175,7 @@ class SiteRuntime:
         fad = None
         scorers = {"Survival risk score": lambda x: model(x)[0]}
         if age_model is not None:
-            predicted = age_model.model.predict(to_input(images)).numpy()
+            predicted = predict_ages(age_model.model, images)
             fad = np.array([predicted[list(idx)].mean() for idx in photos]) - age
             scorers["Predicted age"] = age_model.model
         if len(test) < MIN_PATIENTS_FOR_SALIENCY:

@@ -45,11 +45,6 @@ class AgeViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.age_mean + self.age_scale * self.head(self.encoder(x)).squeeze(-1)
 
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-        self.eval()
-        return torch.cat([self(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-
 
 def save_age_model(path: Path, model: AgeViT, card: dict[str, str] | None = None) -> None:
     """Write the model with the metadata `load_age_model` needs, plus a free-form card."""

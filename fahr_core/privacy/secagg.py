@@ -122,10 +122,6 @@ def apply_update(reference: State, update: np.ndarray) -> dict[str, torch.Tensor
     return {k: out[k] for k in reference}
 
 
-def n_parameters(reference: State) -> int:
-    return sum(v.numel() for v in reference.values() if v.dtype.is_floating_point)
-
-
 @dataclass(frozen=True)
 class SiteSecrets:
     """A site's secrets for one round: they leave the site only as Shamir shares, encrypted to each peer."""
@@ -153,7 +149,10 @@ def _agree(private: bytes, public: bytes, purpose: bytes) -> bytes:
         peer = X25519PublicKey.from_public_bytes(public)
     except ValueError:
         raise SecAggError(f"not an X25519 public key ({len(public)} bytes)") from None
-    shared = X25519PrivateKey.from_private_bytes(private).exchange(peer)
+    try:
+        shared = X25519PrivateKey.from_private_bytes(private).exchange(peer)
+    except ValueError:  # a low-order point: no shared secret
+        raise SecAggError("the peer's X25519 public key gives no shared secret") from None
     return HKDF(hashes.SHA256(), KEY_BYTES, salt=None, info=b"fahr-secagg " + purpose).derive(shared)
 
 
