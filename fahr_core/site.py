@@ -26,10 +26,10 @@ from fahr_core.io import atomic_write_json
 from fahr_core.models.checkpoint import save_weights
 from fahr_core.models.saliency import MIN_PATIENTS_FOR_SALIENCY, CohortSaliency, cohort_saliency
 from fahr_core.models.vit import SurvivalViT
-from fahr_core.privacy.ledger import PrivacyLedger
+from fahr_core.privacy.ledger import PrivacyLedger, locked
 from fahr_core.report.wire import summary_to_metrics
 from fahr_core.survival.predict import survival_at
-from fahr_core.train.local import SurvivalData, patient_risk, site_delta, train_dp
+from fahr_core.train.local import SurvivalData, patient_risk, train_dp
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class SiteRuntime:
 
     def ledger(self, n_train: int) -> PrivacyLedger:
         p = self.cfg.privacy
-        return PrivacyLedger.open(self.cfg.ledger_path, p.epsilon, site_delta(p, n_train))
+        return PrivacyLedger.open(self.cfg.ledger_path, p.epsilon, p.delta, n_train)
 
     def _model(self, spec: ModelConfig, state: State) -> SurvivalViT:
         model = SurvivalViT(spec.arch, spec.img_size, spec.n_intervals)
@@ -119,25 +119,37 @@ class SiteRuntime:
         return model
 
     def train_round(
-        self, state: State, spec: ModelConfig, server_round: int, num_rounds: int
+        self,
+        state: State,
+        spec: ModelConfig,
+        server_round: int,
+        num_rounds: int,
+        server_record: tuple[int, float] | None = None,
     ) -> tuple[State, dict[str, float]]:
-        """One round of local DP training from the global `state`; returns weights and metrics to send."""
+        """One round of local DP training from the global `state`; returns weights and metrics to send.
+
+        `server_record` is (rounds, epsilon) the server has on record for this site: a ledger
+        showing less refuses the round (LedgerBehindServer). The ledger stays locked from opening
+        to recording, so concurrent trainings of this site run one after the other.
+        """
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
         split = self.load(spec.img_size)
         model = self._model(spec, state)
-        ledger = self.ledger(len(split.train))
-        stats = train_dp(
-            model,
-            split.train,
-            self.cfg.train,
-            self.cfg.privacy,
-            ledger,
-            rounds_left=num_rounds - server_round + 1,
-            horizon=spec.horizon_years,
-            seed=self.cfg.split_seed * 100_003 + server_round,
-            round_info={"server_round": server_round, "num_rounds": num_rounds},
-        )
+        with locked(self.cfg.ledger_path):
+            ledger = self.ledger(len(split.train))
+            if server_record is not None:
+                ledger.require_server_record(*server_record)
+            stats = train_dp(
+                model,
+                split.train,
+                self.cfg.train,
+                self.cfg.privacy,
+                ledger,
+                rounds_left=num_rounds - server_round + 1,
+                horizon=spec.horizon_years,
+                round_info={"server_round": server_round, "num_rounds": num_rounds},
+            )
         new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         metrics = {
             "num-examples": stats.n,
