@@ -21,6 +21,7 @@ from fahr_client import secagg
 from fahr_core.age import delivery
 from fahr_core.config import ModelConfig, SiteConfig, load_site_config
 from fahr_core.privacy.audit import append_audit
+from fahr_core.privacy.ledger import spend_on_record
 from fahr_core.privacy.outbound import check_outbound, check_secagg_outbound
 from fahr_core.processes import seconds_since_process_start
 from fahr_core.site import SiteRuntime
@@ -85,7 +86,8 @@ def train(msg: Message, context: Context) -> Message:
     site = _runtime(context)
     spec, server_round, num_rounds = round_info(msg.content["config"])
     received = msg.content["arrays"].to_torch_state_dict()
-    state, metrics = site.train_round(received, spec, server_round, num_rounds)
+    recorded = spend_on_record(msg.content["config"], site.cfg.name)
+    state, metrics = site.train_round(received, spec, server_round, num_rounds, recorded)
     secure = None
     if msg.content["config"].get("secure-aggregation", False):  # the weights wait here; keys go instead
         secure = secagg.begin(context, site.cfg, received, state, int(metrics["num-examples"]), server_round)

@@ -11,6 +11,7 @@ import typer
 
 from fahr_core.cohort import Cohort, CohortError, load_cohort
 from fahr_core.config import ConfigError, SiteConfig, is_set, load_site_config
+from fahr_core.privacy.randomness import refuse_test_rng
 from fahr_core.processes import is_loopback
 from fahr_server.cli_app import new_app
 from fahr_server.flower import flower_env, start_supernode
@@ -115,6 +116,11 @@ def start(
             err=True,
         )
     else:
+        try:  # a real site: DP noise that a test seed makes reproducible would protect no one
+            refuse_test_rng(f"to start site {cfg.name} without --insecure")
+        except RuntimeError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
         missing = [k for k in ("root_certificates", "auth_key") if not is_set(getattr(cfg.connection, k))]
         if missing:
             typer.echo(

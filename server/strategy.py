@@ -23,6 +23,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fahr_core.age import delivery
 from fahr_core.models.checkpoint import save_weights
+from fahr_core.privacy.ledger import SPEND_ON_RECORD_KEY, encode_spend_on_record
 from fahr_core.updates import screen_updates
 from fahr_server.secagg import SecureSum
 from fahr_server.state import REJECTIONS_LOG, ROUNDS_LOG, FederationState, file_sha256, write_state
@@ -75,7 +76,7 @@ class FahrFedAvg(FedAvg):
 
     `state` is the last committed round's state (`last_round` 0 for a fresh run). Flower's loop counts
     its rounds from 1, so a resumed run's loop round r is federation round `last_round + r`: every
-    hook maps it, and sites see the true round (their DP noise seed and budget schedule depend on it).
+    hook maps it, and sites see the true round (their budget schedule depends on it).
     """
 
     def __init__(
@@ -131,6 +132,8 @@ class FahrFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self._await_sites(grid)
         self._global = arrays.to_torch_state_dict()
+        # each site refuses to train if its ledger shows less than this (a reset or lost ledger)
+        config[SPEND_ON_RECORD_KEY] = encode_spend_on_record(self.state.site_rounds, self.state.site_epsilon)
         self._sent = list(super().configure_train(server_round + self.offset, arrays, config, grid))
         return self._sent
 
@@ -231,6 +234,10 @@ class FahrFedAvg(FedAvg):
             checkpoint=str(checkpoint.relative_to(self.workdir)),
             checkpoint_sha256=file_sha256(checkpoint),
             site_epsilon={**self.state.site_epsilon, **spent},  # each site's ledger total, not a sum
+            site_rounds={
+                site: self.state.site_rounds.get(site, 0) + (site in spent)
+                for site in {*self.state.site_rounds, *spent}
+            },
             rejections=rejections,
         )
         write_state(self.workdir, self.state)

@@ -27,6 +27,7 @@ from fahr_core.config import load_server_config, load_site_config
 from fahr_core.io import atomic_write_text
 from fahr_core.models.checkpoint import load_weights, save_weights
 from fahr_core.privacy.ledger import PrivacyLedger
+from fahr_core.privacy.randomness import TEST_RNG_ENV
 from fahr_core.processes import Managed
 from fahr_core.site import SiteRuntime
 from fahr_server.app import initial_model
@@ -295,6 +296,7 @@ def uninterrupted(server: Path, sites: list[Path]) -> dict[str, torch.Tensor]:
 
 @pytest.mark.e2e
 def test_server_crash_after_round_1_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setenv(TEST_RNG_ENV, "5")  # reproducible site training (tests only), here and in the sites
     sizes = (40, 30)
     port = free_port()
     crash = tmp_path / "crashsrv"

@@ -11,6 +11,7 @@ from fahr_core.config import ModelConfig, load_server_config, load_site_config
 from fahr_core.io import atomic_write_text
 from fahr_core.models.checkpoint import load_weights
 from fahr_core.privacy.audit import verify_audit_log
+from fahr_core.privacy.randomness import TEST_RNG_ENV
 from fahr_core.site import SiteRuntime
 from fahr_server.app import initial_model
 from fahr_server.local import run_local_federation
@@ -20,13 +21,15 @@ from tests.test_e2e import flower_processes_under, free_port
 pytestmark = pytest.mark.e2e
 
 
-def test_three_sites_one_round_secure_sum_is_their_fedavg(tmp_path):
+def test_three_sites_one_round_secure_sum_is_their_fedavg(tmp_path, monkeypatch):
     """The server's new weights are the FedAvg of what each site trained, though it saw only masked updates.
 
-    Site training is seeded, so each site's round-1 weights are computed here first, in this
+    Under the test-only switch (FAHR_INSECURE_TEST_RNG, inherited by the site processes) site
+    training is reproducible, so each site's round-1 weights are computed here first, in this
     process, from the same initial model; the site's privacy ledger is then reset so the
     federation trains the same round again.
     """
+    monkeypatch.setenv(TEST_RNG_ENV, "11")
     port = free_port()
     tomls = make_sites(tmp_path / "sites", demo_faces_dir(), (100, 90, 90))
     server_toml = tmp_path / "server.toml"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +47,20 @@ class LedgerBehindServer(RuntimeError):
 def default_delta(n: int) -> float:
     """min(1e-5, 0.001 / n): n * delta <= 0.001, so delta's slack is negligible even summed over patients."""
     return min(DELTA_CAP, DELTA_TIMES_N / max(n, 1))
+
+
+SPEND_ON_RECORD_KEY = "spend-on-record"  # train config: {site: [rounds, epsilon]} the server has recorded
+
+
+def encode_spend_on_record(rounds: dict[str, int], epsilon: dict[str, float]) -> str:
+    """The server's record of each site's spend, for the train config (a JSON string)."""
+    return json.dumps({site: [rounds[site], epsilon.get(site, 0.0)] for site in sorted(rounds)})
+
+
+def spend_on_record(config: Mapping, site: str) -> tuple[int, float] | None:
+    """(rounds, epsilon) the server has recorded for `site`, from a train config; None if it has none."""
+    entry = json.loads(str(config.get(SPEND_ON_RECORD_KEY, "{}"))).get(site)
+    return None if entry is None else (int(entry[0]), float(entry[1]))
 
 
 @contextmanager
