@@ -38,7 +38,7 @@ class FederationState:
     fahr_version: str
     model: dict  # the [model] table the federation started with
     site_epsilon: dict[str, float] = field(default_factory=dict)  # latest cumulative spend each site reported
-    site_rounds: dict[str, int] = field(default_factory=dict)  # committed rounds each site trained in this federation
+    site_rounds: dict[str, int] = field(default_factory=dict)  # rounds committed per site, this federation
     rejections: dict[str, int] = field(default_factory=dict)  # rejected updates per site, all rounds
 
 

@@ -49,7 +49,7 @@ class SamplingPlan:
     @property
     def expected_batch_size(self) -> float:
         """n q: what the sum of clipped gradients is divided by (the noisy mean gradient's denominator)."""
-        return self.n * self.sample_rate
+        return self.n / self.steps_per_epoch
 
 
 class PoissonBatches:
