@@ -163,10 +163,10 @@ def test_two_trainings_draw_independent_noise_and_only_the_test_switch_repeats_i
 def test_replaying_every_seed_config_and_round_could_give_does_not_reproduce_a_release(
     faces, tmp_path, monkeypatch
 ):
-    data, train = subset(faces, 20), TrainConfig(batch_size=8, local_epochs=1)
+    data, train = subset(faces, 16), TrainConfig(batch_size=8, local_epochs=1)
     release = Release(data, tmp_path, "site", train).delta
-    # the old derivation split_seed * 100003 + round, for split_seed 0-2 and rounds 0-3
-    for seed in sorted({s * 100_003 + r for s in range(3) for r in range(4)}):
+    # the old derivation split_seed * 100003 + round, for split_seed 0 (the default) and 1, rounds 1-3
+    for seed in sorted({s * 100_003 + r for s in range(2) for r in range(1, 4)}):
         torch.manual_seed(seed)
         np.random.seed(seed)
         replay = Release(data, tmp_path, f"replay{seed}", train).delta
@@ -176,16 +176,17 @@ def test_replaying_every_seed_config_and_round_could_give_does_not_reproduce_a_r
 
 
 def test_empty_poisson_batches_still_take_a_noise_step(faces, tmp_path, linear_release, monkeypatch):
+    monkeypatch.setenv(TEST_RNG_ENV, "2")  # a fixed draw that has empty batches (some 30% of them)
     empty = []
     noise_only = SecureNoiseOptimizer.noise_only_step
     monkeypatch.setattr(
         SecureNoiseOptimizer, "noise_only_step", lambda self: (empty.append(1), noise_only(self))
     )
-    train = TrainConfig(batch_size=1, local_epochs=10)  # n = 4: q = 1/4, 40 steps, ~32% of batches empty
-    release = Release(subset(faces, 4), tmp_path, "a", train)
-    assert release.stats.steps == 40 and release.stats.sample_rate == 0.25
-    assert len(linear_release) == 40  # every accounted step added noise, empty or not
-    assert 0 < len(empty) < 40
+    train = TrainConfig(batch_size=1, local_epochs=4)  # n = 3: q = 1/3, 12 steps, P(empty) = 8/27
+    release = Release(subset(faces, 3), tmp_path, "a", train)
+    assert release.stats.steps == 12 and release.stats.sample_rate == pytest.approx(1 / 3)
+    assert len(linear_release) == 12  # every accounted step added noise, empty or not
+    assert 0 < len(empty) < 12
 
 
 def test_noise_only_step_has_the_noise_of_a_real_step():
@@ -230,7 +231,7 @@ def test_the_sampler_runs_exactly_the_planned_steps_with_rate_q(n):
     drawn = sum(len(b) for b in batches)
     trials = n * plan.steps
     sd = math.sqrt(trials * plan.sample_rate * (1 - plan.sample_rate))
-    assert abs(drawn - trials * plan.sample_rate) < 5 * sd  # each patient in each step with rate q
+    assert abs(drawn - trials * plan.sample_rate) <= 5 * sd  # each patient in each step with rate q
     assert all(len(set(b)) == len(b) and all(0 <= i < n for i in b) for b in batches)
 
 
