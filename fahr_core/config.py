@@ -59,14 +59,14 @@ class PrivacyConfig:
     """The site's DP budget for the whole federation (all rounds, all runs) and its clipping norm."""
 
     epsilon: float = 8.0
-    delta: float = 0.0  # 0 = choose 1 / (10 n) from the site's training set, below 1/n as required
+    delta: float = 0.0  # 0 = min(1e-5, 0.001 / n) at the first spend, then fixed (privacy/ledger.py)
     max_grad_norm: float = 1.0
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     local_epochs: int = 1
-    batch_size: int = 32  # expected Poisson batch size: sample rate = batch_size / n
+    batch_size: int = 32  # Poisson sample rate 1 / ceil(n / batch_size) (privacy/dpsgd.py)
     lr: float = 1e-3
     weight_decay: float = 0.0
     trainable: str = "all"  # "all", "head" or "last:N": what DP-SGD updates (see SurvivalViT.set_trainable)
