@@ -216,6 +216,7 @@ class SiteRuntime:
         ledger = self.ledger(len(split.train))
         privacy = {
             "epsilon": round(ledger.epsilon, 4),
+            "epsilon_prv": round(ledger.epsilon_prv, 4),  # the same history, PRV accountant (not enforced)
             "delta": ledger.delta,
             "budget": ledger.budget,
             "accountant": "RDP (Opacus), composed over every round in the site ledger",

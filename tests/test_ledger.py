@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from scipy.optimize import brentq
+from scipy.stats import norm
 
 from fahr_core.privacy.ledger import (
     LedgerBehindServer,
@@ -102,3 +105,21 @@ def test_the_server_counts_each_sites_rounds_and_sends_them_back(tmp_path):
     config = {"spend-on-record": encode_spend_on_record(state.site_rounds, state.site_epsilon)}
     assert spend_on_record(config, "a") == (2, 1.5) and spend_on_record(config, "b") == (1, 1.5)
     assert spend_on_record(config, "new-site") is None and spend_on_record({}, "a") is None
+
+
+def analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
+    """Exact epsilon of one Gaussian mechanism, sensitivity 1 and noise sigma (Balle & Wang 2018, Thm 8)."""
+
+    def delta_of(eps: float) -> float:
+        half = 1 / (2 * sigma)
+        return norm.cdf(-eps * sigma + half) - math.exp(eps) * norm.cdf(-eps * sigma - half)
+
+    return brentq(lambda eps: delta_of(eps) - delta, 1e-6, 100)
+
+
+def test_prv_epsilon_matches_the_exact_gaussian_mechanism_and_is_below_rdp(tmp_path):
+    # four full-batch steps at sigma 3 compose to one Gaussian mechanism at sigma 3 / 2
+    ledger = PrivacyLedger(tmp_path / "l.json", 10.0, 1e-5, [(3.0, 1.0, 4)])
+    exact = analytic_gaussian_epsilon(1.5, 1e-5)
+    assert ledger.epsilon_prv == pytest.approx(exact, abs=0.03)
+    assert exact < ledger.epsilon < 1.5 * exact  # RDP: a valid bound, looser

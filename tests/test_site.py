@@ -38,6 +38,7 @@ def test_round_trains_accounts_and_reports(demo_site):
     assert evaluation["num-examples"] == 18 and summary["n"] == 18
     assert (cfg.report_dir / "report.html").exists() and (cfg.report_dir / "summary.json").exists()
     assert summary["privacy"]["epsilon"] == pytest.approx(metrics2["epsilon"])
+    assert 0 < summary["privacy"]["epsilon_prv"] < summary["privacy"]["epsilon"]  # PRV: tighter than RDP
 
 
 def test_bad_cohort_stops_the_site_before_training(demo_site):
