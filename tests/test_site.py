@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from fahr_client.runtime import SiteRuntime
 from fahr_core.cohort import load_cohort, split_patients
 from fahr_core.config import ModelConfig, load_site_config
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.ledger import BudgetExceeded
-from fahr_core.site import SiteRuntime
 
 SPEC = ModelConfig(arch="vit_micro", img_size=112, n_intervals=10)
 
