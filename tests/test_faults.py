@@ -69,13 +69,13 @@ def compromise(client_app):
 
     original_train = core_site.SiteRuntime.train_round
 
-    def train_round(self, state, spec, server_round, num_rounds):
+    def train_round(self, state, spec, server_round, num_rounds, *server_record):
         fault = FAULTS.get(self.cfg.name, {}).get(str(server_round), "")
         if fault.startswith("fail-unless:") and not os.path.exists(fault.split(":", 1)[1]):
             raise RuntimeError(f"test fault: site {self.cfg.name} refuses round {server_round}")
         while fault.startswith("wait-for:") and not os.path.exists(fault.split(":", 1)[1]):
             time.sleep(0.2)
-        new, metrics = original_train(self, state, spec, server_round, num_rounds)
+        new, metrics = original_train(self, state, spec, server_round, num_rounds, *server_record)
         if fault == "nan":
             name = next(k for k, v in new.items() if v.dtype.is_floating_point)
             new[name] = torch.full_like(new[name], float("nan"))
