@@ -9,6 +9,7 @@ the site comes from the server except the global weights, the round and the mode
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from importlib.metadata import version
@@ -26,6 +27,7 @@ from fahr_core.processes import seconds_since_process_start
 from fahr_core.site import SiteRuntime
 
 app = ClientApp()
+log = logging.getLogger("fahr_client")
 
 
 class VersionMismatch(RuntimeError):
@@ -90,12 +92,10 @@ def train(msg: Message, context: Context) -> Message:
     if msg.content["config"].get("secure-aggregation", False):  # the weights wait here; keys go instead
         secure = secagg.begin(context, site.cfg, received, state, int(metrics["num-examples"]), server_round)
     sent = secure.payload.values() if secure is not None else state.values()
-    metrics = {
-        **metrics,
-        "startup-seconds": startup,  # process age at entry: interpreter, Flower, imports
-        "handler-seconds": time.perf_counter() - started,
-        "bytes-sent": float(sum(v.nbytes for v in sent)),
-    }
+    metrics = {**metrics, "bytes-sent": float(sum(v.nbytes for v in sent))}
+    # timings stay in the site's log: how long a round took depends on the data (fahr_core.privacy.outbound)
+    seconds = time.perf_counter() - started
+    log.info("round %d: process start-up %.1f s, handler %.1f s", server_round, startup, seconds)
     if secure is not None:
         return _reply(msg, site, server_round, metrics, secure=secure)
     return _reply(msg, site, server_round, metrics, state, received)
@@ -131,5 +131,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     if age is not None:
         sha256 = str(msg.content["config"][delivery.SHA256_KEY])
         age_model = site.receive_age_model(age.to_numpy_ndarrays()[0], sha256)
+    site.admit_evaluation(meta["run_id"])
     metrics, _ = site.evaluate(msg.content["arrays"].to_torch_state_dict(), spec, meta, age_model)
     return _reply(msg, site, server_round, metrics)

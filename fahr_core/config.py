@@ -61,6 +61,9 @@ class PrivacyConfig:
     epsilon: float = 8.0
     delta: float = 0.0  # 0 = choose 1 / (10 n) from the site's training set, below 1/n as required
     max_grad_norm: float = 1.0
+    # held-out evaluations the site answers per federation run: the site decides, not the server, since
+    # every evaluation releases non-DP aggregates of its held-out patients (docs/privacy.md)
+    evaluations_per_run: int = 1
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,7 @@ def site_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> SiteC
     _check(cfg.privacy.epsilon > 0, f"{source}: [privacy].epsilon must be > 0")
     _check(0.0 <= cfg.privacy.delta < 1.0, f"{source}: [privacy].delta must be in [0, 1)")
     _check(cfg.privacy.max_grad_norm > 0, f"{source}: [privacy].max_grad_norm must be > 0")
+    _check(cfg.privacy.evaluations_per_run >= 0, f"{source}: [privacy].evaluations_per_run must be >= 0")
     _check(cfg.train.local_epochs >= 1, f"{source}: [train].local_epochs must be >= 1")
     _check(cfg.train.batch_size >= 1, f"{source}: [train].batch_size must be >= 1")
     _check(cfg.train.lr > 0, f"{source}: [train].lr must be > 0")
