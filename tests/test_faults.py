@@ -214,6 +214,29 @@ def test_too_few_usable_updates_fail_the_round_naming_the_sites(tmp_path):
     assert "non-finite" in (tmp_path / "rejections.jsonl").read_text()
 
 
+def test_screening_is_keyed_by_the_sending_node_not_the_declared_name(tmp_path):
+    """A NaN update declared as site a, with another node also declaring a: both are rejected,
+    whatever order they come in, and the global model is the mean of the others."""
+    nan, ones = {"w": torch.full((4,), float("nan"))}, {"w": torch.ones(4)}
+    strategy = _strategy(tmp_path)
+    with pytest.raises(TooFewSites, match="only 1 of the 2 required"):  # [a: NaN, a: ones, b: ones]
+        strategy.aggregate_train(1, [_reply(1, "a", nan), _reply(2, "a", ones), _reply(3, "b", ones)])
+    assert read_state(tmp_path) is None  # nothing committed, NaN or otherwise
+    rejected = rounds_log(tmp_path)[0]["rejected"]
+    assert rejected == {
+        "a (node 1)": "2 nodes declared site 'a'",
+        "a (node 2)": "2 nodes declared site 'a'",
+    }
+    three = {"w": torch.full((4,), 3.0)}
+    replies = [_reply(2, "a", ones), _reply(1, "a", nan), _reply(3, "b", ones), _reply(4, "c", three)]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.full((4,), 2.0))
+    twice = [_reply(3, "b", ones), _reply(3, "d", three), _reply(1, "a", ones), _reply(4, "c", ones)]
+    arrays, _ = strategy.aggregate_train(3, twice)
+    assert rounds_log(tmp_path)[-1]["rejected"] == {"node 3": "2 replies from one node (as b, d)"}
+    torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.ones(4))
+
+
 @pytest.mark.parametrize(
     ("rule", "expected"),
     [("fedavg", 3.7), ("median", 3.0), ("trimmed_mean", (2 + 3 + 3.5) / 3), ("krum", 3.0)],
