@@ -38,6 +38,7 @@ from fahr_server.state import (
     file_sha256,
     model_record,
     read_state,
+    state_key_path,
     trim_rounds_log,
     write_state,
 )
@@ -260,6 +261,15 @@ def _finished_round(work: Path, toml: Path, fahr_version: str = version("fahr"))
     write_state(work, FederationState(1, cfg.rounds, ckpt, digest, fahr_version, model_record(cfg)))
 
 
+def test_the_state_key_is_private_and_outside_the_workdir(tmp_path):
+    toml = server_toml(tmp_path, free_port(), 2, 1)
+    _finished_round(tmp_path / "server", toml)
+    key = state_key_path()
+    assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
+    assert not key.is_relative_to(tmp_path)
+    assert read_state(tmp_path / "server").last_round == 1
+
+
 @pytest.mark.parametrize(
     ("change", "resume", "message"),
     [
@@ -268,6 +278,8 @@ def _finished_round(work: Path, toml: Path, fahr_version: str = version("fahr"))
         ('arch = "vit_tiny"', True, "the [model] settings changed since the run started (arch)"),
         ("rounds", True, "the run planned 2 rounds and the config now says 3"),
         ("tamper", True, "differs from the checkpoint recorded"),
+        ("rehash", True, "state.json fails its authentication (it was edited"),
+        ("nokey", True, "state.key, the key that authenticates state.json, is missing"),
         ("fresh", True, "nothing to resume"),
         ("version", True, "the run was started by fahr 0.0.1 and this is fahr"),
     ],
@@ -277,8 +289,14 @@ def test_resume_and_fresh_runs_refuse_what_they_cannot_continue(tmp_path, change
     work = tmp_path / "server"
     if change != "fresh":
         _finished_round(work, toml, "0.0.1" if change == "version" else version("fahr"))
-    if change == "tamper":
+    if change in ("tamper", "rehash"):
         save_weights(work / "checkpoints" / "global_round_001.safetensors", {"w": torch.ones(2)})
+    if change == "rehash":  # and make state.json vouch for the swapped checkpoint
+        state = json.loads((work / "state.json").read_text())
+        state["checkpoint_sha256"] = file_sha256(work / "checkpoints" / "global_round_001.safetensors")
+        atomic_write_text(work / "state.json", json.dumps(state))
+    if change == "nokey":
+        state_key_path().unlink()
     text = toml.read_text()
     text = text.replace("rounds = 2", "rounds = 3") if change == "rounds" else text
     atomic_write_text(toml, text.replace('arch = "vit_micro"', change) if "arch" in change else text)
