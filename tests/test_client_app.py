@@ -19,13 +19,13 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fahr_client.app import SiteDeclined, _reply
 from fahr_client.app import app as client_app
+from fahr_client.runtime import SiteRuntime
 from fahr_core.cohort import demo_faces_dir
 from fahr_core.config import ModelConfig, load_site_config
 from fahr_core.faces.images import to_input
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.audit import verify_audit_log
 from fahr_core.privacy.outbound import OutboundViolation
-from fahr_core.site import SiteRuntime
 from fahr_core.survival.losses import discrete_hazard_nll
 from tests.conftest import make_sites
 

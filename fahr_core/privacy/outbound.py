@@ -54,7 +54,7 @@ _DP, _PUBLIC, _AGG = Release.DP, Release.PUBLIC, Release.AGGREGATE
 # Every scalar a site may send: name -> (release class, what it is). Widening this is a reviewed
 # change: tests/test_outbound.py pins the names and classes as a literal.
 ALLOW_LIST: dict[str, tuple[Release, str]] = {
-    # training reply (fahr_core.site.train_round, fahr_client.app)
+    # training reply (fahr_client.runtime.SiteRuntime.train_round, fahr_client.app)
     "num-examples": (_AGG, "patients in the split the reply is about: the FedAvg weight, the held-out n"),
     "epsilon": (_PUBLIC, "the site's cumulative epsilon from its ledger (RDP over every step ever taken)"),
     "delta": (_PUBLIC, "the delta the ledger accounts at"),
