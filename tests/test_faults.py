@@ -65,7 +65,7 @@ FAULTS = json.loads(os.environ.get("FAHR_TEST_FAULTS", "{}"))
 
 def compromise(client_app):
     import torch
-    from fahr_core import site as core_site
+    from fahr_client import runtime as core_site
 
     original_train = core_site.SiteRuntime.train_round
 
