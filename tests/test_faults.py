@@ -236,6 +236,9 @@ def test_screening_is_keyed_by_the_sending_node_not_the_declared_name(tmp_path):
     arrays, _ = strategy.aggregate_train(3, twice)
     assert rounds_log(tmp_path)[-1]["rejected"] == {"node 3": "2 replies from one node (as b, d)"}
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.ones(4))
+    evaluations = [_reply(1, "a", ones), _reply(2, "a", ones), _reply(3, "b", ones), _reply(4, "c", ones)]
+    strategy.aggregate_evaluate(3, [*evaluations, _reply(4, "d", ones)])  # evaluations likewise
+    assert [e["site"] for e in strategy.site_evaluations] == ["b"]
 
 
 @pytest.mark.parametrize(
