@@ -33,11 +33,13 @@ def make_private_dir(path: Path) -> None:
         os.chmod(path, PRIVATE_DIR_MODE)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None, exclusive: bool = False) -> None:
     """Write `data` to `path` via a temporary file and a rename, with the usual permissions or `mode`.
 
     (mkstemp creates files readable by the owner only; a report or config must not end up so. A
     private file passes PRIVATE_FILE_MODE and is never, not even briefly, readable by others.)
+    `exclusive`: FileExistsError if `path` exists, decided atomically by link(2) (a key is never
+    replaced by a second writer racing the first).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +50,11 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

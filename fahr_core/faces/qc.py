@@ -53,7 +53,8 @@ class QCConfig:
     grayscale_tolerance: float = 4.0  # mean max channel difference (0-255) below which it is grey
     pad_fraction: float = 0.4  # border added (each side) before a second detection attempt
     max_pixels: int = 80_000_000  # decompression-bomb limit (width x height), checked before decoding
-    # JPEGs above this are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, nearly free):
+    # JPEGs above this are decoded at the first of 1/2, 1/4, 1/8 scale (libjpeg's DCT scaling, nearly
+    # free) that fits, or at 1/8:
     # a 64-Mpx photo would otherwise cost ~2 GB per worker, and 16 Mpx keeps any face QC accepts.
     max_decode_pixels: int = 16_000_000
 
@@ -137,8 +138,8 @@ def decode_photo(
     with _decoding_errors(name), _opened(data, name, max_pixels) as im:
         w, h = im.size
         if im.format == "JPEG" and w * h > max_decode_pixels:
-            scale = math.sqrt(max_decode_pixels / (w * h))
-            im.draft(im.mode, (math.ceil(w * scale), math.ceil(h * scale)))
+            k = next((k for k in (2, 4) if (w // k) * (h // k) <= max_decode_pixels), 8)
+            im.draft(im.mode, (math.ceil(w / k), math.ceil(h / k)))
         im.seek(0)  # first frame of a multi-frame file
         im.load()
         try:
