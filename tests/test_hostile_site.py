@@ -6,12 +6,17 @@ certs` and `fahr cohort simulate` on a simulated site; the numbers refer to the 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import os
 import shutil
+import signal
 import stat
+import subprocess
+import sys
+import time
 import unicodedata
 from pathlib import Path
 
@@ -246,7 +251,7 @@ def test_a_photo_over_the_size_cap_is_refused_unread(tmp_path):
 
 
 def test_missing_tls_files_are_check_problems(tmp_path):
-    extra = '[connection]\nsuperlink = "fahr.example.org:8000"\nroot_certificates = "ca.crt"\nauth_key = "s.key"\n'
+    extra = '[connection]\nsuperlink = "h.org:8000"\nroot_certificates = "ca.crt"\nauth_key = "s.key"\n'
     toml = write_site(tmp_path, rows(), extra)
     assert_named(check(toml), 1, "[connection].root_certificates", "[connection].auth_key")
 
@@ -410,3 +415,145 @@ def test_config_error_is_a_config_error(tmp_path):
     path.write_text('[site]\nname = "s"\ndata = "."\n[privacy]\nepsilon = nan\n')
     with pytest.raises(ConfigError, match=r"\[privacy\]\.epsilon must be a finite number > 0"):
         load_site_config(path)
+
+
+# --- 8: keys ---
+
+
+def certs(*args: str):
+    return runner.invoke(research_app, ["certs", *args])
+
+
+def test_site_keys_are_never_overwritten_without_force(tmp_path):
+    assert certs("site", "--out", str(tmp_path), "--site", "maastro").exit_code == 0
+    key = tmp_path / "maastro.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    before = key.read_bytes()
+    assert_named(certs("site", "--out", str(tmp_path), "--site", "maastro"), 2, "maastro.key", "--force")
+    assert key.read_bytes() == before
+    assert certs("site", "--out", str(tmp_path), "--site", "maastro", "--force").exit_code == 0
+    assert key.read_bytes() != before and stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_the_ca_is_never_replaced_without_force(tmp_path):
+    assert certs("init", "--out", str(tmp_path)).exit_code == 0
+    ca = (tmp_path / "ca.key").read_bytes()
+    assert_named(certs("init", "--out", str(tmp_path)), 2, "ca.key", "--force")
+    assert (tmp_path / "ca.key").read_bytes() == ca
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) & 0o077 for p in tmp_path.glob("*.key")} == {
+        "ca.key": 0,
+        "server.key": 0,
+    }
+
+
+@pytest.mark.parametrize("name", ["../x", "/tmp/abs", "", ".hidden", "a/b", "x" * 65])
+def test_site_names_that_are_not_file_names_are_refused(tmp_path, name):
+    out = tmp_path / "keys"
+    assert_named(certs("site", "--out", str(out), "--site", name), 2, "site name")
+    assert not list(tmp_path.rglob("*.key")) and not Path("/tmp/abs.key").exists()
+
+
+def test_a_private_key_is_never_readable_by_others_even_briefly(tmp_path, monkeypatch):
+    modes = {}
+    link = os.link
+
+    def watching_link(src, dst, *a, **kw):
+        modes[Path(dst).name] = stat.S_IMODE(os.stat(src).st_mode)
+        return link(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "link", watching_link)
+    os.umask(0o022)
+    assert certs("site", "--out", str(tmp_path), "--site", "s1").exit_code == 0
+    assert modes["s1.key"] == 0o600 and modes["s1.pub"] == 0o644
+
+
+# --- 5: alignment stops when told, with any number of workers, and leaves nothing behind ---
+
+FAHR_CLIENT = Path(sys.executable).with_name("fahr-client")
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            kids.setdefault(int(fields[1]), []).append(int(entry))
+    return kids
+
+
+def descendants(pid: int) -> set[int]:
+    kids, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(condition, limit_s: float) -> bool:
+    """Poll `condition` for at most `limit_s` (a bound against hanging, not a measurement)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+@pytest.fixture
+def busy_site(tmp_path) -> Path:
+    """120 patients, 2 alignment workers: minutes of work on a shared CPU."""
+    n = 120
+    r = [
+        [f"P{i}", f"photos/p{i}.jpg", str(1 + i % 9), str(i % 2), str(30 + i % 40), "MF"[i % 2]]
+        for i in range(n)
+    ]
+    toml = write_site(tmp_path, r, "[alignment]\nworkers = 2\n", n_photos=n)
+    return toml
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "ctrl-c twice", "sigterm", "sigkill"])
+def test_align_stops_when_told_and_leaves_no_worker(busy_site, how):
+    results = busy_site.parent / ".fahr" / "aligned" / RESULTS_DIR
+    proc = subprocess.Popen(
+        [str(FAHR_CLIENT), "align", "--site", "s", "--config", str(busy_site)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, like a terminal's foreground job
+    )
+    try:
+        assert wait_until(lambda: results.is_dir() and any(results.iterdir()), 300), "no photo aligned"
+        workers = descendants(proc.pid)
+        assert len(workers) >= 2
+        if how.startswith("ctrl-c"):
+            os.killpg(proc.pid, signal.SIGINT)  # a terminal sends Ctrl-C to the whole group
+            if how == "ctrl-c twice":
+                time.sleep(0.3)
+                os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        code = proc.wait(timeout=60)
+        err = proc.stderr.read().decode()
+        assert wait_until(lambda: not any(alive(p) for p in workers), 30), [p for p in workers if alive(p)]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = len(list(results.iterdir()))
+    assert done < 120, "the queue was drained after the signal"
+    assert not (results.parent / TABLE_FILE).exists()
+    if how == "sigkill":
+        assert code == -signal.SIGKILL
+    else:
+        assert code == 130, err
+        assert "alignment stopped" in err and "Traceback" not in err, err
