@@ -375,7 +375,10 @@ def test_damaged_cache_results_are_redone_and_a_killed_run_leaves_no_table(tmp_p
     for p, src in zip(photos, DEMO, strict=False):
         shutil.copyfile(src, p)
     out = tmp_path / "out"
+    os.umask(0o022)  # the library keeps crops private whatever the umask of its caller
     align_photos(photos, out, detector, workers=1)
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert all(m == (0o700 if p.is_dir() else 0o600) for p, m in modes.items()), modes
     for result in (out / RESULTS_DIR).iterdir():
         result.write_text("" if result.name < "8" else "{")
     table = align_photos(photos, out, detector, workers=1)
