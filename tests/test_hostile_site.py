@@ -560,3 +560,12 @@ def test_align_stops_when_told_and_leaves_no_worker(busy_site, how):
     else:
         assert code == 130, err
         assert "alignment stopped" in err and "Traceback" not in err, err
+
+
+def test_an_unwritable_site_state_folder_is_one_line(tmp_path):
+    toml = write_site(tmp_path, rows())
+    toml.write_text(toml.read_text().replace('data = "."', 'data = "."\nworkdir = "cohort.csv/state"'))
+    result = runner.invoke(client_app, ["align", "--site", "s", "--config", str(toml)])
+    assert_named(result, 1, "cohort.csv/state", "this account may write there")
+    debug = runner.invoke(client_app, ["--debug", "align", "--site", "s", "--config", str(toml)])
+    assert isinstance(debug.exception, NotADirectoryError)  # --debug: the real error, traceback and all

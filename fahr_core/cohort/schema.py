@@ -170,7 +170,7 @@ def _parse_row(cells: dict[str, str], line: int, site_dir: Path, problems: list[
 
     if len(problems) > before or time is None or event is None or age is None:
         return None
-    return _Row(line, patient_id, os.path.normpath(photo), time, int(event), age, sex, covariates)
+    return _Row(line, patient_id, photo, time, int(event), age, sex, covariates)
 
 
 def _photo_file_problem(site_dir: Path, photo: str) -> str | None:
