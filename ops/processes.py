@@ -48,17 +48,15 @@ class Managed:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM the whole group, then SIGKILL whatever is left after `grace_s`."""
-        try:
-            pgid = os.getpgid(self.proc.pid)
-        except ProcessLookupError:
-            pgid = None
-        if pgid is not None:
-            _signal_group(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
-            while time.monotonic() < deadline and _group_alive(pgid):
-                self.proc.poll()
-                time.sleep(0.1)
-            _signal_group(pgid, signal.SIGKILL)
+        # The command leads its own session, so its group id is its pid: that still names the group
+        # after the leader has exited on its own, when children it left behind may still be running.
+        pgid = self.proc.pid
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _group_alive(pgid):
+            self.proc.poll()
+            time.sleep(0.1)
+        _signal_group(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
         self._log.close()
