@@ -26,7 +26,7 @@ from PIL import EpsImagePlugin, Image
 from typer.testing import CliRunner
 
 from fahr_client.cli import app as client_app
-from fahr_core.cohort import demo_faces_dir, load_cohort
+from fahr_core.cohort import demo_faces_dir, load_cohort, split_patients
 from fahr_core.config import ConfigError, load_site_config
 from fahr_core.faces.detect import BlazeFaceDetector
 from fahr_core.faces.errors import PhotoError
@@ -260,11 +260,23 @@ def test_missing_tls_files_are_check_problems(tmp_path):
 
 
 def test_delta_must_be_below_one_over_the_training_split(tmp_path):
-    toml = write_site(tmp_path, rows(), "[privacy]\ndelta = 0.2\n")  # 6 patients: 4 train, 1/4 > 0.2
-    assert check(toml).exit_code == 0
-    for delta in ("0.25", "0.5", "0.9"):
-        toml.write_text(f'[site]\nname = "s"\ndata = "."\n[privacy]\ndelta = {delta}\n')
-        assert_named(check(toml), 1, f"[privacy].delta = {delta:s}".rstrip("0"), "1/n = 1/4")
+    toml = write_site(tmp_path, rows(12), n_photos=12)
+    cfg = load_site_config(toml)
+    n = len(split_patients(load_cohort(cfg.data), cfg.test_fraction, cfg.split_seed)[0])
+    for delta, ok in ((0.99 / n, True), (1.0 / n, False), (0.5, False), (0.9, False)):
+        toml.write_text(f'[site]\nname = "s"\ndata = "."\n[privacy]\ndelta = {delta!r}\n')
+        if ok:
+            assert check(toml).exit_code == 0
+        else:
+            assert_named(check(toml), 1, f"[privacy].delta = {delta:g}", f"1/n = 1/{n}")
+
+
+def test_a_split_with_an_empty_side_is_a_check_problem(tmp_path):
+    toml = write_site(tmp_path, rows(2))
+    toml.write_text(toml.read_text() + "test_fraction = 0.01\n")
+    assert_named(
+        check(toml), 1, "[site].test_fraction = 0.01 splits the 2 patients into 2 for training and 0"
+    )
 
 
 def test_a_huge_epsilon_is_a_named_warning(tmp_path):

@@ -76,20 +76,26 @@ def _photos(cohort: Cohort) -> tuple[list[str], list[str]]:
 
 
 def _trainable(cohort: Cohort, cfg: SiteConfig, source: str) -> list[str]:
-    """A cohort that cannot be split, has no events, or makes the set delta void DP."""
+    """A cohort that cannot be split into two non-empty parts, has no events, or makes delta void DP."""
     if len(cohort) < 2:
         return [f"cohort.csv: {len(cohort)} patient(s); a site needs at least 2 (a training and a test part)"]
     problems = []
     if not cohort.event.any():
         problems.append("cohort.csv: no patient has event = 1; survival training needs deaths")
+    train, test = split_patients(cohort, cfg.test_fraction, cfg.split_seed)
+    n_train = len(train)
+    if not n_train or not len(test):
+        problems.append(
+            f"{source}: [site].test_fraction = {cfg.test_fraction:g} splits the {len(cohort)} patients into "
+            f"{n_train} for training and {len(test)} for testing; both need patients (add patients or "
+            "change test_fraction)"
+        )
     delta = cfg.privacy.delta
-    if delta > 0:
-        n_train = len(split_patients(cohort, cfg.test_fraction, cfg.split_seed)[0])
-        if delta >= 1.0 / n_train:
-            problems.append(
-                f"{source}: [privacy].delta = {delta:g} is not below 1/n = 1/{n_train} of the training "
-                "split, so DP protects nobody; set 0 (automatic) or a smaller value"
-            )
+    if delta > 0 and n_train and delta >= 1.0 / n_train:
+        problems.append(
+            f"{source}: [privacy].delta = {delta:g} is not below 1/n = 1/{n_train} of the training "
+            "split, so DP protects nobody; set 0 (automatic) or a smaller value"
+        )
     return problems
 
 
