@@ -69,6 +69,8 @@ def test_a_site_refuses_insecure_off_loopback(demo_site, superlink):
     ],
 )
 def test_a_site_without_the_ca_or_its_key_refuses_to_join(demo_site, connection, missing):
+    for name in ("ca.crt", "site1.key"):  # the file that is named exists; the other is not named
+        (demo_site.parent / name).write_text("placeholder\n")
     text = demo_site.read_text().replace('root_certificates = ""\n', "").replace('auth_key = ""\n', "")
     demo_site.write_text(text.replace("[connection]\n", f"[connection]\n{connection}"))
     result = _start(demo_site)
