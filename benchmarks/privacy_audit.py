@@ -24,7 +24,7 @@ point in directions no real face shares.
 Threat model, and what the number means: docs/privacy.md, section "Empirical privacy audit".
 
     python benchmarks/privacy_audit.py                       # the real build
-    python benchmarks/privacy_audit.py --broken noise-off    # Opacus adds no noise; ledger unchanged
+    python benchmarks/privacy_audit.py --broken noise-off    # no noise is added; the ledger is unchanged
     python benchmarks/privacy_audit.py --broken no-clip      # no clipping; noise for the claimed norm
     python benchmarks/privacy_audit.py --repeated 200        # classic audit: 200 runs, one canary
 """
@@ -46,7 +46,7 @@ from unittest import mock
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
+from opacus.optimizers.optimizer import DPOptimizer
 from scipy import stats
 
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
@@ -304,27 +304,27 @@ def release(
 def broken_build(mode: str | None) -> Iterator[None]:
     """Break the DP mechanism in-process, leaving the ledger's accounting as it is.
 
-    The patch sits on Opacus' `PrivacyEngine.make_private`, below fahr's code, so it does not
-    depend on how train_dp draws its randomness: "noise-off" sets the noise multiplier to 0;
-    "no-clip" raises the clipping norm out of reach while keeping the noise the ledger
-    accounted (noise multiplier x claimed norm).
+    The patch sits on Opacus' `DPOptimizer.__init__`, below fahr's code, which every DP-SGD
+    optimizer Opacus or fahr builds goes through, however its noise is drawn: "noise-off" sets
+    the noise multiplier to 0; "no-clip" raises the clipping norm out of reach while keeping the
+    noise the ledger accounted (noise multiplier x claimed norm).
     """
     if mode is None:
         yield
         return
     if mode not in BROKEN_MODES:
         raise ValueError(f"--broken must be one of {', '.join(BROKEN_MODES)}, got {mode!r}")
-    original = PrivacyEngine.make_private
+    original = DPOptimizer.__init__
 
-    def make_private(self, **kwargs):
+    def init(self, *args, **kwargs):
         if mode == "noise-off":
             kwargs["noise_multiplier"] = 0.0
         else:
             kwargs["noise_multiplier"] *= kwargs["max_grad_norm"] / NO_CLIP_NORM
             kwargs["max_grad_norm"] = NO_CLIP_NORM
-        return original(self, **kwargs)
+        original(self, *args, **kwargs)
 
-    with mock.patch.object(PrivacyEngine, "make_private", make_private):
+    with mock.patch.object(DPOptimizer, "__init__", init):
         yield
 
 
