@@ -194,19 +194,19 @@ def lit_pixel_canaries(m: int, img_size: int, rng: np.random.Generator) -> tuple
     """m grey images, canary i dark at its own (channel, row, column) inside every 16x16 patch.
 
     The patch embedding multiplies each patch's pixels by one shared weight matrix, so the dark
-    pixel's gradient lands in that pixel's column of the matrix; grey (128) is ~0 after
-    `to_input`. Distinct pixels make the canaries' gradients there orthogonal to one another,
-    whence at most 3 x 16 x 16 = 768 canaries. Dark (-1) rather than bright: the grey's tiny
-    +1/255 leaks the other canaries' gradients into every column with the bright sign, and Adam,
-    which scales each coordinate to a step of the same size, would make that leak look like a
-    canary; a dark pixel points the other way.
+    pixel's gradient lands in that pixel's column of the matrix. Grey (127 or 128) is +-1/255
+    after `to_input`; its sign is drawn at random per pixel because a constant grey would leak
+    every canary's gradient into every column with one sign, and Adam, which scales each
+    coordinate to a step of the same size, would let that leak outweigh a canary's own column.
+    Distinct pixels make the canaries' gradients there orthogonal to one another, whence at most
+    3 x 16 x 16 = 768 canaries.
     """
     slots = 3 * PATCH * PATCH
     if not 0 < m <= slots:
         raise ValueError(
             f"--canaries must be between 1 and {slots} (one pixel of a 16x16 patch each), got {m}"
         )
-    images = np.full((m, 3, img_size, img_size), 128, dtype=np.uint8)
+    images = rng.integers(127, 129, (m, 3, img_size, img_size), dtype=np.uint8)  # grey, +-1/255 at random
     chosen = rng.permutation(slots)[:m]
     for i, slot in enumerate(chosen):
         channel, row, col = np.unravel_index(slot, (3, PATCH, PATCH))
@@ -402,9 +402,10 @@ def one_run_audit(p: AuditParams) -> dict:
 def repeated_audit(p: AuditParams, runs: int) -> dict:
     """The classic audit: `runs` trainings, canary 0 in or out by a secret coin, the rest always in.
 
-    Guess "in" when the score is positive (fixed before any run: an included canary pushes its
-    column along its own gradient); Clopper-Pearson bounds on the true and false positive rates
-    give the bound (hypothesis_test_bound). Runs are independent, unlike one run's canaries.
+    The first half of the runs sets the threshold (midway between the mean scores with and
+    without the canary); the second half is guessed with it, and Clopper-Pearson bounds on its
+    true and false positive rates give the bound (hypothesis_test_bound). Runs are independent,
+    unlike one run's canaries, so the bound needs no correction; it needs many runs instead.
     """
     started = time.perf_counter()
     setup = make_setup(p.canaries, p.background, p.arch, p.img_size, p.weight_scale)
@@ -412,7 +413,7 @@ def repeated_audit(p: AuditParams, runs: int) -> dict:
         setup.background, setup.canaries[:1], setup.slots[:1], setup.state, p.arch, p.img_size
     )
     train, privacy = configs(p)
-    coins, guesses = [], []
+    coins, scores = [], []
     for _ in range(runs):
         included = np.ones(p.canaries, dtype=bool)
         included[0] = secrets.randbits(1) == 1
@@ -421,8 +422,14 @@ def repeated_audit(p: AuditParams, runs: int) -> dict:
             claimed, delta = release(model, training_set(setup, included), train, privacy, Path(tmp))
         released = {k: v.detach() for k, v in model.state_dict().items()}
         coins.append(bool(included[0]))
-        guesses.append(bool(canary_scores(target, released, train)[0] > 0))
-    coins_, guesses_ = np.array(coins), np.array(guesses)
+        scores.append(canary_scores(target, released, train)[0])
+    half = runs // 2
+    calibration, held = np.array(coins[:half]), np.array(coins[half:])
+    cal_scores = np.array(scores[:half])
+    if calibration.all() or not calibration.any():
+        raise ValueError(f"the first {half} runs all drew the same coin; run more (--repeated)")
+    threshold = (cal_scores[calibration].mean() + cal_scores[~calibration].mean()) / 2
+    coins_, guesses_ = held, np.array(scores[half:]) > threshold
     tp, fp = int((coins_ & guesses_).sum()), int((~coins_ & guesses_).sum())
     n_in, n_out = int(coins_.sum()), int((~coins_).sum())
     return {
@@ -437,6 +444,7 @@ def repeated_audit(p: AuditParams, runs: int) -> dict:
         "false_positives": fp,
         "runs_out": n_out,
         "coins": "".join("1" if c else "0" for c in coins),
+        "threshold": float(threshold),
         "seconds": time.perf_counter() - started,
         "params": p.__dict__,
     }
@@ -498,8 +506,8 @@ def main() -> None:
         )
     else:
         print(
-            f"guessed in: {result['true_positives']} of {result['runs_in']} runs with the canary, "
-            f"{result['false_positives']} of {result['runs_out']} without"
+            f"guessed in (second half of the runs): {result['true_positives']} of {result['runs_in']} "
+            f"with the canary, {result['false_positives']} of {result['runs_out']} without"
         )
     violated = result["empirical_epsilon_lower_bound"] > result["claimed_epsilon"]
     print(
