@@ -63,6 +63,9 @@ class PrivacyConfig:
     epsilon: float = 8.0
     delta: float = 0.0  # 0 = choose 1 / (10 n) from the site's training set, below 1/n as required
     max_grad_norm: float = 1.0
+    # held-out evaluations the site answers per federation run: the site decides, not the server, since
+    # every evaluation releases non-DP aggregates of its held-out patients (docs/privacy.md)
+    evaluations_per_run: int = 1
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,7 @@ def _check_site_values(cfg: SiteConfig, source: str) -> None:
         f"not {p.delta!r}",
     )
     _finite(p.max_grad_norm, 0, f"{source}: [privacy].max_grad_norm", " (the clipping bound)")
+    _check(p.evaluations_per_run >= 0, f"{source}: [privacy].evaluations_per_run must be >= 0")
     _finite(t.lr, 0, f"{source}: [train].lr", "")
     _finite(t.weight_decay, 0, f"{source}: [train].weight_decay", "", inclusive=True)
     _check(
