@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from importlib.metadata import version
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -23,6 +22,7 @@ from fahr_core.config import ModelConfig, SiteConfig, load_site_config
 from fahr_core.privacy.audit import append_audit
 from fahr_core.privacy.outbound import check_outbound, check_secagg_outbound
 from fahr_core.processes import seconds_since_process_start
+from fahr_core.release import fahr_version
 from fahr_core.site import SiteRuntime
 
 app = ClientApp()
@@ -41,7 +41,7 @@ def _runtime(context: Context) -> SiteRuntime:
 
 def round_info(config: Mapping) -> tuple[ModelConfig, int, int]:
     """Model settings, round and planned rounds from the server's config; refuses another fahr version."""
-    ours, theirs = version("fahr"), str(config.get("fahr-version", "unknown"))
+    ours, theirs = fahr_version(), str(config.get("fahr-version", "unknown"))
     if theirs != ours:
         raise VersionMismatch(
             f"the server runs fahr {theirs}, this site runs fahr {ours}; refusing the round"
@@ -125,7 +125,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         "server_round": server_round,
         "num_rounds": num_rounds,
         "run_id": int(msg.metadata.run_id),
-        "fahr_version": version("fahr"),
+        "fahr_version": fahr_version(),
     }
     age_model, age = None, msg.content.array_records.get(delivery.ARRAYS_KEY)  # the federation's, if any
     if age is not None:

@@ -17,15 +17,10 @@ from fahr_server.flower import flower_env, start_supernode
 
 app = new_app("A fahr hospital site.")
 
-SiteOpt = Annotated[str, typer.Option("--site", help="site name; must match [site].name in the config")]
+SiteOpt = Annotated[str, typer.Option("--site", help=r"site name; must match \[site].name in the config")]
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="site TOML (default: ./<site>/site.toml)")
 ]
-
-
-@app.callback()
-def _main() -> None:
-    """A fahr hospital site."""
 
 
 def _load(site: str, config: Path | None) -> tuple[SiteConfig, Path]:
@@ -91,7 +86,7 @@ def start(
     site: SiteOpt,
     config: ConfigOpt = None,
     superlink: Annotated[
-        str | None, typer.Option(help="SuperLink host:port (default: [connection].superlink)")
+        str | None, typer.Option(help=r"SuperLink host:port (default: \[connection].superlink)")
     ] = None,
     runtime_port: Annotated[int, typer.Option(help="local port of this SuperNode's runtime API")] = 9094,
     insecure: Annotated[bool, typer.Option(help="plain HTTP; for loopback tests only")] = False,

@@ -29,11 +29,6 @@ from fahr_server.state import ResumeError, earlier_run_records, resume_point, tr
 app = new_app("The fahr federation server.")
 
 
-@app.callback()
-def _main() -> None:
-    """The fahr federation server."""
-
-
 def run_federation(
     cfg: ServerConfig,
     config_path: Path,
@@ -151,7 +146,7 @@ def _first_round(cfg: ServerConfig, resume: bool, echo: Callable[[str], object])
 
 @app.command()
 def run(
-    config: Annotated[Path, typer.Option("--config", "-c", help="server TOML ([federation], [model])")],
+    config: Annotated[Path, typer.Option("--config", "-c", help=r"server TOML (\[federation], \[model])")],
     insecure: Annotated[bool, typer.Option(help="plain HTTP; for loopback tests only")] = False,
     resume: Annotated[
         bool, typer.Option(help="continue after the last completed round recorded in the workdir")

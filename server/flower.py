@@ -11,12 +11,12 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
-from importlib.metadata import version
 from pathlib import Path
 
 from fahr_core.config import ConnectionConfig, SecurityConfig
 from fahr_core.io import atomic_write_text
 from fahr_core.processes import Managed, wait_for_port
+from fahr_core.release import release
 
 APP_NAME = "fahr-federation"
 
@@ -52,7 +52,7 @@ def write_app(app_dir: Path, config_path: Path, resume: bool = False) -> Path:
     keeps the bundle tiny. The run config carries the absolute path of the server config and
     whether the ServerApp continues the run recorded in the workdir's state.json.
     """
-    ver = version("fahr")
+    ver = release()
     atomic_write_text(
         app_dir / "pyproject.toml",
         f"""[build-system]

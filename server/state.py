@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 
 from fahr_core.config import ServerConfig
 from fahr_core.io import atomic_write_json, atomic_write_text
+from fahr_core.release import fahr_version
 
 STATE_FILE = "state.json"
 ROUNDS_LOG = "rounds.jsonl"
@@ -80,10 +80,10 @@ def resume_point(cfg: ServerConfig) -> FederationState:
             f"cannot resume: the [model] settings changed since the run started ({', '.join(changed)}); "
             f"the saved weights in {cfg.workdir} belong to the old model"
         )
-    if state.fahr_version != version("fahr"):
+    if state.fahr_version != fahr_version():
         raise ResumeError(
             f"cannot resume: the run was started by fahr {state.fahr_version} and this is fahr "
-            f"{version('fahr')}; finish it with the version that started it"
+            f"{fahr_version()}; finish it with the version that started it"
         )
     if state.rounds != cfg.rounds:
         raise ResumeError(

@@ -85,7 +85,7 @@ def simulate(
         str, typer.Option(help="deaths per person-year at age 50, per site")
     ] = "0.02,0.03,0.015",
     names: Annotated[str, typer.Option(help="site names, comma-separated (default site1, site2, ...)")] = "",
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the simulated survival times and site split")] = 0,
     overwrite: Annotated[bool, typer.Option(help="replace existing simulated files")] = False,
 ) -> None:
     """Write semi-synthetic site folders: real faces, Gompertz survival on age and sex (docs/site-data.md)."""
@@ -105,7 +105,7 @@ def simulate(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="working folder for the demo")] = Path("demo-run"),
-    rounds: Annotated[int, typer.Option()] = 3,
+    rounds: Annotated[int, typer.Option(help="federated rounds")] = 3,
     port: Annotated[int, typer.Option(help="SuperLink port on 127.0.0.1")] = 8000,
 ) -> None:
     """Server + three TLS-authenticated sites on 127.0.0.1: bundled cohort, DP training, reports."""

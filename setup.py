@@ -1,0 +1,20 @@
+"""Package discovery for the three import packages, whose folders are not named like the packages.
+
+pyproject.toml holds everything else. setuptools' own `packages.find` cannot map the folders
+`server` and `client` to the import names `fahr_server` and `fahr_client`, and a hand-written list
+silently dropped new subpackages (a wheel once shipped without fahr_core.age); here every folder
+with an __init__.py below each root is a package.
+"""
+
+from setuptools import find_packages, setup
+
+PACKAGE_DIRS = {"fahr_core": "fahr_core", "fahr_server": "server", "fahr_client": "client"}
+
+setup(
+    package_dir=PACKAGE_DIRS,
+    packages=[
+        f"{name}{suffix}"
+        for name, folder in PACKAGE_DIRS.items()
+        for suffix in ["", *(f".{sub}" for sub in find_packages(folder))]
+    ],
+)
