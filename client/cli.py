@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from fahr_client.status import site_status
 from fahr_core.cohort import Cohort, CohortError, load_cohort
 from fahr_core.config import ConfigError, SiteConfig, is_set, load_site_config
 from fahr_core.processes import is_loopback
@@ -142,6 +143,14 @@ def start(
         typer.echo(f"site {cfg.name}: leaving the federation")
     finally:
         node.stop()
+
+
+@app.command()
+def status(site: SiteOpt, config: ConfigOpt = None) -> None:
+    """The site's privacy ledger (epsilon per run and round, budget left), last rounds, audit-log check."""
+    cfg, _ = _load(site, config)
+    for line in site_status(cfg):
+        typer.echo(line)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from fahr_core.models.vit import SurvivalViT
 from fahr_core.release import fahr_version
 from fahr_core.report.federation import write_federation_report
 from fahr_core.report.wire import metrics_to_summary
+from fahr_server.events import emit
 from fahr_server.secagg import SecureSum
 from fahr_server.state import FederationState, model_record, resume_point
 from fahr_server.strategy import FahrFedAvg, robust_aggregator
@@ -84,14 +85,18 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.model.age_checkpoint:
         log.info("age model for the sites' FAD analysis: %s", cfg.model.age_checkpoint)
     started = time.time()
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(weights),
-        num_rounds=cfg.rounds - state.last_round,
-        timeout=cfg.round_timeout_s,
-        train_config=round_config,
-        evaluate_config=round_config,
-    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(weights),
+            num_rounds=cfg.rounds - state.last_round,
+            timeout=cfg.round_timeout_s,
+            train_config=round_config,
+            evaluate_config=round_config,
+        )
+    except Exception as e:  # the operator's console shows why; Flower's log (run.log) has the trace
+        emit(cfg.workdir, "run_failed", reason=str(e) or type(e).__name__)
+        raise
     summaries = [metrics_to_summary(e["site"], e) for e in strategy.site_evaluations]
     report = write_federation_report(
         cfg.workdir / "report",
@@ -113,3 +118,4 @@ def main(grid: Grid, context: Context) -> None:
         },
     )
     log.info("federation report: %s", cfg.workdir / "report" / "report.html")
+    emit(cfg.workdir, "report_written", path=str(cfg.workdir / "report" / "report.html"))

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from fahr_core.age import delivery
 from fahr_core.models.checkpoint import save_weights
 from fahr_core.updates import screen_updates
+from fahr_server.events import emit, emit_round
 from fahr_server.secagg import SecureSum
 from fahr_server.state import REJECTIONS_LOG, ROUNDS_LOG, FederationState, file_sha256, write_state
 
@@ -35,15 +36,21 @@ def site_of(msg: Message) -> str:
     return str(site["name"]) if site is not None and "name" in site else f"node-{msg.metadata.src_node_id}"
 
 
-def aggregate_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted means, as FedAvg does, except the privacy spend.
+# Each site's own privacy parameters: a mean of them describes no site (rounds.jsonl keeps them per site).
+PER_SITE_METRICS = ("epsilon", "epsilon-budget", "delta", "noise-multiplier", "sample-rate")
 
-    A mean epsilon describes no site; the federation reports the largest site epsilon instead.
+
+def aggregate_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted means, as FedAvg does, except each site's privacy parameters.
+
+    The federation reports the largest site epsilon instead of a mean of budgets or noise levels.
     """
     agg = aggregate_metricrecords(contents, weight_key)
+    for key in PER_SITE_METRICS:
+        if key in agg:
+            del agg[key]
     spent = [float(c["metrics"]["epsilon"]) for c in contents if "epsilon" in c["metrics"]]
     if spent:
-        del agg["epsilon"]
         agg["epsilon-max"] = max(spent)
     return agg
 
@@ -114,6 +121,8 @@ class FahrFedAvg(FedAvg):
         # site's face-age deviation analysis (fahr_core.age.delivery); None: no FAD analysis
         self.age_model = age_model
         self.aggregator = aggregator  # a robust rule from robust_aggregator(); None: FedAvg itself
+        self._seen: set[str] = set()  # sites that sent an update in this run (the console's "joined")
+        self._round_started = time.monotonic()
 
     def _await_sites(self, grid: Grid) -> None:
         """Fail the run with a clear message instead of waiting forever for missing sites."""
@@ -130,6 +139,15 @@ class FahrFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._await_sites(grid)
+        self._round_started = time.monotonic()
+        connected = len(list(grid.get_node_ids()))
+        emit(
+            self.workdir,
+            "round_started",
+            round=server_round + self.offset,
+            rounds=self.num_rounds,
+            connected=connected,
+        )
         self._global = arrays.to_torch_state_dict()
         self._sent = list(super().configure_train(server_round + self.offset, arrays, config, grid))
         return self._sent
@@ -204,6 +222,7 @@ class FahrFedAvg(FedAvg):
             record["secure_aggregation"] = self.secure_sum.last
         with (self.workdir / ROUNDS_LOG).open("a") as f:
             f.write(json.dumps(record) + "\n")
+        emit_round(self.workdir, record, self._seen)
         if len(record["sites"]) < self.min_train_nodes:
             raise TooFewSites(
                 f"round {server_round}: only {len(record['sites'])} of the {self.min_train_nodes} required "
@@ -216,6 +235,16 @@ class FahrFedAvg(FedAvg):
         save_weights(checkpoint, state, meta)
         save_weights(self.workdir / "global_model.safetensors", state, meta)
         self._commit(server_round, checkpoint, record)
+        took = round(time.monotonic() - self._round_started, 1)
+        emit(self.workdir, "checkpoint_written", round=server_round, path=str(checkpoint))
+        emit(
+            self.workdir,
+            "round_done",
+            round=server_round,
+            rounds=self.num_rounds,
+            seconds=took,
+            sites=len(record["sites"]),
+        )
         log.info("round %d: global weights saved (%d sites)", server_round, len(record["sites"]))
         return arrays, metrics
 
@@ -244,4 +273,5 @@ class FahrFedAvg(FedAvg):
         for m in replies:
             if not m.has_error():
                 self.site_evaluations.append({"site": site_of(m), **dict(m.content["metrics"])})
+                emit(self.workdir, "evaluation_received", site=site_of(m))
         return None
