@@ -12,7 +12,7 @@ import typer
 from fahr_client.status import site_status
 from fahr_core.cohort import Cohort, CohortError, load_cohort
 from fahr_core.config import ConfigError, SiteConfig, is_set, load_site_config
-from fahr_core.processes import is_loopback
+from fahr_core.processes import free_local_port, is_loopback, port_free
 from fahr_server.cli_app import new_app
 from fahr_server.flower import flower_env, start_supernode
 
@@ -89,7 +89,10 @@ def start(
     superlink: Annotated[
         str | None, typer.Option(help=r"SuperLink host:port (default: \[connection].superlink)")
     ] = None,
-    runtime_port: Annotated[int, typer.Option(help="local port of this SuperNode's runtime API")] = 9094,
+    runtime_port: Annotated[
+        int,
+        typer.Option(help="local port of this SuperNode's runtime API; 0: any free one (sites share hosts)"),
+    ] = 0,
     insecure: Annotated[bool, typer.Option(help="plain HTTP; for loopback tests only")] = False,
 ) -> None:
     """Check the site's data, then join the federation until stopped (Ctrl-C)."""
@@ -119,6 +122,15 @@ def start(
                 err=True,
             )
             raise typer.Exit(2)
+    if runtime_port == 0:
+        runtime_port = free_local_port()
+    elif not port_free("127.0.0.1", runtime_port):
+        typer.echo(
+            f"error: runtime port {runtime_port} is in use (another site's SuperNode on this host?); "
+            "pass another --runtime-port, or 0 for any free one",
+            err=True,
+        )
+        raise typer.Exit(2)
     _align(cfg, cohort)
     log_path = cfg.workdir / "supernode.log"
     node = start_supernode(

@@ -21,6 +21,7 @@ from fahr_server.events import describe, end_of_log, follow
 from fahr_server.flower import (
     console_script,
     flower_env,
+    local_address,
     register_sites,
     start_superlink,
     write_app,
@@ -29,6 +30,7 @@ from fahr_server.flower import (
 from fahr_server.state import (
     ResumeError,
     earlier_run_records,
+    read_state,
     resume_point,
     set_aside_uncommitted,
     trim_rounds_log,
@@ -72,7 +74,7 @@ def run_federation(
         return 2
     env = flower_env(work / "flwr-home")
     app_dir = write_app(work / "app", config_path, resume)
-    write_cli_connection(work / "flwr-home", f"{cfg.address}:{cfg.port}", security)
+    write_cli_connection(work / "flwr-home", local_address(cfg.address, cfg.port, security), security)
     mode = "plain HTTP (--insecure)" if security is None else "TLS + SuperNode authentication"
     log_path = work / "superlink.log"
     echo(f"starting SuperLink on {cfg.address}:{cfg.port}, {mode} (logs: {log_path})")
@@ -86,7 +88,7 @@ def run_federation(
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         if security is not None:
-            register_sites(security.site_keys, env, log_path)
+            register_sites(security.site_keys, env, work, log_path, echo)
             echo(f"registered {len(security.site_keys)} site key(s); unregistered sites are refused")
         if on_ready is not None:
             on_ready()
@@ -181,6 +183,14 @@ def _first_round(cfg: ServerConfig, resume: bool, echo: Callable[[str], object])
     return state.last_round + 1
 
 
+def _load(config: Path) -> ServerConfig:
+    try:
+        return load_server_config(config)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def run(
     config: Annotated[Path, typer.Option("--config", "-c", help=r"server TOML (\[federation], \[model])")],
@@ -188,13 +198,18 @@ def run(
     resume: Annotated[
         bool, typer.Option(help="continue after the last completed round recorded in the workdir")
     ] = False,
+    auto_resume: Annotated[
+        bool,
+        typer.Option(help="continue an interrupted run if the workdir holds one, else start one (systemd)"),
+    ] = False,
 ) -> None:
     """Run a federation to its end and write the global report."""
-    try:
-        cfg = load_server_config(config)
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    cfg = _load(config)
+    if auto_resume:
+        try:
+            resume = resume or read_state(cfg.workdir) is not None
+        except ResumeError:
+            resume = True  # resuming says what is wrong with the state file
     if insecure:
         if not is_loopback(cfg.address):
             typer.echo(
@@ -214,12 +229,7 @@ def status(
     config: Annotated[Path, typer.Option("--config", "-c", help=r"server TOML (its \[federation].workdir)")],
 ) -> None:
     """Where a running or finished federation stands: rounds, sites, updates, rejections, privacy."""
-    try:
-        cfg = load_server_config(config)
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    for line in federation_status(cfg):
+    for line in federation_status(_load(config)):
         typer.echo(line)
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from fahr_core.certs import create_server_tls, create_site_keys
+from fahr_core.certs import create_server_tls, create_site_keys, renew_server_tls
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import (
@@ -48,6 +48,25 @@ def certs_init(
     """Create the federation's CA and the server's TLS certificate (keep ca.key offline)."""
     tls = create_server_tls(out, host)
     typer.echo(f"wrote {tls.ca_cert} (give to every site), {tls.cert} and {tls.key} (server only)")
+
+
+@certs_app.command("renew")
+def certs_renew(
+    out: Annotated[Path, typer.Option(help="the folder `fahr certs init` wrote (ca.key must be there)")],
+    days: Annotated[int, typer.Option(help="validity of the new server certificate, in days")] = 825,
+) -> None:
+    """Renew the server's TLS certificate: same key, names and CA; restart fahr-server to use it."""
+    try:
+        renewal = renew_server_tls(out, days)
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {renewal.cert}, valid until {renewal.valid_until:%Y-%m-%d}; restart fahr-server")
+    if renewal.ca_reissued:
+        typer.echo(
+            f"the CA certificate expired first and was re-issued (same key): give the new "
+            f"{Path(out) / 'ca.crt'} to every site"
+        )
 
 
 @certs_app.command("site")
