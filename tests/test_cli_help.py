@@ -6,29 +6,18 @@ import re
 
 import click
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from fahr_client.cli import app as client_app
 from fahr_core.release import fahr_version
 from fahr_server.cli import app as server_app
 from fahr_server.tools import app as tools_app
+from tests.conftest import cli_commands
 
 APPS = {"fahr": tools_app, "fahr-server": server_app, "fahr-client": client_app}
 
 
-def commands(group: click.Command, path: tuple[str, ...]) -> list[tuple[tuple[str, ...], click.Command]]:
-    """(argv prefix, command) for every command below `group`, groups included."""
-    found = [(path, group)]
-    if isinstance(group, click.Group):
-        for name, sub in group.commands.items():
-            found += commands(sub, (*path, name))
-    return found
-
-
-ALL = [
-    (prog, path, cmd) for prog, app in APPS.items() for path, cmd in commands(typer.main.get_command(app), ())
-]
+ALL = cli_commands()
 
 
 def flat(text: str) -> str:
