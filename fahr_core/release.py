@@ -4,7 +4,7 @@ The server and every site must run the same code: a site reviewed and installed 
 its DP accounting, outbound allow-list and report depend on that code. A release number alone
 cannot show this: an editable install (`make install`) reports the number it was installed with
 whatever the checkout later holds, and a patched wheel keeps its number. So the identity the two
-ends compare is the release number plus a SHA-256 over the source of the three packages as they
+ends compare is the release number plus a SHA-256 over the source of fahr's packages as they
 sit on disk, e.g. `0.2.0+code.3fa9c1e2b7d0` (a PEP 440 local version). It needs no git and no
 build step, so a wheel, a container and a checkout all report it the same way.
 
@@ -21,8 +21,8 @@ from importlib.util import find_spec
 from pathlib import Path
 
 DISTRIBUTION = "fahr"
-# The import packages of the distribution; both ends install all three, so both hash the same files.
-PACKAGES = ("fahr_core", "fahr_server", "fahr_client")
+# The import packages of the distribution; both ends install all of them, so both hash the same files.
+PACKAGES = ("fahr_core", "fahr_ops", "fahr_server", "fahr_client", "fahr_research")
 
 
 def release() -> str:

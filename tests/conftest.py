@@ -120,8 +120,8 @@ def demo_site(tmp_path: Path) -> Path:
 def cli_commands() -> list[tuple[str, tuple[str, ...], click.Command]]:
     """(program, argv prefix, command) for every command of the three CLIs, groups included."""
     from fahr_client.cli import app as client_app
+    from fahr_research.cli import app as tools_app
     from fahr_server.cli import app as server_app
-    from fahr_server.tools import app as tools_app
 
     def below(cmd: click.Command, path: tuple[str, ...]) -> list[tuple[tuple[str, ...], click.Command]]:
         found = [(path, cmd)]

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from fahr_client.cli import app as client_app
 from fahr_core.release import fahr_version
+from fahr_research.cli import app as tools_app
 from fahr_server.cli import app as server_app
-from fahr_server.tools import app as tools_app
 from tests.conftest import cli_commands
 
 APPS = {"fahr": tools_app, "fahr-server": server_app, "fahr-client": client_app}

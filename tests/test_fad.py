@@ -20,6 +20,7 @@ import torch
 from lifelines import CoxPHFitter
 from scipy import stats
 
+from fahr_client.runtime import SiteRuntime
 from fahr_core.age.delivery import age_model_payload, receive_age_model
 from fahr_core.age.model import AgeViT, load_age_model, save_age_model
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
@@ -29,7 +30,6 @@ from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.outbound import check_outbound
 from fahr_core.report.site import write_site_report
 from fahr_core.report.wire import metrics_to_summary, summary_to_metrics
-from fahr_core.site import SiteRuntime
 from fahr_core.survival.fad import REDUNDANCY_ALARM, fad_statistics
 
 

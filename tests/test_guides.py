@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from fahr_core.certs import create_server_tls
 from fahr_core.config import (
     AlignmentConfig,
     ConnectionConfig,
@@ -23,16 +22,17 @@ from fahr_core.config import (
     SiteConfig,
     TrainConfig,
 )
-from fahr_core.processes import Managed
-from fahr_server.flower import console_script
+from fahr_ops.certs import create_server_tls
+from fahr_ops.flower import console_script
+from fahr_ops.processes import Managed
 from tests.conftest import cli_commands, flower_processes_under, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "deploy" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CODE = [
-    *(ROOT / "fahr_core").rglob("*.py"),
-    *(ROOT / "server").rglob("*.py"),
-    *(ROOT / "client").rglob("*.py"),
+    path
+    for package in ("fahr_core", "ops", "server", "client", "research")
+    for path in (ROOT / package).rglob("*.py")
 ]
 # config table -> the dataclass whose fields are its keys (fahr_core.config reads them so)
 TABLES = {

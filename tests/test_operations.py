@@ -20,14 +20,14 @@ from cryptography import x509
 from typer.testing import CliRunner
 
 from fahr_client.cli import app as client_app
-from fahr_core.certs import create_server_tls, create_site_keys
 from fahr_core.config import load_server_config
 from fahr_core.release import fahr_version
+from fahr_ops.certs import create_server_tls, create_site_keys
+from fahr_ops.flower import console_script, flower_env, local_address
+from fahr_research.cli import app as tools_app
 from fahr_server.cli import app as server_app
 from fahr_server.cli import run_federation
-from fahr_server.flower import console_script, flower_env, local_address
 from fahr_server.state import FederationState, model_record, write_state
-from fahr_server.tools import app as tools_app
 from tests.conftest import flower_processes_under, free_port
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -116,7 +116,7 @@ def test_a_site_removed_from_site_keys_is_unregistered(tmp_path: Path) -> None:
 
 def _supernodes(work: Path, toml: Path) -> list[str]:
     """The SuperLink's own list of registered SuperNodes (a SuperLink is started for the question)."""
-    from fahr_server.flower import start_superlink, write_cli_connection
+    from fahr_ops.flower import start_superlink, write_cli_connection
 
     cfg = load_server_config(toml)
     env = flower_env(work / "flwr-home")

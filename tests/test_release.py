@@ -18,7 +18,7 @@ def _copy(roots: dict[str, Path], dest: Path) -> dict[str, Path]:
 
 def test_the_installed_code_is_fingerprinted_wherever_it_lies(tmp_path: Path) -> None:
     roots = package_roots()
-    assert set(roots) == {"fahr_core", "fahr_server", "fahr_client"}
+    assert set(roots) == {"fahr_core", "fahr_ops", "fahr_server", "fahr_client", "fahr_research"}
     here = code_fingerprint(roots)
     assert fahr_version() == f"{release()}+code.{here[:12]}"
     copies = _copy(roots, tmp_path / "copy")
@@ -39,5 +39,5 @@ def test_one_changed_byte_or_one_added_module_changes_the_identity(tmp_path: Pat
     (added["fahr_client"] / "extra.py").write_text("")
     assert code_fingerprint(added) != here
     moved = _copy(roots, tmp_path / "moved")  # the same bytes under another module name
-    (moved["fahr_server"] / "tools.py").rename(moved["fahr_server"] / "tools2.py")
+    (moved["fahr_server"] / "cli.py").rename(moved["fahr_server"] / "cli2.py")
     assert code_fingerprint(moved) != here

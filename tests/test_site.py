@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from fahr_client.runtime import SiteRuntime
 from fahr_core.config import ModelConfig, load_site_config
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.ledger import BudgetExceeded
-from fahr_core.site import SiteRuntime
 
 SPEC = ModelConfig(arch="vit_micro", img_size=112, n_intervals=10)
 

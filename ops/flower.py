@@ -20,8 +20,8 @@ from cryptography import x509
 
 from fahr_core.config import ConnectionConfig, SecurityConfig
 from fahr_core.io import atomic_write_json, atomic_write_text
-from fahr_core.processes import Managed, is_loopback, wait_for_port
 from fahr_core.release import release
+from fahr_ops.processes import Managed, is_loopback, wait_for_port
 
 APP_NAME = "fahr-federation"
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
