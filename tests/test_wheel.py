@@ -44,7 +44,14 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path: Path) -> None
           str(source)], tmp_path)  # fmt: skip
     (wheel,) = dist.glob("fahr-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for package in ("fahr_core/age/", "fahr_server/", "fahr_client/", "fahr_core/demo_data/images/"):
+    for package in (
+        "fahr_core/age/",
+        "fahr_ops/",
+        "fahr_server/",
+        "fahr_client/",
+        "fahr_research/",
+        "fahr_core/demo_data/images/",
+    ):
         assert any(n.startswith(package) for n in names), f"{wheel.name} lacks {package}"
 
     env = tmp_path / "venv"
@@ -58,11 +65,15 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path: Path) -> None
 
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir()
+    modules = "fahr_core, fahr_server.app, fahr_client.app, fahr_client.runtime, fahr_research.local"
     imported = _run(
-        [str(py), "-c", "import fahr_core, fahr_server.app, fahr_client.app, fahr_core.site\n"
-         "print(fahr_core.__file__, fahr_server.app.app, fahr_client.app.app)"],
+        [
+            str(py),
+            "-c",
+            f"import {modules}\nprint(fahr_core.__file__, fahr_server.app.app, fahr_client.app.app)",
+        ],
         run_dir,
-    )  # fmt: skip
+    )
     assert imported.startswith(str(site)) and "ServerApp" in imported and "ClientApp" in imported
     for cli in ("fahr", "fahr-server", "fahr-client"):
         assert "Usage" in _run([str(env / "bin" / cli), "--help"], run_dir)
