@@ -23,10 +23,24 @@ fi
 [ -f "$here/wheels-$variant/FAHR_WHEEL" ] || VARIANT=$variant "$here/wheelhouse.sh"
 version=$(sed -E 's/^fahr-([^-]+)-.*/\1/' "$here/wheels-$variant/FAHR_WHEEL")
 suffix=$([ "$variant" = cpu ] && echo "" || echo "-$variant")
-# shellcheck disable=SC2086
-for target in coordinator site; do
-    podman_ build $PODMAN_RUN --build-arg "WHEELS=wheels-$variant" --target "$target" \
+# Podman 4.3 with vfs storage (this host) sometimes does not exit after "Successfully tagged",
+# holding the storage lock: once the image id is written, give it a minute, then end it.
+build_target() {
+    local target=$1 iid pid
+    iid=$(mktemp)
+    # shellcheck disable=SC2086
+    podman_ build $PODMAN_RUN --build-arg "WHEELS=wheels-$variant" --target "$target" --iidfile "$iid" \
         -t "localhost/fahr-$target:$version$suffix" -t "localhost/fahr-$target:latest$suffix" \
-        -f "$here/Containerfile" "$here"
+        -f "$here/Containerfile" "$here" &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null && [ ! -s "$iid" ]; do sleep 5; done
+    for _ in $(seq 12); do kill -0 "$pid" 2>/dev/null || break; sleep 5; done
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    [ -s "$iid" ] || { echo "error: building the $target image failed" >&2; exit 1; }
+    rm -f "$iid"
+}
+for target in coordinator site; do
+    build_target "$target"
 done
 podman_ images --filter "reference=localhost/fahr-*"
