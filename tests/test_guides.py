@@ -22,6 +22,7 @@ from fahr_core.config import (
     SiteConfig,
     TrainConfig,
 )
+from fahr_core.workdir import ServerWorkdir
 from fahr_ops.certs import create_server_tls
 from fahr_ops.flower import console_script
 from fahr_ops.processes import Managed
@@ -109,7 +110,8 @@ def test_the_site_operator_guide_works_as_written(tmp_path: Path) -> None:
     # section 3's data: a semi-synthetic site, as the guide suggests for a dry run
     subprocess.run(
         [str(bin_dir / "fahr"), "cohort", "simulate", "--out", str(site_dir.parent), "--sizes", "60",
-         "--names", "maastro"], check=True, capture_output=True, timeout=300,
+         "--mean-ages", "55", "--rates", "0.03", "--names", "maastro"],
+        check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     run(commands[0])  # section 2: the key pair
     port = free_port()
@@ -126,20 +128,26 @@ def test_the_site_operator_guide_works_as_written(tmp_path: Path) -> None:
     server = tmp_path / "server.toml"
     server.write_text(
         f'[federation]\nrounds = 1\nmin_sites = 1\nport = {port}\nworkdir = "server"\n'
-        f'[model]\narch = "vit_micro"\n[security]\nca_cert = "{tls.ca_cert}"\n'
+        f'join_timeout_s = 300\n[model]\narch = "vit_micro"\n[security]\nca_cert = "{tls.ca_cert}"\n'
         f'server_cert = "{tls.cert}"\nserver_key = "{tls.key}"\nsite_keys = ["{site_dir / "maastro.pub"}"]\n'
     )
     coordinator = Managed(
         "fahr-server", [str(bin_dir / "fahr-server"), "run", "--config", str(server)], tmp_path / "server.log"
     )
-    site = Managed("fahr-client", argv(commands[3]), tmp_path / "site.log")  # section 6
+    site = None
     try:
         deadline = time.monotonic() + 900
+        # the coordinator guide's order: the site joins once its key is registered
+        while not ServerWorkdir(tmp_path / "server").ready.exists() and time.monotonic() < deadline:
+            assert coordinator.proc.poll() is None, coordinator.tail(40)
+            time.sleep(0.5)
+        site = Managed("fahr-client", argv(commands[3]), tmp_path / "site.log")  # section 6
         while coordinator.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(2)
         assert coordinator.proc.returncode == 0, coordinator.tail(40) + "\n--- site\n" + site.tail(40)
     finally:
-        site.stop()
+        if site is not None:
+            site.stop()
         coordinator.stop()
     assert (site_dir / ".fahr" / "report" / "report.html").exists()
     status = run(commands[4])  # section 7

@@ -25,13 +25,17 @@ trap 'rm -rf "$src"' EXIT
 drop='^(fahr|pytest|ruff|iniconfig|pluggy|insightface)=='
 if [ "$variant" = cpu ]; then
     drop='^(fahr|pytest|ruff|iniconfig|pluggy|insightface|torch|torchvision|triton|nvidia-.*|cuda-.*)=='
-    torch_pair=("${TORCH:-torch==2.13.0+cpu}" "${TORCHVISION:-torchvision==0.28.0}")
+    # a CPU torch needs the CPU torchvision of the same release: PyPI's torchvision is the CUDA build
+    # ("operator torchvision::nms does not exist" at import); both come from PyTorch's CPU index
+    torch_pair=("${TORCH:-torch==2.13.0+cpu}" "${TORCHVISION:-torchvision==0.28.0+cpu}")
+    index=(--extra-index-url "${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}")
 else
     torch_pair=()
+    index=()
 fi
 "$py" -m pip freeze --exclude-editable | grep -v -i -E "$drop" | grep -v '^#' > "$out/requirements.txt"
 # pip wheel, not download: a few dependencies (autograd-gamma) are sdists, built into wheels here
-"$py" -m pip wheel -q --no-deps -w "$out" -r "$out/requirements.txt" \
+"$py" -m pip wheel -q --no-deps "${index[@]}" -w "$out" -r "$out/requirements.txt" \
     "${torch_pair[@]}"
 for pin in "${torch_pair[@]}"; do echo "$pin" >> "$out/requirements.txt"; done
 ls "$out"/fahr-*.whl | xargs -n1 basename > "$out/FAHR_WHEEL"
