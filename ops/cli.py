@@ -15,6 +15,13 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+# --version on every CLI; an app with a callback of its own adds it to that callback's parameters
+VersionOption = Annotated[
+    bool,
+    typer.Option("--version", is_eager=True, callback=_print_version, help="print fahr's version and exit"),
+]
+
+
 def new_app(help_text: str) -> typer.Typer:
     """A typer app that prints help when called bare, plain tracebacks (no locals: they may hold
     patient data) when something unexpected happens, and `--version`.
@@ -31,14 +38,7 @@ def new_app(help_text: str) -> typer.Typer:
     )
 
     @app.callback()
-    def _main(
-        version: Annotated[
-            bool,
-            typer.Option(
-                "--version", is_eager=True, callback=_print_version, help="print fahr's version and exit"
-            ),
-        ] = False,
-    ) -> None:
+    def _main(version: VersionOption = False) -> None:
         pass
 
     return app

@@ -23,7 +23,7 @@ from scipy import stats
 from fahr_client.runtime import SiteRuntime
 from fahr_core.age.delivery import age_model_payload, receive_age_model
 from fahr_core.age.model import AgeViT, load_age_model, save_age_model
-from fahr_core.cohort import demo_faces_dir, load_labelled_faces
+from fahr_core.cohort import demo_faces_dir, load_cohort, load_labelled_faces, split_patients
 from fahr_core.cohort.simulate import SimulationParams, sample_outcomes
 from fahr_core.config import ConfigError, ModelConfig, load_server_config, load_site_config
 from fahr_core.models.vit import SurvivalViT
@@ -212,7 +212,8 @@ def test_site_evaluation_reports_fad_and_saliency_with_the_received_model(demo_s
     age_model = site.receive_age_model(payload, sha256)
     metrics, summary = site.evaluate(survival.state_dict(), spec, {}, age_model)
     assert summary["fad"]["age_model"]["sha256"] == sha256 == _kept_sha256(site)
-    assert summary["fad"]["n"] == summary["n"] == 18
+    held_out = split_patients(load_cohort(site.cfg.data), site.cfg.test_fraction, site.cfg.split_seed)[1]
+    assert summary["fad"]["n"] == summary["n"] == len(held_out)  # every demo photo aligns
     assert summary["saliency"]["models"] == ["Survival risk score", "Predicted age"]
     assert -1 <= summary["saliency"]["similarity"] < 1
     assert {"fad-mean", "fad-risk-r", "saliency-similarity"} <= set(metrics)
