@@ -14,7 +14,6 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
-from importlib.metadata import version
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -27,6 +26,7 @@ from fahr_core.config import ModelConfig, SiteConfig, load_site_config
 from fahr_core.privacy.audit import append_audit
 from fahr_core.privacy.ledger import spend_on_record
 from fahr_core.privacy.outbound import check_outbound, check_secagg_outbound
+from fahr_core.release import fahr_version
 from fahr_ops.processes import seconds_since_process_start
 
 app = ClientApp()
@@ -46,7 +46,7 @@ def _runtime(context: Context) -> SiteRuntime:
 
 def round_info(config: Mapping) -> tuple[ModelConfig, int, int]:
     """Model settings, round and planned rounds from the server's config; refuses another fahr version."""
-    ours, theirs = version("fahr"), str(config.get("fahr-version", "unknown"))
+    ours, theirs = fahr_version(), str(config.get("fahr-version", "unknown"))
     if theirs != ours:
         raise VersionMismatch(
             f"the server runs fahr {theirs}, this site runs fahr {ours}; refusing the round"
@@ -158,7 +158,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         "server_round": server_round,
         "num_rounds": num_rounds,
         "run_id": int(msg.metadata.run_id),
-        "fahr_version": version("fahr"),
+        "fahr_version": fahr_version(),
     }
     site.admit_evaluation(meta["run_id"])
     age_model, age = None, msg.content.array_records.get(delivery.ARRAYS_KEY)  # the federation's, if any

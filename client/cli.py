@@ -12,17 +12,18 @@ from typing import Annotated
 
 import typer
 
+from fahr_client.status import site_status
 from fahr_core.cohort import Cohort
 from fahr_core.cohort.check import check_site
 from fahr_core.config import ConfigError, SiteConfig, is_set, load_site_config
 from fahr_core.privacy.randomness import refuse_test_rng
-from fahr_ops.cli import new_app
+from fahr_ops.cli import VersionOption, new_app
 from fahr_ops.flower import flower_env, start_supernode
-from fahr_ops.processes import is_loopback
+from fahr_ops.processes import free_local_port, is_loopback, port_free
 
 app = new_app("A fahr hospital site.")
 
-SiteOpt = Annotated[str, typer.Option("--site", help="site name; must match [site].name in the config")]
+SiteOpt = Annotated[str, typer.Option("--site", help=r"site name; must match \[site].name in the config")]
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="site TOML (default: ./<site>/site.toml)")
 ]
@@ -35,6 +36,7 @@ INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option(help="show a traceback for unexpected errors")] = False,
+    version: VersionOption = False,
 ) -> None:
     """A fahr hospital site."""
     global _debug
@@ -162,9 +164,12 @@ def start(
     site: SiteOpt,
     config: ConfigOpt = None,
     superlink: Annotated[
-        str | None, typer.Option(help="SuperLink host:port (default: [connection].superlink)")
+        str | None, typer.Option(help=r"SuperLink host:port (default: \[connection].superlink)")
     ] = None,
-    runtime_port: Annotated[int, typer.Option(help="local port of this SuperNode's runtime API")] = 9094,
+    runtime_port: Annotated[
+        int,
+        typer.Option(help="local port of this SuperNode's runtime API; 0: any free one (sites share hosts)"),
+    ] = 0,
     insecure: Annotated[bool, typer.Option(help="plain HTTP; for loopback tests only")] = False,
 ) -> None:
     """Check the site's data, then join the federation until stopped (Ctrl-C)."""
@@ -195,6 +200,15 @@ def start(
                 err=True,
             )
             raise typer.Exit(2)
+    if runtime_port == 0:
+        runtime_port = free_local_port()
+    elif not port_free("127.0.0.1", runtime_port):
+        typer.echo(
+            f"error: runtime port {runtime_port} is in use (another site's SuperNode on this host?); "
+            "pass another --runtime-port, or 0 for any free one",
+            err=True,
+        )
+        raise typer.Exit(2)
     _align(cfg, cohort)
     log_path = cfg.workdir / "supernode.log"
     with _one_line_errors(f"starting site {cfg.name}'s SuperNode"):
@@ -216,6 +230,14 @@ def start(
         typer.echo(f"site {cfg.name}: leaving the federation")
     finally:
         node.stop()
+
+
+@app.command()
+def status(site: SiteOpt, config: ConfigOpt = None) -> None:
+    """The site's privacy ledger (epsilon per run and round, budget left), last rounds, audit-log check."""
+    cfg, _ = _load(site, config)
+    for line in site_status(cfg):
+        typer.echo(line)
 
 
 if __name__ == "__main__":

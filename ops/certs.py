@@ -106,9 +106,30 @@ def create_server_tls(out: Path, hosts: Sequence[str], days: int = 825, force: b
         except ValueError:
             sans.append(x509.DNSName(host))
     key = ec.generate_private_key(ec.SECP384R1())
-    cert = (
+    cert = _server_certificate(ca_cert, ca_key, key, _name(hosts[0]), sans, days)
+    pem = serialization.Encoding.PEM
+    no_password = serialization.NoEncryption()
+    tls = ServerTLS(out / "ca.crt", out / "server.crt", out / "server.key")
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    _write(out / "ca.key", ca_key.private_bytes(pem, pkcs8, no_password), force, private=True)
+    _write(tls.key, key.private_bytes(pem, pkcs8, no_password), force, private=True)
+    _write(tls.ca_cert, ca_cert.public_bytes(pem), force)
+    _write(tls.cert, cert.public_bytes(pem), force)
+    return tls
+
+
+def _server_certificate(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey,
+    subject: x509.Name,
+    sans: Sequence[x509.GeneralName],
+    days: int,
+) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    return (
         x509.CertificateBuilder()
-        .subject_name(_name(hosts[0]))
+        .subject_name(subject)
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -119,15 +140,52 @@ def create_server_tls(out: Path, hosts: Sequence[str], days: int = 825, force: b
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
+
+
+@dataclass(frozen=True)
+class Renewal:
+    cert: Path
+    valid_until: dt.datetime
+    ca_reissued: bool  # ca.crt changed (same key and name): every site needs the new file
+
+
+def renew_server_tls(out: Path, days: int = 825) -> Renewal:
+    """A new server.crt for the same key, names and CA, valid for `days` from now.
+
+    The server key stays, so nothing else on the server changes. If the CA certificate would expire
+    before the new server certificate, it is re-issued too, with the same key and name: certificates
+    it signed stay valid, but sites must be given the new ca.crt before the old one expires.
+    """
+    out = Path(out)
+    for name in ("ca.crt", "ca.key", "server.crt", "server.key"):
+        if not (out / name).is_file():
+            raise FileNotFoundError(f"{out / name} not found: renewal needs what `fahr certs init` wrote")
+    ca_cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+    old = x509.load_pem_x509_certificate((out / "server.crt").read_bytes())
+    key = serialization.load_pem_private_key((out / "server.key").read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{out}: ca.key and server.key must be the EC keys `fahr certs init` wrote")
+    sans = list(old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    cert = _server_certificate(ca_cert, ca_key, key, old.subject, sans, days)
+    reissue = ca_cert.not_valid_after_utc < cert.not_valid_after_utc
     pem = serialization.Encoding.PEM
-    no_password = serialization.NoEncryption()
-    tls = ServerTLS(out / "ca.crt", out / "server.crt", out / "server.key")
-    pkcs8 = serialization.PrivateFormat.PKCS8
-    _write(out / "ca.key", ca_key.private_bytes(pem, pkcs8, no_password), force, private=True)
-    _write(tls.key, key.private_bytes(pem, pkcs8, no_password), force, private=True)
-    _write(tls.ca_cert, ca_cert.public_bytes(pem), force)
-    _write(tls.cert, cert.public_bytes(pem), force)
-    return tls
+    if reissue:
+        now = dt.datetime.now(dt.UTC)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(ca_cert.subject)
+            .issuer_name(ca_cert.subject)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(cert.not_valid_after_utc + dt.timedelta(days=days))
+        )
+        for ext in ca_cert.extensions:
+            builder = builder.add_extension(ext.value, critical=ext.critical)
+        atomic_write_bytes(out / "ca.crt", builder.sign(ca_key, hashes.SHA384()).public_bytes(pem))
+    atomic_write_bytes(out / "server.crt", cert.public_bytes(pem))
+    return Renewal(out / "server.crt", cert.not_valid_after_utc, reissue)
 
 
 def create_site_keys(out: Path, site: str, force: bool = False) -> tuple[Path, Path]:

@@ -19,7 +19,7 @@ from fahr_core.config import (
     load_site_config,
 )
 from fahr_core.io import atomic_write_text
-from fahr_ops.certs import create_server_tls, create_site_keys
+from fahr_ops.certs import create_server_tls, create_site_keys, renew_server_tls
 from fahr_ops.cli import new_app
 from fahr_research.age import app as age_app
 from fahr_research.local import local_credentials, run_local_federation
@@ -54,6 +54,25 @@ def certs_init(
     except (ValueError, OSError) as e:
         raise _refused(e) from None
     typer.echo(f"wrote {tls.ca_cert} (give to every site), {tls.cert} and {tls.key} (server only)")
+
+
+@certs_app.command("renew")
+def certs_renew(
+    out: Annotated[Path, typer.Option(help="the folder `fahr certs init` wrote (ca.key must be there)")],
+    days: Annotated[int, typer.Option(help="validity of the new server certificate, in days")] = 825,
+) -> None:
+    """Renew the server's TLS certificate: same key, names and CA; restart fahr-server to use it."""
+    try:
+        renewal = renew_server_tls(out, days)
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {renewal.cert}, valid until {renewal.valid_until:%Y-%m-%d}; restart fahr-server")
+    if renewal.ca_reissued:
+        typer.echo(
+            f"the CA certificate expired first and was re-issued (same key): give the new "
+            f"{Path(out) / 'ca.crt'} to every site"
+        )
 
 
 @certs_app.command("site")
@@ -103,7 +122,7 @@ def simulate(
         str, typer.Option(help="deaths per person-year at age 50, per site")
     ] = "0.02,0.03,0.015",
     names: Annotated[str, typer.Option(help="site names, comma-separated (default site1, site2, ...)")] = "",
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the simulated survival times and site split")] = 0,
     overwrite: Annotated[bool, typer.Option(help="replace existing simulated files")] = False,
 ) -> None:
     """Write semi-synthetic site folders: real faces, Gompertz survival on age and sex (docs/site-data.md)."""
@@ -135,7 +154,7 @@ def simulate(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="working folder for the demo")] = Path("demo-run"),
-    rounds: Annotated[int, typer.Option()] = 3,
+    rounds: Annotated[int, typer.Option(help="federated rounds")] = 3,
     port: Annotated[int, typer.Option(help="SuperLink port on 127.0.0.1")] = 8000,
 ) -> None:
     """Server + three TLS-authenticated sites on 127.0.0.1: bundled cohort, DP training, reports."""

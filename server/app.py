@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -20,8 +19,10 @@ from fahr_core.config import ServerConfig, load_server_config
 from fahr_core.io import atomic_write_json
 from fahr_core.models.checkpoint import load_encoder_weights, load_weights
 from fahr_core.models.vit import SurvivalViT
+from fahr_core.release import fahr_version
 from fahr_core.report.federation import write_federation_report
 from fahr_core.report.wire import metrics_to_summary
+from fahr_server.events import emit
 from fahr_server.secagg import SecureSum
 from fahr_server.state import FederationState, model_record, resume_point
 from fahr_server.strategy import FahrFedAvg, robust_aggregator
@@ -48,20 +49,19 @@ def initial_model(cfg: ServerConfig, seed: int = 0) -> SurvivalViT:
 def main(grid: Grid, context: Context) -> None:
     cfg = load_server_config(str(context.run_config["config-path"]))
     cfg.workdir.mkdir(parents=True, exist_ok=True)
-    fahr_version = version("fahr")
-    meta = {"fahr_version": fahr_version, "arch": cfg.model.arch, "img_size": str(cfg.model.img_size)}
+    meta = {"fahr_version": fahr_version(), "arch": cfg.model.arch, "img_size": str(cfg.model.img_size)}
     if context.run_config.get("resume"):
         state = resume_point(cfg)
         weights = load_weights(cfg.workdir / state.checkpoint)
         log.info("resuming after round %d of %d from %s", state.last_round, state.rounds, state.checkpoint)
     else:
-        state = FederationState(0, cfg.rounds, "", "", fahr_version, model_record(cfg))
+        state = FederationState(0, cfg.rounds, "", "", fahr_version(), model_record(cfg))
         weights = initial_model(cfg).state_dict()
     round_config = ConfigRecord(
         {
             **cfg.model.to_record(),
             "num-rounds": cfg.rounds,
-            "fahr-version": fahr_version,
+            "fahr-version": fahr_version(),
             "secure-aggregation": cfg.secure_aggregation,
         }
     )
@@ -85,14 +85,18 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.model.age_checkpoint:
         log.info("age model for the sites' FAD analysis: %s", cfg.model.age_checkpoint)
     started = time.time()
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(weights),
-        num_rounds=cfg.rounds - state.last_round,
-        timeout=cfg.round_timeout_s,
-        train_config=round_config,
-        evaluate_config=round_config,
-    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(weights),
+            num_rounds=cfg.rounds - state.last_round,
+            timeout=cfg.round_timeout_s,
+            train_config=round_config,
+            evaluate_config=round_config,
+        )
+    except Exception as e:  # the operator's console shows why; Flower's log (run.log) has the trace
+        emit(cfg.workdir, "run_failed", reason=str(e) or type(e).__name__)
+        raise
     summaries = [metrics_to_summary(e["site"], e) for e in strategy.site_evaluations]
     report = write_federation_report(
         cfg.workdir / "report",
@@ -114,3 +118,4 @@ def main(grid: Grid, context: Context) -> None:
         },
     )
     log.info("federation report: %s", cfg.workdir / "report" / "report.html")
+    emit(cfg.workdir, "report_written", path=str(cfg.workdir / "report" / "report.html"))

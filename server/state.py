@@ -18,12 +18,14 @@ import hmac
 import json
 import os
 import secrets
+import time
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 
 from fahr_core.config import ServerConfig
 from fahr_core.io import atomic_write_json, atomic_write_text
+from fahr_core.release import fahr_version
+from fahr_server.events import EVENTS_LOG
 
 STATE_FILE = "state.json"
 ROUNDS_LOG = "rounds.jsonl"
@@ -127,7 +129,10 @@ def resume_point(cfg: ServerConfig) -> FederationState:
     state = read_state(cfg.workdir)
     where = cfg.workdir / STATE_FILE
     if state is None:
-        raise ResumeError(f"nothing to resume: {where} does not exist (no round of a run there completed)")
+        raise ResumeError(
+            f"nothing to resume: {where} does not exist (no round of a run there completed); "
+            "start the federation again without --resume"
+        )
     now = model_record(cfg)
     if state.model != now:
         changed = sorted(k for k in {*state.model, *now} if state.model.get(k) != now.get(k))
@@ -135,10 +140,10 @@ def resume_point(cfg: ServerConfig) -> FederationState:
             f"cannot resume: the [model] settings changed since the run started ({', '.join(changed)}); "
             f"the saved weights in {cfg.workdir} belong to the old model"
         )
-    if state.fahr_version != version("fahr"):
+    if state.fahr_version != fahr_version():
         raise ResumeError(
             f"cannot resume: the run was started by fahr {state.fahr_version} and this is fahr "
-            f"{version('fahr')}; finish it with the version that started it"
+            f"{fahr_version()}; finish it with the version that started it"
         )
     if state.rounds != cfg.rounds:
         raise ResumeError(
@@ -158,6 +163,26 @@ def resume_point(cfg: ServerConfig) -> FederationState:
 def earlier_run_records(workdir: Path) -> list[str]:
     """Names of an earlier federation's records in `workdir` (a fresh run must not mix with them)."""
     return [name for name in RUN_RECORDS if (Path(workdir) / name).exists()]
+
+
+def set_aside_uncommitted(workdir: Path) -> Path | None:
+    """Move the records of a run that committed no round into a folder of their own; returns it.
+
+    Without state.json no round was completed, so there is nothing to resume, yet the failed
+    attempt's logs (rounds.jsonl naming the sites that failed, rejections, events) are evidence
+    the operator may need: a fresh run keeps them aside instead of refusing the workdir.
+    """
+    workdir = Path(workdir)
+    if (workdir / STATE_FILE).exists():
+        return None
+    found = [name for name in (*RUN_RECORDS, EVENTS_LOG) if (workdir / name).exists()]
+    if not found:
+        return None
+    aside = workdir / f"uncommitted-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for name in found:
+        (workdir / name).rename(aside / name)
+    return aside
 
 
 def _round_of(line: str) -> int | None:

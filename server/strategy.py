@@ -25,6 +25,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from fahr_core.age import delivery
 from fahr_core.models.checkpoint import save_weights
 from fahr_core.privacy.ledger import SPEND_ON_RECORD_KEY, encode_spend_on_record
+from fahr_server.events import emit, emit_round
 from fahr_server.screening import screen_updates
 from fahr_server.secagg import SecureSum
 from fahr_server.state import REJECTIONS_LOG, ROUNDS_LOG, FederationState, file_sha256, write_state
@@ -35,6 +36,10 @@ log = logging.getLogger("fahr_server")
 def site_of(msg: Message) -> str:
     site = msg.content.config_records.get("site")
     return str(site["name"]) if site is not None and "name" in site else f"node-{msg.metadata.src_node_id}"
+
+
+# Each site's own privacy parameters: a mean of them describes no site (rounds.jsonl keeps them per site).
+PER_SITE_METRICS = ("epsilon", "epsilon-budget", "delta", "noise-multiplier", "sample-rate")
 
 
 def ambiguous_replies(replies: list[Message]) -> dict[int, tuple[str, str]]:
@@ -58,14 +63,16 @@ def ambiguous_replies(replies: list[Message]) -> dict[int, tuple[str, str]]:
 
 
 def aggregate_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted means, as FedAvg does, except the privacy spend.
+    """Example-weighted means, as FedAvg does, except each site's privacy parameters.
 
-    A mean epsilon describes no site; the federation reports the largest site epsilon instead.
+    The federation reports the largest site epsilon instead of a mean of budgets or noise levels.
     """
     agg = aggregate_metricrecords(contents, weight_key)
+    for key in PER_SITE_METRICS:
+        if key in agg:
+            del agg[key]
     spent = [float(c["metrics"]["epsilon"]) for c in contents if "epsilon" in c["metrics"]]
     if spent:
-        del agg["epsilon"]
         agg["epsilon-max"] = max(spent)
     return agg
 
@@ -136,6 +143,8 @@ class FahrFedAvg(FedAvg):
         # site's face-age deviation analysis (fahr_core.age.delivery); None: no FAD analysis
         self.age_model = age_model
         self.aggregator = aggregator  # a robust rule from robust_aggregator(); None: FedAvg itself
+        self._seen: set[str] = set()  # sites that sent an update in this run (the console's "joined")
+        self._round_started = time.monotonic()
 
     def _await_sites(self, grid: Grid) -> None:
         """Fail the run with a clear message instead of waiting forever for missing sites."""
@@ -152,6 +161,15 @@ class FahrFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._await_sites(grid)
+        self._round_started = time.monotonic()
+        connected = len(list(grid.get_node_ids()))
+        emit(
+            self.workdir,
+            "round_started",
+            round=server_round + self.offset,
+            rounds=self.num_rounds,
+            connected=connected,
+        )
         self._global = arrays.to_torch_state_dict()
         # each site refuses to train if its ledger shows less than this (a reset or lost ledger)
         config[SPEND_ON_RECORD_KEY] = encode_spend_on_record(self.state.site_rounds, self.state.site_epsilon)
@@ -237,6 +255,7 @@ class FahrFedAvg(FedAvg):
             record["secure_aggregation"] = self.secure_sum.last
         with (self.workdir / ROUNDS_LOG).open("a") as f:
             f.write(json.dumps(record) + "\n")
+        emit_round(self.workdir, record, self._seen)
         if len(record["sites"]) < self.min_train_nodes:
             raise TooFewSites(
                 f"round {server_round}: only {len(record['sites'])} of the {self.min_train_nodes} required "
@@ -249,6 +268,16 @@ class FahrFedAvg(FedAvg):
         save_weights(checkpoint, state, meta)
         save_weights(self.workdir / "global_model.safetensors", state, meta)
         self._commit(server_round, checkpoint, record)
+        took = round(time.monotonic() - self._round_started, 1)
+        emit(self.workdir, "checkpoint_written", round=server_round, path=str(checkpoint))
+        emit(
+            self.workdir,
+            "round_done",
+            round=server_round,
+            rounds=self.num_rounds,
+            seconds=took,
+            sites=len(record["sites"]),
+        )
         log.info("round %d: global weights saved (%d sites)", server_round, len(record["sites"]))
         return arrays, metrics
 
@@ -286,4 +315,5 @@ class FahrFedAvg(FedAvg):
         for m in ok:
             if m.metadata.src_node_id not in ambiguous:
                 self.site_evaluations.append({"site": site_of(m), **dict(m.content["metrics"])})
+                emit(self.workdir, "evaluation_received", site=site_of(m))
         return None

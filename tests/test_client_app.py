@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from fahr_core.faces.images import to_input
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.audit import verify_audit_log
 from fahr_core.privacy.outbound import OutboundViolation
+from fahr_core.release import fahr_version
 from fahr_core.survival.losses import discrete_hazard_nll
 from tests.conftest import make_sites
 
@@ -44,7 +44,7 @@ def _ask(kind: str, weights: dict, server_round: int = 1, num_rounds: int = 1) -
         **SPEC.to_record(),
         "server-round": server_round,
         "num-rounds": num_rounds,
-        "fahr-version": version("fahr"),
+        "fahr-version": fahr_version(),
     }
     content = RecordDict({"arrays": ArrayRecord(weights), "config": ConfigRecord(config)})
     return Message(content, dst_node_id=5, message_type=kind)

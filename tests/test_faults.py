@@ -11,7 +11,6 @@ import json
 import os
 import threading
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from fahr_core.io import atomic_write_text
 from fahr_core.models.checkpoint import load_weights, save_weights
 from fahr_core.privacy.ledger import PrivacyLedger
 from fahr_core.privacy.randomness import TEST_RNG_ENV
+from fahr_core.release import fahr_version
 from fahr_ops.flower import console_script
 from fahr_ops.processes import Managed
 from fahr_research.local import local_credentials, run_local_federation, site_runtime_port, start_site
@@ -257,7 +257,7 @@ def test_robust_aggregation_limits_a_poisoned_update_that_passes_screening(tmp_p
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.full((4,), expected))
 
 
-def _finished_round(work: Path, toml: Path, fahr_version: str = version("fahr")) -> None:
+def _finished_round(work: Path, toml: Path, fahr_version: str = fahr_version()) -> None:
     cfg = load_server_config(toml)
     save_weights(work / "checkpoints" / "global_round_001.safetensors", {"w": torch.zeros(2)})
     ckpt = "checkpoints/global_round_001.safetensors"
@@ -292,7 +292,7 @@ def test_resume_and_fresh_runs_refuse_what_they_cannot_continue(tmp_path, change
     toml = server_toml(tmp_path, free_port(), 2, 1)
     work = tmp_path / "server"
     if change != "fresh":
-        _finished_round(work, toml, "0.0.1" if change == "version" else version("fahr"))
+        _finished_round(work, toml, "0.0.1" if change == "version" else fahr_version())
     if change in ("tamper", "rehash"):
         save_weights(work / "checkpoints" / "global_round_001.safetensors", {"w": torch.ones(2)})
     if change == "rehash":  # and make state.json vouch for the swapped checkpoint

@@ -6,8 +6,6 @@ included) and can make a site fail a stage, which is how a dropout looks to the 
 
 from __future__ import annotations
 
-from importlib.metadata import version
-
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -20,6 +18,7 @@ from fahr_core.config import ModelConfig, load_site_config
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.audit import verify_audit_log
 from fahr_core.privacy.secagg import Quantiser, SecAggError
+from fahr_core.release import fahr_version
 from fahr_server.secagg import SecureSum
 from tests.conftest import make_sites
 
@@ -62,7 +61,7 @@ def federation(tmp_path, monkeypatch):
         {
             **ModelConfig(arch="vit_micro").to_record(),
             "num-rounds": 1,
-            "fahr-version": version("fahr"),
+            "fahr-version": fahr_version(),
             "secure-aggregation": True,
         }
     )
