@@ -24,6 +24,7 @@ from fahr_core.faces.pipeline import AlignmentTable, Progress, align_photos, ali
 from fahr_core.faces.qc import QCConfig
 from fahr_core.io import atomic_write_json
 from fahr_core.models.checkpoint import save_weights
+from fahr_core.models.finetune import merge, site_model, split_state
 from fahr_core.models.saliency import MIN_PATIENTS_FOR_SALIENCY, CohortSaliency, cohort_saliency
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.ledger import PrivacyLedger
@@ -113,19 +114,18 @@ class SiteRuntime:
         p = self.cfg.privacy
         return PrivacyLedger.open(self.cfg.ledger_path, p.epsilon, site_delta(p, n_train))
 
-    def _model(self, spec: ModelConfig, state: State) -> SurvivalViT:
-        model = SurvivalViT(spec.arch, spec.img_size, spec.n_intervals)
-        model.load_state_dict(state)
-        return model
-
     def train_round(
         self, state: State, spec: ModelConfig, server_round: int, num_rounds: int
     ) -> tuple[State, dict[str, float]]:
-        """One round of local DP training from the global `state`; returns weights and metrics to send."""
+        """One round of local DP training from the global `state`; returns the trained tensors and metrics.
+
+        `state` holds the trainable tensors (and, in a run's first round, the frozen base); what is
+        returned is only the trainable tensors, in float32 (fahr_core.models.finetune).
+        """
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
         split = self.load(spec.img_size)
-        model = self._model(spec, state)
+        model = site_model(state, spec, self.cfg.workdir)
         ledger = self.ledger(len(split.train))
         stats = train_dp(
             model,
@@ -138,7 +138,7 @@ class SiteRuntime:
             seed=self.cfg.split_seed * 100_003 + server_round,
             round_info={"server_round": server_round, "num_rounds": num_rounds},
         )
-        new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        new_state, _ = split_state(model)
         metrics = {
             "num-examples": stats.n,
             "train-loss": stats.loss,
@@ -194,11 +194,11 @@ class SiteRuntime:
         from fahr_core.report.site import write_site_report  # lifelines/matplotlib: evaluation only
 
         split = self.load(spec.img_size)
-        model = self._model(spec, state)
+        model = merge(site_model(state, spec, self.cfg.workdir))
         risk = patient_risk(model, split.test)
         save_weights(
             self.cfg.workdir / "global_model.safetensors",
-            state,
+            model.state_dict(),
             {"arch": spec.arch, "img_size": str(spec.img_size)},
         )
         ledger = self.ledger(len(split.train))
