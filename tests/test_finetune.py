@@ -226,3 +226,38 @@ def test_server_config_validates_the_finetune_keys(tmp_path):
     assert ModelConfig.from_record(record) == good.model
     with pytest.raises(ValueError, match="finetune"):
         ModelConfig.from_record({**record, "finetune": "everything"})
+
+
+def test_server_sends_the_base_once_screens_adapters_and_saves_a_plain_global_model(tmp_path):
+    from flwr.app import ArrayRecord
+
+    from fahr_server.state import FederationState
+    from fahr_server.strategy import FahrFedAvg
+    from tests.test_faults import _reply
+
+    spec = replace(SPEC, finetune="lora", wire_dtype="bfloat16")
+    gm, trainable = _start(spec)
+    state = FederationState(0, 3, "", "", "test", {})
+    strategy = FahrFedAvg(tmp_path, 3, 2, 1.0, {}, state, join_timeout_s=1, model=gm)
+    first = strategy._outgoing(ArrayRecord(trainable)).to_torch_state_dict()
+    later = strategy._outgoing(ArrayRecord(trainable)).to_torch_state_dict()
+    assert set(first) == set(trainable) | set(gm.base) and set(later) == set(trainable)
+    assert all(later[k].dtype == torch.int16 for k in later)  # bfloat16 bits
+    strategy._global = trainable
+    strategy._sent = []
+    a = {k: v + 0.25 for k, v in trainable.items()}
+    b = {k: v - 0.5 for k, v in trainable.items()}
+    leak = next(k for k in gm.base if k.endswith("qkv.base.weight"))
+    replies = [
+        _reply(1, "a", to_wire(a, "bfloat16")),
+        _reply(2, "b", to_wire(b, "bfloat16")),
+        _reply(3, "c", {**to_wire(a, "bfloat16"), leak: gm.base[leak]}),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    new = arrays.to_torch_state_dict()
+    for k, v in trainable.items():
+        assert torch.allclose(new[k], v - 0.125, atol=0.01 * (v.abs().max() + 0.5)), k
+    assert "extra" in (tmp_path / "rejections.jsonl").read_text()
+    checkpoint = load_weights(tmp_path / "checkpoints" / "global_round_001.safetensors")
+    assert set(checkpoint) == set(trainable) | set(gm.base)
+    SurvivalViT(spec.arch).load_state_dict(load_weights(tmp_path / "global_model.safetensors"), strict=True)
