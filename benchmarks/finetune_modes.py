@@ -144,7 +144,11 @@ def main() -> None:
             for dp in (True, False):
                 results.setdefault((mode, dp), []).append(run(spec, sites, a.rounds, dp))
                 r = results[(mode, dp)][-1]
-                print(f"seed {seed} {mode} dp={dp}: C {r['c']:.3f}, {r['bytes'] / 1e3:.1f} kB", flush=True)
+                print(
+                    f"seed {seed} {mode} dp={dp}: C {r['c']:.3f} ({r['ci'][0]:.3f}-{r['ci'][1]:.3f}), "
+                    f"{r['bytes'] / 1e3:.1f} kB, {r['seconds']:.1f} s per round",
+                    flush=True,
+                )
     n, d = results[(a.modes.split(",")[0], True)][0]["held_out"]
     print(
         f"\n# fine-tuning modes — {time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.machine()}, "
