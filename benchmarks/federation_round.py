@@ -27,7 +27,7 @@ from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import PrivacyConfig, SiteConfig, TrainConfig, dump_site_config
 from fahr_core.io import atomic_write_text
-from fahr_server.local import run_local_federation
+from fahr_research.local import run_local_federation
 
 
 def import_seconds(module: str, repeats: int = 3) -> float:

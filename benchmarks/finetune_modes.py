@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fahr_client.runtime import SiteRuntime
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import ModelConfig, PrivacyConfig, SiteConfig, TrainConfig
 from fahr_core.models.checkpoint import load_encoder_weights
 from fahr_core.models.finetune import BASE_FILE, GlobalModel, merge, prepare, site_model, split_state, to_wire
 from fahr_core.models.vit import SurvivalViT
-from fahr_core.site import SiteRuntime
 from fahr_core.survival.metrics import bootstrap_ci, harrell_c
 from fahr_core.train.local import patient_risk, train_nonprivate
 

@@ -1,4 +1,4 @@
-"""The Flower ClientApp: a thin adapter from Flower messages to `fahr_core.site.SiteRuntime`.
+"""The Flower ClientApp: a thin adapter from Flower messages to `fahr_client.runtime.SiteRuntime`.
 
 Every reply goes through `_reply`: the outbound check (the one gate for what may leave the site)
 and then the site's append-only audit log, before it is handed to Flower.
@@ -18,13 +18,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fahr_client import secagg
+from fahr_client.runtime import SiteRuntime
 from fahr_core.age import delivery
 from fahr_core.config import ModelConfig, SiteConfig, load_site_config
 from fahr_core.models.finetune import from_wire, to_wire, trainable_part
 from fahr_core.privacy.audit import append_audit
 from fahr_core.privacy.outbound import check_outbound, check_secagg_outbound
-from fahr_core.processes import seconds_since_process_start
-from fahr_core.site import SiteRuntime
+from fahr_ops.processes import seconds_since_process_start
 
 app = ClientApp()
 

@@ -11,9 +11,9 @@ import typer
 
 from fahr_core.cohort import Cohort, CohortError, load_cohort
 from fahr_core.config import ConfigError, SiteConfig, is_set, load_site_config
-from fahr_core.processes import is_loopback
-from fahr_server.cli_app import new_app
-from fahr_server.flower import flower_env, start_supernode
+from fahr_ops.cli import new_app
+from fahr_ops.flower import flower_env, start_supernode
+from fahr_ops.processes import is_loopback
 
 app = new_app("A fahr hospital site.")
 
@@ -55,7 +55,7 @@ def check(site: SiteOpt, config: ConfigOpt = None) -> None:
 
 def _align(cfg: SiteConfig, cohort: Cohort) -> None:
     """Align the site's photos with a progress bar; only photos not aligned before do work."""
-    from fahr_core.site import SiteRuntime  # torch and the detectors: only commands that align pay
+    from fahr_client.runtime import SiteRuntime  # torch and the detectors: only commands that align pay
 
     with typer.progressbar(length=1, label=f"aligning {cfg.name}'s photos") as bar:
 

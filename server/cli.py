@@ -14,9 +14,10 @@ from typing import Annotated
 import typer
 
 from fahr_core.config import ConfigError, ServerConfig, load_server_config
-from fahr_core.processes import is_loopback, port_free
-from fahr_server.cli_app import new_app
-from fahr_server.flower import (
+from fahr_core.io import atomic_write_text
+from fahr_core.workdir import ServerWorkdir
+from fahr_ops.cli import new_app
+from fahr_ops.flower import (
     console_script,
     flower_env,
     register_sites,
@@ -24,6 +25,7 @@ from fahr_server.flower import (
     write_app,
     write_cli_connection,
 )
+from fahr_ops.processes import is_loopback, port_free
 from fahr_server.state import ResumeError, earlier_run_records, resume_point, trim_rounds_log
 
 app = new_app("The fahr federation server.")
@@ -83,6 +85,7 @@ def run_federation(
         if security is not None:
             register_sites(security.site_keys, env, log_path)
             echo(f"registered {len(security.site_keys)} site key(s); unregistered sites are refused")
+        atomic_write_text(ServerWorkdir(work).ready, f"{cfg.address}:{cfg.port}\n")
         if on_ready is not None:
             on_ready()
         echo(
@@ -122,6 +125,7 @@ def run_federation(
         echo("interrupted: stopping the federation")
         return 130
     finally:
+        ServerWorkdir(work).ready.unlink(missing_ok=True)
         signal.signal(signal.SIGTERM, previous)
         if runner is not None and runner.poll() is None:
             runner.terminate()

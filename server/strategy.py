@@ -24,7 +24,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from fahr_core.age import delivery
 from fahr_core.models.checkpoint import save_weights
 from fahr_core.models.finetune import GlobalModel, from_wire
-from fahr_core.updates import screen_updates
+from fahr_server.screening import screen_updates
 from fahr_server.secagg import SecureSum
 from fahr_server.state import REJECTIONS_LOG, ROUNDS_LOG, FederationState, file_sha256, write_state
 

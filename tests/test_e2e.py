@@ -12,10 +12,10 @@ from fahr_core.config import load_server_config, load_site_config
 from fahr_core.io import atomic_write_text
 from fahr_core.models.checkpoint import load_weights
 from fahr_core.privacy.audit import verify_audit_log
+from fahr_ops.flower import flower_env, start_supernode
+from fahr_research.local import local_credentials, run_local_federation
 from fahr_server.app import initial_model
 from fahr_server.cli import run_federation
-from fahr_server.flower import flower_env, start_supernode
-from fahr_server.local import local_credentials, run_local_federation
 from tests.conftest import flower_processes_under, free_port, make_sites
 
 pytestmark = pytest.mark.e2e

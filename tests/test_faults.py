@@ -22,17 +22,17 @@ from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from fahr_client.runtime import SiteRuntime
 from fahr_core.cohort import demo_faces_dir
 from fahr_core.config import load_server_config, load_site_config
 from fahr_core.io import atomic_write_text
 from fahr_core.models.checkpoint import load_weights, save_weights
 from fahr_core.privacy.ledger import PrivacyLedger
-from fahr_core.processes import Managed
-from fahr_core.site import SiteRuntime
+from fahr_ops.flower import console_script
+from fahr_ops.processes import Managed
+from fahr_research.local import local_credentials, run_local_federation, site_runtime_port, start_site
 from fahr_server.app import global_start
 from fahr_server.cli import run_federation
-from fahr_server.flower import console_script
-from fahr_server.local import local_credentials, run_local_federation, site_runtime_port, start_site
 from fahr_server.state import (
     FederationState,
     file_sha256,

@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
+from fahr_client.runtime import SiteRuntime
 from fahr_core.cohort import demo_faces_dir
 from fahr_core.config import load_server_config, load_site_config
 from fahr_core.io import atomic_write_text
 from fahr_core.models.checkpoint import load_weights
 from fahr_core.privacy.audit import verify_audit_log
-from fahr_core.site import SiteRuntime
+from fahr_research.local import run_local_federation
 from fahr_server.app import global_start
-from fahr_server.local import run_local_federation
 from tests.conftest import make_sites
 from tests.test_e2e import flower_processes_under, free_port
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fahr_core.updates import screen_updates, update_norm
+from fahr_server.screening import screen_updates, update_norm
 
 REF = {"w": torch.zeros(4, 3), "b": torch.zeros(3), "steps": torch.zeros((), dtype=torch.long)}
 

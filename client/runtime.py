@@ -90,20 +90,28 @@ class SiteRuntime:
         )
 
     def load(self, img_size: int) -> SiteSplit:
-        """Validate the cohort, align its photos, split the patients, decode the aligned faces once.
+        """Validate the cohort, split the patients, align their photos, decode the aligned faces once.
 
-        Patients none of whose photos could be aligned are left out (the report's QC table counts them).
+        The whole validated cohort is split before quality control, so a photo failing alignment can
+        never move another patient across the split; then patients none of whose photos could be
+        aligned are left out of their part (the report's QC table counts them).
         """
         cohort = load_cohort(self.cfg.data)
+        parts = split_patients(cohort, self.cfg.test_fraction, self.cfg.split_seed)
         table = self.align(cohort, workers=1)  # normally all cached: `fahr-client start` aligned them
         crops = {Path(r.path): table.crop_path(r) for r in table.aligned}
-        kept = tuple(
-            replace(pt, photos=tuple(p for p in pt.photos if p in crops))
-            for pt in cohort.patients
-            if any(p in crops for p in pt.photos)
+        train, test = (
+            replace(
+                part,
+                patients=tuple(
+                    replace(pt, photos=tuple(p for p in pt.photos if p in crops))
+                    for pt in part.patients
+                    if any(p in crops for p in pt.photos)
+                ),
+            )
+            for part in parts
         )
-        usable = replace(cohort, patients=kept)
-        train, test = split_patients(usable, self.cfg.test_fraction, self.cfg.split_seed)
+        kept = train.patients + test.patients
         photos = sorted({p for pt in kept for p in pt.photos})
         images = load_faces([crops[p] for p in photos], img_size, self.cfg.workdir / "cache")
         index = {p: i for i, p in enumerate(photos)}
@@ -237,6 +245,7 @@ class SiteRuntime:
             fad=fad,
             age_model=None if age_model is None else age_model.describe(),
             saliency=saliency,
+            horizon=spec.horizon_years,
         )
         atomic_write_json(self.cfg.workdir / "last_evaluation.json", {"meta": meta, "privacy": privacy})
         metrics = summary_to_metrics(summary)

@@ -1,7 +1,7 @@
 """`fahr pretrain` / `fahr export-encoder` / `fahr shards build`: MAE pre-training of the FAHR-Face encoder.
 
 Multi-GPU (or multi-process on CPU):
-    torchrun --nproc_per_node=8 -m fahr_server.pretrain_cli pretrain --data ... --out ...
+    torchrun --nproc_per_node=8 -m fahr_research.pretrain pretrain --data ... --out ...
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from fahr_server.cli_app import new_app
+from fahr_ops.cli import new_app
 
 app = new_app("MAE pre-training of the FAHR-Face encoder.")
 shards_app = typer.Typer(

@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 
-from fahr_core.certs import create_server_tls, create_site_keys
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import (
@@ -20,10 +19,11 @@ from fahr_core.config import (
     load_site_config,
 )
 from fahr_core.io import atomic_write_text
-from fahr_server.age_cli import app as age_app
-from fahr_server.cli_app import new_app
-from fahr_server.local import local_credentials, run_local_federation
-from fahr_server.pretrain_cli import export_encoder_command, pretrain_command, shards_app
+from fahr_ops.certs import create_server_tls, create_site_keys
+from fahr_ops.cli import new_app
+from fahr_research.age import app as age_app
+from fahr_research.local import local_credentials, run_local_federation
+from fahr_research.pretrain import export_encoder_command, pretrain_command, shards_app
 
 app = new_app("fahr research tools.")
 cohort_app = typer.Typer(

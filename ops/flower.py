@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fahr_core.config import ConnectionConfig, SecurityConfig
 from fahr_core.io import atomic_write_text
-from fahr_core.processes import Managed, wait_for_port
+from fahr_ops.processes import Managed, wait_for_port
 
 APP_NAME = "fahr-federation"
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fahr_server.cli_app import new_app
+from fahr_ops.cli import new_app
 
 app = new_app("FAHR-FaceAge: train, evaluate and apply the age model.")
 
