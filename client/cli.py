@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fahr_core.cohort import Cohort, CohortError, load_cohort
+from fahr_core.cohort import Cohort
+from fahr_core.cohort.check import check_site
 from fahr_core.config import ConfigError, SiteConfig, is_set, load_site_config
 from fahr_ops.cli import new_app
 from fahr_ops.flower import flower_env, start_supernode
@@ -23,9 +27,51 @@ ConfigOpt = Annotated[
 ]
 
 
+_debug = False  # --debug: unexpected errors show their traceback instead of one line
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C
+
+
 @app.callback()
-def _main() -> None:
+def _main(
+    debug: Annotated[bool, typer.Option(help="show a traceback for unexpected errors")] = False,
+) -> None:
     """A fahr hospital site."""
+    global _debug
+    _debug = debug
+    # Everything a site writes (aligned faces, caches, ledger, reports, logs) is its patients' data:
+    # the site's account only. Worker and SuperNode processes inherit the mask.
+    os.umask(0o077)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(message, err=True)
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _one_line_errors(what: str) -> Iterator[None]:
+    """Any unexpected error becomes one line naming the file (no traceback unless --debug)."""
+    try:
+        yield
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if _debug:
+            raise
+        if isinstance(e, OSError) and e.filename:
+            why = f"{e.filename}: {e.strerror or e}; check it exists and this account may write there"
+        else:
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise _fail(f"error: {what}: {why} (--debug shows the details)", 1) from None
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (systemd, docker stop, kill) stops a command the way Ctrl-C does."""
+
+    def _stop(signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
 
 
 def _load(site: str, config: Path | None) -> tuple[SiteConfig, Path]:
@@ -33,37 +79,58 @@ def _load(site: str, config: Path | None) -> tuple[SiteConfig, Path]:
     try:
         cfg = load_site_config(path)
     except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        raise _fail(f"error: {e}", 2) from None
     if cfg.name != site:
-        typer.echo(f"error: {path} is the config of site {cfg.name!r}, not {site!r}", err=True)
-        raise typer.Exit(2)
+        raise _fail(f"error: {path} is the config of site {cfg.name!r}, not {site!r}", 2)
     return cfg, path
+
+
+def _checked(cfg: SiteConfig, path: Path, refusal: str) -> Cohort:
+    """The site's cohort once `check_site` finds no problem; else every problem on stderr and exit 1."""
+    with _one_line_errors(f"checking site {cfg.name}"):
+        result = check_site(cfg, str(path))
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    if result.problems or result.cohort is None:
+        lines = [f"{path}: {len(result.problems)} problem(s) found", *result.problems]
+        raise _fail("\n".join([*lines, refusal]), 1)
+    return result.cohort
 
 
 @app.command()
 def check(site: SiteOpt, config: ConfigOpt = None) -> None:
-    """Validate the site's config, cohort.csv and photos; exit 1 listing every problem."""
-    cfg, _ = _load(site, config)
-    try:
-        n = len(load_cohort(cfg.data))
-    except CohortError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(1) from None
-    typer.echo(f"site {cfg.name}: {n} patients in {cfg.data / 'cohort.csv'}: OK")
+    """Validate site.toml, the files it names, cohort.csv and every photo; exit 1 listing every problem."""
+    cfg, path = _load(site, config)
+    cohort = _checked(cfg, path, f"site {site} is not ready: fix these, then run check again.")
+    n = sum(len(p.photos) for p in cohort.patients)
+    typer.echo(f"site {cfg.name}: {len(cohort)} patients, {n} photos in {cfg.data / 'cohort.csv'}: OK")
 
 
 def _align(cfg: SiteConfig, cohort: Cohort) -> None:
-    """Align the site's photos with a progress bar; only photos not aligned before do work."""
+    """Align the site's photos with a progress bar; exit non-zero unless the site can train.
+
+    Ctrl-C or SIGTERM stops within seconds (the workers are killed, not drained); photos finished
+    so far are kept and the next run resumes from them.
+    """
     from fahr_client.runtime import SiteRuntime  # torch and the detectors: only commands that align pay
 
-    with typer.progressbar(length=1, label=f"aligning {cfg.name}'s photos") as bar:
+    _stop_on_sigterm()
+    try:
+        with (
+            _one_line_errors(f"aligning site {cfg.name}'s photos"),
+            typer.progressbar(length=1, label=f"aligning {cfg.name}'s photos") as bar,
+        ):
 
-        def progress(done: int, total: int) -> None:
-            bar.length = total
-            bar.update(1)
+            def progress(done: int, total: int) -> None:
+                bar.length = total
+                bar.update(1)
 
-        table = SiteRuntime(cfg).align(cohort, progress=progress)
+            table = SiteRuntime(cfg).align(cohort, progress=progress)
+    except KeyboardInterrupt:
+        raise _fail(
+            f"\nsite {cfg.name}: alignment stopped; finished photos are kept, run align again to resume",
+            INTERRUPTED,
+        ) from None
     typer.echo(
         f"{len(table.aligned)} of {len(table.rows)} photos aligned ({table.cached} from cache); "
         f"table: {table.csv_path}"
@@ -72,18 +139,21 @@ def _align(cfg: SiteConfig, cohort: Cohort) -> None:
         typer.echo(f"  rejected {row.path}: {row.reason}")
     if len(table.rejected) > 20:
         typer.echo(f"  ... and {len(table.rejected) - 20} more (see the table)")
+    aligned = {Path(r.path) for r in table.aligned}
+    usable = sum(any(p in aligned for p in pt.photos) for pt in cohort.patients)
+    if usable < 2:
+        raise _fail(
+            f"error: site {cfg.name} cannot train: {usable} patient(s) have an aligned photo (at least 2 "
+            f"needed); see the reasons in {table.csv_path}",
+            1,
+        )
 
 
 @app.command()
 def align(site: SiteOpt, config: ConfigOpt = None) -> None:
-    """Detect, quality-check and align the site's photos to the ArcFace 112x112 template (resumable)."""
-    cfg, _ = _load(site, config)
-    try:
-        cohort = load_cohort(cfg.data)
-    except CohortError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(1) from None
-    _align(cfg, cohort)
+    """Detect, quality-check and align the site's photos (resumable); exit 0 only if the site can train."""
+    cfg, path = _load(site, config)
+    _align(cfg, _checked(cfg, path, f"site {site}: fix these before aligning."))
 
 
 @app.command()
@@ -98,11 +168,7 @@ def start(
 ) -> None:
     """Check the site's data, then join the federation until stopped (Ctrl-C)."""
     cfg, path = _load(site, config)
-    try:
-        cohort = load_cohort(cfg.data)
-    except CohortError as e:
-        typer.echo(f"{e}\nsite {site} will not join the federation until these are fixed.", err=True)
-        raise typer.Exit(1) from None
+    cohort = _checked(cfg, path, f"site {site} will not join the federation until these are fixed.")
     address = superlink or cfg.connection.superlink
     connection = None if insecure else cfg.connection
     if insecure:
@@ -125,20 +191,17 @@ def start(
             raise typer.Exit(2)
     _align(cfg, cohort)
     log_path = cfg.workdir / "supernode.log"
-    node = start_supernode(
-        address,
-        {"site": cfg.name, "site-config": str(path)},
-        runtime_port,
-        log_path,
-        flower_env(cfg.workdir / "flwr-home"),
-        connection,
-    )
+    with _one_line_errors(f"starting site {cfg.name}'s SuperNode"):
+        node = start_supernode(
+            address,
+            {"site": cfg.name, "site-config": str(path)},
+            runtime_port,
+            log_path,
+            flower_env(cfg.workdir / "flwr-home"),
+            connection,
+        )
     typer.echo(f"site {cfg.name}: {len(cohort)} patients; SuperNode joining {address} (logs: {log_path})")
 
-    def _stop(signum, _frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
     try:
         code = node.proc.wait()
         typer.echo(f"SuperNode exited with code {code}; last lines:\n{node.tail()}", err=True)

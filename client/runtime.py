@@ -27,7 +27,9 @@ from fahr_core.models.checkpoint import save_weights
 from fahr_core.models.finetune import merge, site_model, split_state
 from fahr_core.models.saliency import MIN_PATIENTS_FOR_SALIENCY, CohortSaliency, cohort_saliency
 from fahr_core.models.vit import SurvivalViT
+from fahr_core.privacy.audit import evaluations_in_run
 from fahr_core.privacy.ledger import PrivacyLedger
+from fahr_core.privacy.outbound import suppress_small_cells
 from fahr_core.report.wire import summary_to_metrics
 from fahr_core.survival.predict import survival_at
 from fahr_core.train.local import SurvivalData, patient_risk, site_delta, train_dp
@@ -60,6 +62,10 @@ def _own_photos(data: SurvivalData) -> tuple[np.ndarray, tuple[tuple[int, ...], 
     used = sorted({i for idx in data.photos for i in idx})
     where = {i: k for k, i in enumerate(used)}
     return data.images[used], tuple(tuple(where[i] for i in idx) for idx in data.photos)
+
+
+class EvaluationRefused(RuntimeError):
+    """The server asked for more evaluations in one run than the site's config allows."""
 
 
 class SiteRuntime:
@@ -147,22 +153,23 @@ class SiteRuntime:
             round_info={"server_round": server_round, "num_rounds": num_rounds},
         )
         new_state, _ = split_state(model)
+        # the loss and the time taken stay in the site's own log: with crafted global weights either
+        # would tell the server whether a patient is in the data (fahr_core.privacy.outbound)
         metrics = {
             "num-examples": stats.n,
-            "train-loss": stats.loss,
             "epsilon": stats.epsilon,
             "delta": stats.delta,
             "epsilon-budget": ledger.budget,
             "noise-multiplier": stats.noise_multiplier,
             "sample-rate": stats.sample_rate,
             "steps": stats.steps,
-            "train-seconds": stats.seconds,
         }
         log.info(
-            "site %s round %d: loss %.4f, epsilon %.3f / %g",
+            "site %s round %d: loss %.4f, %.1f s, epsilon %.3f / %g",
             self.cfg.name,
             server_round,
             stats.loss,
+            stats.seconds,
             stats.epsilon,
             ledger.budget,
         )
@@ -189,6 +196,21 @@ class SiteRuntime:
         if len(test) < MIN_PATIENTS_FOR_SALIENCY:
             return fad, None
         return fad, cohort_saliency(scorers, images)
+
+    def admit_evaluation(self, run_id: int) -> None:
+        """Refuse an evaluation beyond `[privacy].evaluations_per_run` in federation run `run_id`.
+
+        Every evaluation releases non-DP aggregates of the held-out patients for whatever weights the
+        server chose, so the site, not the server, decides how many it answers. The count comes from
+        the audit log, which records every evaluation reply and is verified against its head first.
+        """
+        done = evaluations_in_run(self.cfg.audit_path, run_id)
+        allowed = self.cfg.privacy.evaluations_per_run
+        if done >= allowed:
+            raise EvaluationRefused(
+                f"site {self.cfg.name} already answered {done} evaluation(s) in run {run_id}; its config "
+                f"allows {allowed} per run ([privacy].evaluations_per_run)"
+            )
 
     def evaluate(
         self, state: State, spec: ModelConfig, meta: dict, age_model: DeliveredAgeModel | None = None
@@ -248,5 +270,5 @@ class SiteRuntime:
             horizon=spec.horizon_years,
         )
         atomic_write_json(self.cfg.workdir / "last_evaluation.json", {"meta": meta, "privacy": privacy})
-        metrics = summary_to_metrics(summary)
+        metrics = suppress_small_cells(summary_to_metrics(summary))
         return metrics, summary

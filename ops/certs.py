@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fahr_core.io import atomic_write_bytes
+from fahr_core.io import PRIVATE_FILE_MODE, atomic_write_bytes, make_private_dir
+
+# A site name becomes file names (<site>.key, <site>.pub): no separators, no leading dot (hidden
+# files, '..'), nothing a shell or another OS would read differently.
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -31,9 +35,19 @@ class ServerTLS:
     key: Path
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    atomic_write_bytes(path, data)
-    os.chmod(path, 0o600)
+def _refuse_existing(paths: Sequence[Path], force: bool, consequence: str) -> None:
+    """FileExistsError naming every file already there, unless `force` (then they are replaced)."""
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise FileExistsError(
+            f"{', '.join(existing)} already exist(s); nothing was written. Replacing {consequence}; "
+            "pass --force if that is what you want"
+        )
+
+
+def _write(path: Path, data: bytes, force: bool, private: bool = False) -> None:
+    """Created exclusively unless `force`; private keys 0600 from the first byte (never 0644)."""
+    atomic_write_bytes(path, data, PRIVATE_FILE_MODE if private else None, exclusive=not force)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -45,10 +59,18 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
-def create_server_tls(out: Path, hosts: Sequence[str], days: int = 825) -> ServerTLS:
-    """A CA (ca.crt/ca.key) and a server certificate for `hosts` (DNS names or IP addresses)."""
+def create_server_tls(out: Path, hosts: Sequence[str], days: int = 825, force: bool = False) -> ServerTLS:
+    """A CA (ca.crt/ca.key) and a server certificate for `hosts` (DNS names or IP addresses).
+
+    Existing files are refused (FileExistsError) unless `force`: a new CA invalidates the ca.crt
+    every site holds.
+    """
     if not hosts:
         raise ValueError("the server certificate needs at least one host name or IP address")
+    out = Path(out)
+    names = ("ca.crt", "ca.key", "server.crt", "server.key")
+    _refuse_existing([out / n for n in names], force, "the CA means every site needs the new ca.crt")
+    make_private_dir(out)
     out = Path(out)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -100,27 +122,39 @@ def create_server_tls(out: Path, hosts: Sequence[str], days: int = 825) -> Serve
     pem = serialization.Encoding.PEM
     no_password = serialization.NoEncryption()
     tls = ServerTLS(out / "ca.crt", out / "server.crt", out / "server.key")
-    atomic_write_bytes(tls.ca_cert, ca_cert.public_bytes(pem))
-    _write_private(out / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_password))
-    atomic_write_bytes(tls.cert, cert.public_bytes(pem))
-    _write_private(tls.key, key.private_bytes(pem, serialization.PrivateFormat.PKCS8, no_password))
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    _write(out / "ca.key", ca_key.private_bytes(pem, pkcs8, no_password), force, private=True)
+    _write(tls.key, key.private_bytes(pem, pkcs8, no_password), force, private=True)
+    _write(tls.ca_cert, ca_cert.public_bytes(pem), force)
+    _write(tls.cert, cert.public_bytes(pem), force)
     return tls
 
 
-def create_site_keys(out: Path, site: str) -> tuple[Path, Path]:
-    """The site's identity: `<site>.key` (private, stays at the site) and `<site>.pub` (to the server)."""
-    key = ec.generate_private_key(ec.SECP384R1())
+def create_site_keys(out: Path, site: str, force: bool = False) -> tuple[Path, Path]:
+    """The site's identity: `<site>.key` (private, stays at the site) and `<site>.pub` (to the server).
+
+    ValueError for a name that is not a plain file name; FileExistsError if either file exists,
+    unless `force` (a replaced key locks the site out until the server registers the new .pub).
+    """
+    if not SITE_NAME.fullmatch(site):
+        raise ValueError(
+            f"site name {site!r} must be 1-64 letters, digits, '_', '-' or '.', starting with a letter "
+            "or digit (it names the key files)"
+        )
     private = Path(out) / f"{site}.key"
     public = Path(out) / f"{site}.pub"
-    _write_private(
+    _refuse_existing(
+        [private, public], force, "a site's key locks it out until the server registers the new .pub"
+    )
+    make_private_dir(Path(out))
+    key = ec.generate_private_key(ec.SECP384R1())
+    openssh = serialization.PrivateFormat.OpenSSH
+    _write(
         private,
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        ),
+        key.private_bytes(serialization.Encoding.PEM, openssh, serialization.NoEncryption()),
+        force,
+        True,
     )
-    atomic_write_bytes(
-        public,
-        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        + b"\n",
-    )
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    _write(public, pub + b"\n", force)
     return private, public

@@ -44,9 +44,15 @@ app.add_typer(certs_app, name="certs")
 def certs_init(
     out: Annotated[Path, typer.Option(help="folder for ca.crt, ca.key, server.crt, server.key")],
     host: Annotated[list[str], typer.Option(help="server DNS name or IP (repeatable)")] = ["127.0.0.1"],  # noqa: B006
+    force: Annotated[
+        bool, typer.Option(help="replace existing files (every site then needs the new ca.crt)")
+    ] = False,
 ) -> None:
     """Create the federation's CA and the server's TLS certificate (keep ca.key offline)."""
-    tls = create_server_tls(out, host)
+    try:
+        tls = create_server_tls(out, host, force=force)
+    except (ValueError, OSError) as e:
+        raise _refused(e) from None
     typer.echo(f"wrote {tls.ca_cert} (give to every site), {tls.cert} and {tls.key} (server only)")
 
 
@@ -54,9 +60,15 @@ def certs_init(
 def certs_site(
     out: Annotated[Path, typer.Option(help="folder for <site>.key and <site>.pub")],
     site: Annotated[str, typer.Option(help="site name")],
+    force: Annotated[
+        bool, typer.Option(help="replace an existing key pair (the server must register the new .pub)")
+    ] = False,
 ) -> None:
     """Create a site's key pair: the .key stays at the site, the .pub goes to the server operator."""
-    private, public = create_site_keys(out, site)
+    try:
+        private, public = create_site_keys(out, site, force=force)
+    except (ValueError, OSError) as e:
+        raise _refused(e) from None
     typer.echo(
         f"wrote {private} (stays at the site) and {public} (register at the server: [security].site_keys)"
     )
@@ -64,6 +76,12 @@ def certs_site(
 
 DEMO_ENCODER = demo_faces_dir() / "encoder_vit_micro.safetensors"
 DEMO_AGE_MODEL = demo_faces_dir() / "age_vit_micro.safetensors"  # every site's FAD (docs/fad.md)
+
+
+def _refused(e: Exception) -> typer.Exit:
+    """An operator error as one line on stderr (FileExistsError, a bad name, an unwritable folder)."""
+    typer.echo(f"error: {e}", err=True)
+    return typer.Exit(2)
 
 
 def _floats(text: str, what: str) -> tuple[float, ...]:
@@ -90,15 +108,27 @@ def simulate(
 ) -> None:
     """Write semi-synthetic site folders: real faces, Gompertz survival on age and sex (docs/site-data.md)."""
     n = [int(x) for x in _floats(sizes, "--sizes")]
-    params = SimulationParams(
-        n_sites=len(n),
-        site_sizes=tuple(n),
-        site_mean_ages=_floats(mean_ages, "--mean-ages"),
-        site_baseline_rates=_floats(rates, "--rates"),
-    )
+    per_site = {"--mean-ages": _floats(mean_ages, "--mean-ages"), "--rates": _floats(rates, "--rates")}
+    uneven = [f"{flag} has {len(v)}" for flag, v in per_site.items() if len(v) != len(n)]
+    if uneven:
+        raise _refused(
+            ValueError(
+                f"--sizes names {len(n)} site(s) but {' and '.join(uneven)} value(s); give one per site"
+            )
+        )
     site_names = names.split(",") if names else [f"site{i + 1}" for i in range(len(n))]
-    records = load_labelled_faces(faces or demo_faces_dir())
-    for d in simulate_sites(records, out, params, seed, site_names, overwrite):
+    try:
+        params = SimulationParams(
+            n_sites=len(n),
+            site_sizes=tuple(n),
+            site_mean_ages=per_site["--mean-ages"],
+            site_baseline_rates=per_site["--rates"],
+        )
+        records = load_labelled_faces(faces or demo_faces_dir())
+        written = simulate_sites(records, out, params, seed, site_names, overwrite)
+    except (ValueError, OSError) as e:  # FaceLabelError is a ValueError listing every bad row
+        raise _refused(e) from None
+    for d in written:
         typer.echo(f"wrote {d}")
 
 

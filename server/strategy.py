@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +35,26 @@ log = logging.getLogger("fahr_server")
 def site_of(msg: Message) -> str:
     site = msg.content.config_records.get("site")
     return str(site["name"]) if site is not None and "name" in site else f"node-{msg.metadata.src_node_id}"
+
+
+def ambiguous_replies(replies: list[Message]) -> dict[int, tuple[str, str]]:
+    """node -> (site as the logs name it, reason) for replies that cannot be told apart: every reply
+    of a node that answered twice, and of nodes declaring a site name another node also declared.
+
+    A site's name is what its reply says; the node id is what the SuperLink authenticated. Neither
+    a second reply nor a borrowed name may stand in for another site's.
+    """
+    per_node = Counter(m.metadata.src_node_id for m in replies)
+    per_name = Counter(site_of(m) for m in replies)
+    found: dict[int, tuple[str, str]] = {}
+    for m in replies:
+        node, name = m.metadata.src_node_id, site_of(m)
+        if per_node[node] > 1:
+            names = ", ".join(sorted({site_of(r) for r in replies if r.metadata.src_node_id == node}))
+            found[node] = (f"node {node}", f"{per_node[node]} replies from one node (as {names})")
+        elif per_name[name] > 1:
+            found[node] = (f"{name} (node {node})", f"{per_name[name]} nodes declared site {name!r}")
+    return found
 
 
 def aggregate_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -159,19 +180,28 @@ class FahrFedAvg(FedAvg):
         return reply
 
     def _screen(self, server_round: int, replies: list[Message]) -> tuple[list[Message], dict[str, str]]:
-        """Drop replies whose weights are malformed or outliers; log each rejection with its reason."""
+        """Drop replies whose weights are malformed or outliers; log each rejection with its reason.
+
+        Replies are told apart by the node that sent them (`src_node_id`, which the SuperLink sets from
+        the SuperNode's authenticated session), never by the site name a reply declares: a node that
+        answers twice, or two nodes declaring one site name, are all rejected before the weights are
+        looked at, so no reply can hide another's rejection behind a shared name.
+        """
         ok = [m for m in replies if not m.has_error()]
-        updates = {site_of(m): m.content["arrays"].to_torch_state_dict() for m in ok}
-        rejected = screen_updates(updates, self._global or {})
-        for site, reason in rejected.items():
+        rejected = ambiguous_replies(ok)
+        unique = {site_of(m): m for m in ok if m.metadata.src_node_id not in rejected}
+        updates = {name: m.content["arrays"].to_torch_state_dict() for name, m in unique.items()}
+        for name, reason in screen_updates(updates, self._global or {}).items():
+            rejected[unique[name].metadata.src_node_id] = (name, reason)
+        for site, reason in rejected.values():
             log.warning("round %d: update from site %s rejected: %s", server_round, site, reason)
             with (self.workdir / REJECTIONS_LOG).open("a") as f:
                 f.write(
                     json.dumps({"round": server_round, "site": site, "reason": reason, "at": time.time()})
                     + "\n"
                 )
-        kept = [m for m in replies if m.has_error() or site_of(m) not in rejected]
-        return kept, rejected
+        kept = [m for m in replies if m.has_error() or m.metadata.src_node_id not in rejected]
+        return kept, dict(rejected.values())
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -267,8 +297,13 @@ class FahrFedAvg(FedAvg):
 
         Flower's mean of the sites' metrics needs every site to send the same keys; a site sends only
         the metrics its held-out patients define (no events: no C-index), and that must not end the run.
+        Replies that cannot be told apart (`ambiguous_replies`) are dropped, as in training.
         """
-        for m in replies:
-            if not m.has_error():
+        ok = [m for m in replies if not m.has_error()]
+        ambiguous = ambiguous_replies(ok)
+        for site, reason in ambiguous.values():
+            log.warning("evaluation from site %s dropped: %s", site, reason)
+        for m in ok:
+            if m.metadata.src_node_id not in ambiguous:
                 self.site_evaluations.append({"site": site_of(m), **dict(m.content["metrics"])})
         return None

@@ -23,6 +23,13 @@ from fahr_core.config import (
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _operator_config_home(tmp_path_factory, monkeypatch):
+    """Keys a server keeps in its operator's config folder (fahr_server.state.state_key_path) go to a
+    fresh test folder, never the user's; processes the test starts inherit it."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config-home")))
+
+
 @pytest.fixture(scope="session")
 def shared_utkface() -> Path:
     folder = SHARED / "utkface"

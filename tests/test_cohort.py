@@ -141,7 +141,7 @@ def test_photo_listed_twice_and_ragged_row(tmp_path: Path) -> None:
     rows.append(["P9", "photos/p5.jpg", "1"])
     assert problems_for(make_site(tmp_path, rows)) == [
         "cohort.csv line 8: has 3 fields, the header has 7",
-        "cohort.csv line 7: photo 'photos/p0.jpg' is already listed on line 2",
+        "cohort.csv line 7: photo 'photos/p0.jpg' is already listed on line 2; each photo may be listed once",
     ]
 
 
