@@ -26,6 +26,7 @@ from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import ModelConfig, PrivacyConfig, SiteConfig, TrainConfig
 from fahr_core.models.checkpoint import load_encoder_weights
+from fahr_core.models.finetune import GlobalModel, prepare
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.survival.metrics import bootstrap_ci, harrell_c
 from fahr_core.train.local import patient_risk, train_nonprivate
@@ -62,16 +63,14 @@ def main() -> None:
         age_mix_sd=20.0,
     )
     [site_dir] = simulate_sites(faces, work, params, seed=1, site_names=["pooled"])
-    spec = ModelConfig(arch="vit_micro")
-    train_cfg = TrainConfig(
-        local_epochs=a.epochs, batch_size=32, lr=2e-3, trainable="last:1", threads=a.threads
-    )
+    spec = ModelConfig(arch="vit_micro", finetune="last:1")
+    train_cfg = TrainConfig(local_epochs=a.epochs, batch_size=32, lr=2e-3, threads=a.threads)
 
     def fresh_model() -> SurvivalViT:
         torch.manual_seed(0)
         model = SurvivalViT(spec.arch, spec.img_size, spec.n_intervals)
         load_encoder_weights(model.encoder, ENCODER)
-        return model
+        return prepare(model, spec)
 
     rows = []
     truth = {
@@ -94,10 +93,11 @@ def main() -> None:
                 train_nonprivate(model, split.train, train_cfg, spec.horizon_years, seed=r)
             eps = "none"
         else:
-            state = model.state_dict()
+            global_model, state = GlobalModel.start(model, spec)
             for r in range(1, a.rounds + 1):
-                state, metrics = site.train_round(state, spec, r, a.rounds)
-            model.load_state_dict(state)
+                sent = global_model.outgoing(state, with_base=r == 1)
+                state, metrics = site.train_round(sent, global_model.spec, r, a.rounds)
+            model.load_state_dict(global_model.full(state))
             eps = f"{metrics['epsilon']:.2f}"
         test = split.test
         risk = patient_risk(model, test)

@@ -23,6 +23,7 @@ from fahr_client import secagg
 from fahr_client.runtime import SiteRuntime
 from fahr_core.age import delivery
 from fahr_core.config import ModelConfig, SiteConfig, load_site_config
+from fahr_core.models.finetune import from_wire, to_wire, trainable_part
 from fahr_core.privacy.audit import append_audit
 from fahr_core.privacy.ledger import spend_on_record
 from fahr_core.privacy.outbound import check_outbound, check_secagg_outbound
@@ -117,12 +118,16 @@ def train(msg: Message, context: Context) -> Message:
     startup, started = seconds_since_process_start(), time.perf_counter()
     site = _runtime(context)
     spec, server_round, num_rounds = round_info(msg.content["config"])
-    received = msg.content["arrays"].to_torch_state_dict()
+    arrays = msg.content["arrays"].to_torch_state_dict()
     recorded = spend_on_record(msg.content["config"], site.cfg.name)
-    state, metrics = site.train_round(received, spec, server_round, num_rounds, recorded)
+    trained, metrics = site.train_round(arrays, spec, server_round, num_rounds, recorded)
+    # only the trainable tensors go back, as they came (fahr_core.models.finetune)
+    received, state = trainable_part(arrays, spec), to_wire(trained, spec.wire_dtype)
     secure = None
     if msg.content["config"].get("secure-aggregation", False):  # the weights wait here; keys go instead
-        secure = secagg.begin(context, site.cfg, received, state, int(metrics["num-examples"]), server_round)
+        start = from_wire(received, spec.wire_dtype)
+        n = int(metrics["num-examples"])
+        secure = secagg.begin(context, site.cfg, start, trained, n, server_round)
     sent = secure.payload.values() if secure is not None else state.values()
     metrics = {**metrics, "bytes-sent": float(sum(v.nbytes for v in sent))}
     # timings stay in the site's log: how long a round took depends on the data (fahr_core.privacy.outbound)

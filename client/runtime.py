@@ -24,6 +24,7 @@ from fahr_core.faces.pipeline import AlignmentTable, Progress, align_photos, ali
 from fahr_core.faces.qc import QCConfig
 from fahr_core.io import atomic_write_json
 from fahr_core.models.checkpoint import save_weights
+from fahr_core.models.finetune import merge, site_model, split_state
 from fahr_core.models.saliency import MIN_PATIENTS_FOR_SALIENCY, CohortSaliency, cohort_saliency
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.audit import evaluations_in_run
@@ -127,11 +128,6 @@ class SiteRuntime:
         p = self.cfg.privacy
         return PrivacyLedger.open(self.cfg.ledger_path, p.epsilon, p.delta, n_train)
 
-    def _model(self, spec: ModelConfig, state: State) -> SurvivalViT:
-        model = SurvivalViT(spec.arch, spec.img_size, spec.n_intervals)
-        model.load_state_dict(state)
-        return model
-
     def train_round(
         self,
         state: State,
@@ -140,8 +136,10 @@ class SiteRuntime:
         num_rounds: int,
         server_record: tuple[int, float] | None = None,
     ) -> tuple[State, dict[str, float]]:
-        """One round of local DP training from the global `state`; returns weights and metrics to send.
+        """One round of local DP training from the global `state`; returns the trained tensors and metrics.
 
+        `state` holds the trainable tensors (and, in a run's first round, the frozen base); what is
+        returned is only the trainable tensors, in float32 (fahr_core.models.finetune).
         `server_record` is (rounds, epsilon) the server has on record for this site: a ledger
         showing less refuses the round (LedgerBehindServer). The ledger stays locked from opening
         to recording, so concurrent trainings of this site run one after the other.
@@ -149,7 +147,7 @@ class SiteRuntime:
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
         split = self.load(spec.img_size)
-        model = self._model(spec, state)
+        model = site_model(state, spec, self.cfg.workdir)
         with locked(self.cfg.ledger_path):
             ledger = self.ledger(len(split.train))
             if server_record is not None:
@@ -164,7 +162,7 @@ class SiteRuntime:
                 horizon=spec.horizon_years,
                 round_info={"server_round": server_round, "num_rounds": num_rounds},
             )
-        new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        new_state, _ = split_state(model)
         # the loss and the time taken stay in the site's own log: with crafted global weights either
         # would tell the server whether a patient is in the data (fahr_core.privacy.outbound)
         metrics = {
@@ -236,11 +234,11 @@ class SiteRuntime:
         from fahr_core.report.site import write_site_report  # lifelines/matplotlib: evaluation only
 
         split = self.load(spec.img_size)
-        model = self._model(spec, state)
+        model = merge(site_model(state, spec, self.cfg.workdir))
         risk = patient_risk(model, split.test)
         save_weights(
             self.cfg.workdir / "global_model.safetensors",
-            state,
+            model.state_dict(),
             {"arch": spec.arch, "img_size": str(spec.img_size)},
         )
         ledger = self.ledger(len(split.train))

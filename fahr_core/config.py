@@ -33,6 +33,15 @@ class ModelConfig:
     age_checkpoint: str = ""
     n_intervals: int = 10  # follow-up intervals of the discrete-time hazard head
     horizon_years: float = 10.0  # follow-up beyond this is censored at it
+    # what the sites train and send (fahr_core.models.finetune): "full", "head", "last:N" (head and the
+    # last N blocks), "lora" (head and LoRA adapters) or "ffa-lora" (head and LoRA's B, A frozen)
+    finetune: str = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "qkv,proj"  # comma-separated Linear layers of each block: qkv, proj, fc1, fc2
+    lora_seed: int = 0  # the adapters' shared A init: model init, identical at every site (not DP noise)
+    wire_dtype: str = "float32"  # trainable tensors travel as float32, float16 or bfloat16
+    base_sha256: str = ""  # the frozen base's hash; the server computes it, a config file never sets it
 
     def to_record(self) -> dict[str, str | int | float]:
         """What the server tells every site each round, so all sites build the same model."""
@@ -41,19 +50,58 @@ class ModelConfig:
             "img-size": self.img_size,
             "n-intervals": self.n_intervals,
             "horizon-years": self.horizon_years,
+            "finetune": self.finetune,
+            "lora-rank": self.lora_rank,
+            "lora-alpha": self.lora_alpha,
+            "lora-targets": self.lora_targets,
+            "lora-seed": self.lora_seed,
+            "wire-dtype": self.wire_dtype,
+            "base-sha256": self.base_sha256,
         }
 
     @classmethod
     def from_record(cls, record: dict) -> ModelConfig:
         try:
-            return cls(
+            spec = cls(
                 arch=str(record["arch"]),
                 img_size=int(record["img-size"]),
                 n_intervals=int(record["n-intervals"]),
                 horizon_years=float(record["horizon-years"]),
+                finetune=str(record["finetune"]),
+                lora_rank=int(record["lora-rank"]),
+                lora_alpha=float(record["lora-alpha"]),
+                lora_targets=str(record["lora-targets"]),
+                lora_seed=int(record["lora-seed"]),
+                wire_dtype=str(record["wire-dtype"]),
+                base_sha256=str(record["base-sha256"]),
             )
         except KeyError as e:
             raise ValueError(f"server message lacks model setting {e}") from None
+        problem = finetune_problem(spec)
+        if problem:
+            raise ValueError(f"server message: {problem}")
+        return spec
+
+
+FINETUNE_MODES = ("full", "head", "lora", "ffa-lora")  # and "last:N"
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def finetune_problem(m: ModelConfig) -> str | None:
+    """Why the fine-tuning settings are invalid (naming the key), or None."""
+    mode = m.finetune
+    last = mode.startswith("last:") and mode[5:].isdigit() and int(mode[5:]) >= 1
+    if mode not in FINETUNE_MODES and not last:
+        return f"[model].finetune must be one of {', '.join(FINETUNE_MODES)}, last:N (N >= 1), not {mode!r}"
+    targets = m.lora_targets.split(",")
+    if mode.endswith("lora") and (not m.lora_targets or any(t not in LORA_TARGETS for t in targets)):
+        return f"[model].lora_targets must be a comma-separated subset of {','.join(LORA_TARGETS)}"
+    if m.lora_rank < 1 or m.lora_alpha <= 0:
+        return "[model].lora_rank must be >= 1 and lora_alpha > 0"
+    if m.wire_dtype not in WIRE_DTYPES:
+        return f"[model].wire_dtype must be one of {', '.join(WIRE_DTYPES)}, not {m.wire_dtype!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -74,7 +122,6 @@ class TrainConfig:
     batch_size: int = 32  # Poisson sample rate 1 / ceil(n / batch_size) (privacy/dpsgd.py)
     lr: float = 1e-3
     weight_decay: float = 0.0
-    trainable: str = "all"  # "all", "head" or "last:N": what DP-SGD updates (see SurvivalViT.set_trainable)
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     loss: str = "discrete_hazard"  # sites train under DP, so only per-patient losses are accepted
 
@@ -222,7 +269,6 @@ SITE_TABLES = ("site", "privacy", "train", "connection", "alignment")
 # Above this total epsilon, DP's guarantee says little (a factor e^10 ~ 22,000 on any outcome's
 # odds); accepted, with a warning, because the site's own governance sets its budget.
 EPSILON_WARN_ABOVE = 10.0
-_TRAINABLE = re.compile(r"all|head|last:[1-9][0-9]*")
 _SUPERLINK = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 
 
@@ -247,10 +293,6 @@ def _check_site_values(cfg: SiteConfig, source: str) -> None:
     _check(p.evaluations_per_run >= 0, f"{source}: [privacy].evaluations_per_run must be >= 0")
     _finite(t.lr, 0, f"{source}: [train].lr", "")
     _finite(t.weight_decay, 0, f"{source}: [train].weight_decay", "", inclusive=True)
-    _check(
-        _TRAINABLE.fullmatch(t.trainable) is not None,
-        f"{source}: [train].trainable must be 'all', 'head' or 'last:N' (N >= 1), not {t.trainable!r}",
-    )
     _check(t.threads >= 0, f"{source}: [train].threads must be >= 0 (0 = torch's default), not {t.threads}")
     _check(a.workers >= 0, f"{source}: [alignment].workers must be >= 0 (0 = one per CPU), not {a.workers}")
     _check(
@@ -385,6 +427,9 @@ def server_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> Ser
     _check(cfg.model.arch in ARCHS, f"{source}: [model].arch must be one of {', '.join(ARCHS)}")
     _check(cfg.model.img_size % 16 == 0, f"{source}: [model].img_size must be a multiple of 16")
     _check(cfg.model.n_intervals >= 2, f"{source}: [model].n_intervals must be >= 2")
+    _check(not cfg.model.base_sha256, f"{source}: [model].base_sha256 is computed by the server, not set")
+    problem = finetune_problem(cfg.model)
+    _check(problem is None, f"{source}: {problem}")
     return cfg
 
 

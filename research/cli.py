@@ -176,7 +176,7 @@ def demo(
             data=Path("."),
             workdir=Path(".fahr"),
             privacy=PrivacyConfig(epsilon=8.0, max_grad_norm=1.0),
-            train=TrainConfig(local_epochs=3, batch_size=16, lr=2e-3, trainable="last:1", threads=1),
+            train=TrainConfig(local_epochs=3, batch_size=16, lr=2e-3, threads=1),
         )
         dump_site_config(cfg, sites_dir / name / "site.toml")
         shutil.rmtree(sites_dir / name / ".fahr", ignore_errors=True)
@@ -191,6 +191,7 @@ workdir = "server"
 
 [model]
 arch = "vit_micro"
+finetune = "last:1"
 encoder_checkpoint = "{DEMO_ENCODER}"
 age_checkpoint = "{DEMO_AGE_MODEL}"
 

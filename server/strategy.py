@@ -24,6 +24,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fahr_core.age import delivery
 from fahr_core.models.checkpoint import save_weights
+from fahr_core.models.finetune import GlobalModel, from_wire
 from fahr_core.privacy.ledger import SPEND_ON_RECORD_KEY, encode_spend_on_record
 from fahr_server.events import emit, emit_round
 from fahr_server.screening import screen_updates
@@ -119,6 +120,7 @@ class FahrFedAvg(FedAvg):
         secure_sum: SecureSum | None = None,
         age_model: tuple[np.ndarray, str] | None = None,
         aggregator: FedAvg | None = None,
+        model: GlobalModel | None = None,
     ):
         super().__init__(
             fraction_train=fraction_train,
@@ -145,6 +147,10 @@ class FahrFedAvg(FedAvg):
         self.aggregator = aggregator  # a robust rule from robust_aggregator(); None: FedAvg itself
         self._seen: set[str] = set()  # sites that sent an update in this run (the console's "joined")
         self._round_started = time.monotonic()
+        # the spec and frozen base: only the trainable tensors travel (fahr_core.models.finetune);
+        # None: the strategy's arrays are the whole model and travel as they are
+        self.model = model
+        self._base_sent = False
 
     def _await_sites(self, grid: Grid) -> None:
         """Fail the run with a clear message instead of waiting forever for missing sites."""
@@ -173,8 +179,26 @@ class FahrFedAvg(FedAvg):
         self._global = arrays.to_torch_state_dict()
         # each site refuses to train if its ledger shows less than this (a reset or lost ledger)
         config[SPEND_ON_RECORD_KEY] = encode_spend_on_record(self.state.site_rounds, self.state.site_epsilon)
-        self._sent = list(super().configure_train(server_round + self.offset, arrays, config, grid))
+        outgoing = self._outgoing(arrays)
+        self._sent = list(super().configure_train(server_round + self.offset, outgoing, config, grid))
         return self._sent
+
+    def _outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The trainable tensors in the wire dtype, with the frozen base in this process's first round
+        and, when only a fraction of the sites trains, in every round (a site may be new to it)."""
+        if self.model is None:
+            return arrays
+        with_base = not self._base_sent or self.fraction_train < 1
+        self._base_sent = True
+        return ArrayRecord(self.model.outgoing(arrays.to_torch_state_dict(), with_base))
+
+    def _decoded(self, reply: Message) -> Message:
+        """A site's reply with its trainable tensors back in float32, as the global model holds them."""
+        if self.model is None or reply.has_error() or "arrays" not in reply.content.array_records:
+            return reply
+        state = from_wire(reply.content["arrays"].to_torch_state_dict(), self.model.spec.wire_dtype)
+        reply.content["arrays"] = ArrayRecord(state)
+        return reply
 
     def _screen(self, server_round: int, replies: list[Message]) -> tuple[list[Message], dict[str, str]]:
         """Drop replies whose weights are malformed or outliers; log each rejection with its reason.
@@ -206,6 +230,7 @@ class FahrFedAvg(FedAvg):
         server_round += self.offset
         if server_round != self.num_rounds:
             return []
+        arrays = self._outgoing(arrays)
         if self.age_model is None:
             return super().configure_evaluate(server_round, arrays, config, grid)
         payload, sha256 = self.age_model
@@ -234,6 +259,7 @@ class FahrFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.offset
+        replies = [self._decoded(m) for m in replies]
         if self.secure_sum is None:
             replies, rejected = self._screen(server_round, list(replies))
             combine = self.aggregator.aggregate_train if self.aggregator else super().aggregate_train
@@ -265,8 +291,9 @@ class FahrFedAvg(FedAvg):
         state = arrays.to_torch_state_dict()
         meta = {**self.metadata, "round": str(server_round)}
         checkpoint = self.workdir / "checkpoints" / f"global_round_{server_round:03d}.safetensors"
-        save_weights(checkpoint, state, meta)
-        save_weights(self.workdir / "global_model.safetensors", state, meta)
+        save_weights(checkpoint, state if self.model is None else self.model.full(state), meta)
+        plain = state if self.model is None else self.model.plain(state)
+        save_weights(self.workdir / "global_model.safetensors", plain, meta)
         self._commit(server_round, checkpoint, record)
         took = round(time.monotonic() - self._round_started, 1)
         emit(self.workdir, "checkpoint_written", round=server_round, path=str(checkpoint))

@@ -32,7 +32,7 @@ from fahr_core.release import fahr_version
 from fahr_ops.flower import console_script
 from fahr_ops.processes import Managed
 from fahr_research.local import local_credentials, run_local_federation, site_runtime_port, start_site
-from fahr_server.app import initial_model
+from fahr_server.app import global_start
 from fahr_server.cli import run_federation
 from fahr_server.state import (
     FederationState,
@@ -323,19 +323,20 @@ def uninterrupted(server: Path, sites: list[Path]) -> dict[str, torch.Tensor]:
     """The federation's global model computed in this process, round after round without a break:
     the same site training (SiteRuntime) and Flower's weighted averaging as the ServerApp's."""
     cfg = load_server_config(server)
-    weights = initial_model(cfg).state_dict()
+    global_model, weights = global_start(cfg)
     for server_round in range(1, cfg.rounds + 1):
         replies = []
+        sent = global_model.outgoing(weights, with_base=server_round == 1)
         for toml in sites:
             site = SiteRuntime(load_site_config(toml))
-            state, metrics = site.train_round(weights, cfg.model, server_round, cfg.rounds)
+            state, metrics = site.train_round(sent, global_model.spec, server_round, cfg.rounds)
             replies.append(
                 RecordDict(
                     {"arrays": ArrayRecord(state), "metrics": MetricRecord({"n": metrics["num-examples"]})}
                 )
             )
         weights = aggregate_arrayrecords(replies, "n").to_torch_state_dict()
-    return weights
+    return global_model.plain(weights)
 
 
 @pytest.mark.e2e

@@ -183,7 +183,8 @@ def test_unreadable_cohort_and_photo_folder_are_named(tmp_path):
         ('site = "alpha"\n', "'site' must be a table"),
         ('privacy = 3\n[site]\nname = "s"\ndata = "."\n', "'privacy' must be a table"),
         ('[site]\nname = "s"\ndata = "."\n[alignment]\ndetector = "insightface"\n', "[alignment].model_dir"),
-        ('[site]\nname = "s"\ndata = "."\n[train]\ntrainable = "everything"\n', "[train].trainable"),
+        # what trains is the server's choice ([model].finetune): a site cannot set it
+        ('[site]\nname = "s"\ndata = "."\n[train]\ntrainable = "all"\n', "unknown key(s) trainable"),
         ('[site]\nname = "s"\ndata = "."\n[train]\nthreads = -4\n', "[train].threads"),
         ('[site]\nname = "s"\ndata = "."\n[alignment]\nworkers = -1\n', "[alignment].workers"),
         ('[site]\nname = "s"\ndata = "."\n[connection]\nsuperlink = "fahr.example.org"\n', "superlink"),

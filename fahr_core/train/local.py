@@ -107,7 +107,7 @@ def _run_steps(
 
 
 def _optimizer(model: SurvivalViT, train: TrainConfig) -> torch.optim.Optimizer:
-    model.set_trainable(train.trainable)
+    """AdamW over the tensors the fine-tuning mode left trainable (fahr_core.models.finetune.prepare)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
 
