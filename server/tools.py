@@ -76,17 +76,21 @@ def models_build(
     aligned: Annotated[Path | None, typer.Option(help="alignment cache (default OUT/aligned)")] = None,
     workers: Annotated[int, typer.Option(help="alignment processes (0 = one per CPU)")] = 0,
     threads: Annotated[int, typer.Option(help="torch threads (0 = torch's default)")] = 0,
+    only: Annotated[
+        str, typer.Option(help="stages to run, comma-separated (default: all, see docs/models.md)")
+    ] = "",
 ) -> None:
     """MAE encoder, age model (and its random-init twin) and survival warm start (docs/models.md)."""
     import torch
 
-    from fahr_core.train.model_build import ModelBuild, recipe_from_json
+    from fahr_core.train.model_build import STAGES, ModelBuild, recipe_from_json
 
     if threads:
         torch.set_num_threads(threads)
     try:
         r = recipe_from_json(recipe)
-        ModelBuild(data, out, r, aligned, workers or None, echo=lambda s: typer.echo(s)).run()
+        build = ModelBuild(data, out, r, aligned, workers or None, echo=lambda s: typer.echo(s))
+        build.run(only.split(",") if only else STAGES)
     except (FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

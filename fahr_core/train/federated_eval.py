@@ -26,6 +26,7 @@ import torch
 
 from fahr_core.cohort.simulate import TRUTH_FILE
 from fahr_core.config import ModelConfig, PrivacyConfig, SiteConfig, TrainConfig
+from fahr_core.faces.pipeline import ALIGNED_DIR, RESULTS_DIR
 from fahr_core.models.checkpoint import load_encoder_weights
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.site import SiteRuntime
@@ -79,14 +80,22 @@ def federate(
     setup: FederationSetup,
     workdir: Path,
     echo: Callable[[str], object] = print,
+    alignment_cache: Path | None = None,
 ) -> dict[str, Any]:
     """Train `setup.rounds` rounds over the sites from `encoder`; per-site held-out C and oracle C.
 
     `workdir/<site>` holds each site's state (ledger, alignment cache); it must be fresh, since a
-    site's ledger would otherwise still hold an earlier run's spend.
+    site's ledger would otherwise still hold an earlier run's spend. `alignment_cache`: an
+    `align_photos` folder the sites' photos were already aligned in (the simulator copies faces,
+    and the cache is keyed by content and settings), shared instead of aligning every photo again.
     """
     sites = []
     for d in site_dirs:
+        if alignment_cache is not None:
+            own = Path(workdir) / Path(d).name / "aligned"
+            own.mkdir(parents=True, exist_ok=True)
+            for sub in (RESULTS_DIR, ALIGNED_DIR):
+                (own / sub).symlink_to(Path(alignment_cache).resolve() / sub, target_is_directory=True)
         cfg = SiteConfig(
             name=Path(d).name,
             data=Path(d),
