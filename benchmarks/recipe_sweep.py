@@ -1,14 +1,13 @@
-"""The short sweep that picked `fahr models build`'s recipe (docs/age.md, "Recipe sweep").
+"""What each recipe choice costs on the CPU: CPU-milliseconds per image of an MAE and a fine-tuning step.
 
-Every arm is measured on the **training** part of the fixed split only: that part (without the
-demo faces) is split again, seeded, into sweep-train and sweep-check faces, so the validation
-part the shipped numbers are reported on takes no part in choosing the recipe. Per MAE arm:
-`--mae-steps` steps of `fahr pretrain`'s trainer on shards of the sweep-train faces (images/s and
-the final loss), then one age fine-tuning epoch (`fahr age train`'s trainer, general stage) on
-`--ft-faces` sweep-train faces from that encoder, scored on the sweep-check faces. Fine-tuning
-arms vary the learning rate and the layer decay from the first MAE arm's encoder.
+The 2-core machine is shared, so wall-clock images/s mostly measure the neighbours; CPU time per
+image (`time.process_time`, one torch thread) is the figure that sizes a run: divide the hours
+available by it. Each arm times `--steps` optimiser steps at batch `--batch` on real faces (the
+bundled demo sample), after `--warmup` untimed steps. The arms: the MAE decoder (width x depth)
+for a vit_micro encoder, the fine-tuning (AgeViT) step at several input sizes, and the next
+larger encoder (vit_tiny) for scale. (docs/age.md, "Recipe sweep")
 
-    python benchmarks/recipe_sweep.py --data ../shared/data/utkface --out RUN --aligned CACHE
+    python benchmarks/recipe_sweep.py --out RUN/recipe_cost.json
 """
 
 from __future__ import annotations
@@ -19,107 +18,86 @@ import json
 import os
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fahr_core.age.evaluate import age_metrics
-from fahr_core.age.model import load_age_model
-from fahr_core.age.predict import predict_ages
-from fahr_core.age.train import FINAL_MODEL, train_age_model
+from fahr_core.age.model import AgeViT
+from fahr_core.cohort import demo_faces_dir, load_labelled_faces
+from fahr_core.faces.images import load_faces, to_input
 from fahr_core.io import atomic_write_json
-from fahr_core.train.model_build import ModelBuild, Recipe
-from fahr_core.train.pretrain import CHECKPOINT, export_encoder, pretrain
-from fahr_core.train.shards import build_shards
+from fahr_core.models.mae import MAE
 
-MAE_ARMS = {  # name: Recipe fields that differ from the first arm
-    "micro dec128x2 lr4e-3": {},
-    "micro dec64x1 lr4e-3": {"decoder_dim": 64, "decoder_depth": 1},
-    "micro dec128x4 lr4e-3": {"decoder_depth": 4},
-    "micro dec128x2 lr1e-2": {"mae_base_lr": 1e-2},
-}
-FT_ARMS = {  # fine-tuning variants from the first MAE arm's encoder
-    "lr 2e-3": {"age_lr": 2e-3},
-    "layer decay 0.9": {"layer_decay": 0.9},
-}
+MAE_ARMS = [("vit_micro", 64, 1), ("vit_micro", 128, 1), ("vit_micro", 128, 2), ("vit_micro", 256, 4)]
+FT_ARMS = [("vit_micro", 112), ("vit_micro", 80), ("vit_micro", 64), ("vit_tiny", 112)]
+
+
+def cpu_ms_per_image(step, batch: int, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    t = time.process_time()
+    for _ in range(steps):
+        step()
+    return 1000 * (time.process_time() - t) / (steps * batch)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--aligned", type=Path, default=None)
-    ap.add_argument("--mae-steps", type=int, default=150)
-    ap.add_argument("--mae-batch", type=int, default=64)
-    ap.add_argument("--ft-faces", type=int, default=4000)
-    ap.add_argument("--check-faces", type=int, default=1500)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    base = replace(
-        Recipe(), mae_steps=a.mae_steps, mae_batch=a.mae_batch, mae_warmup=a.mae_steps // 5, age_epochs=1
-    )
-    base = replace(base, balanced_epochs=0)
-    build = ModelBuild(a.data, a.out, base, a.aligned)
-    records, images = build.part("train")
-    order = np.random.default_rng(0).permutation(len(records))
-    check, train = order[: a.check_faces], order[a.check_faces :]
-    ft = train[: a.ft_faces]
-    ages = np.array([f.age for f in records])
-    table = build.faces().table
-    crop = {str(r.path): table.crop_path(r) for r in table.aligned}
-    shards = a.out / "sweep-shards"
-    build_shards([(records[i].path.name, crop[str(records[i].path)]) for i in train], shards, 112, 2000)
-
-    def finetune(recipe: Recipe, init: Path | None, tag: str) -> dict:
-        run = a.out / f"ft-{tag}"
-        started = time.perf_counter()
-        train_age_model(recipe.age_config(), images[ft], ages[ft], images[check], ages[check], run, init)
-        m = age_metrics(ages[check], predict_ages(load_age_model(run / FINAL_MODEL), images[check]))
-        return {"check_mae": round(m["mae"], 2), "ft_seconds": round(time.perf_counter() - started, 1)}
-
+    torch.set_num_threads(1)
+    faces = load_labelled_faces(demo_faces_dir())[: a.batch]
+    crops = {112: load_faces([f.path for f in faces], 112)}
     rows = []
-    encoders = {}
-    for name, fields in MAE_ARMS.items():
-        recipe = replace(base, **fields)
-        tag = name.replace(" ", "_")
-        started = time.perf_counter()
-        s = pretrain(recipe.pretrain_config(), shards, a.out / f"mae-{tag}", resume=True)
-        seconds = time.perf_counter() - started
-        enc = export_encoder(a.out / f"mae-{tag}" / CHECKPOINT, a.out / f"mae-{tag}.safetensors")
-        encoders[name] = enc
-        ips = float(np.median([h["images_per_s"] for h in s["history"]]))
-        row = {"arm": name, "mae_loss": round(s["final_loss"], 4), "mae_images_per_s": round(ips, 1)}
-        row |= {"mae_seconds": round(seconds, 1), **finetune(recipe, enc, tag)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    first = next(iter(MAE_ARMS))
-    for name, fields in FT_ARMS.items():
-        row = {
-            "arm": f"{first}, fine-tune {name}",
-            **finetune(replace(base, **fields), encoders[first], name),
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    rows.append({"arm": "random init", **finetune(base, None, "random")})
-    print(json.dumps(rows[-1]), flush=True)
-    atomic_write_json(
-        a.out / "sweep.json",
-        {
-            "rows": rows,
-            "sweep_train_faces": len(train),
-            "ft_faces": len(ft),
-            "check_faces": len(check),
-            "mae_steps": a.mae_steps,
-            "mae_batch": a.mae_batch,
-            "threads": a.threads,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-            "load_average": os.getloadavg(),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
-        },
-    )
+    for arch, dim, depth in MAE_ARMS:
+        torch.manual_seed(0)
+        mae = MAE(arch, 112, dim, depth, max(1, dim // 32))
+        opt = torch.optim.AdamW(mae.parameters(), lr=1e-3)
+        x = to_input(crops[112])
+
+        def mae_step(mae: MAE = mae, opt: torch.optim.Optimizer = opt, x: torch.Tensor = x) -> None:
+            loss, _, _ = mae(x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        ms = cpu_ms_per_image(mae_step, a.batch, a.warmup, a.steps)
+        rows.append({"step": "MAE", "arch": arch, "img_size": 112, "decoder": f"{dim}x{depth}", "cpu_ms": ms})
+        print(json.dumps(rows[-1]), flush=True)
+    for arch, size in FT_ARMS:
+        if size not in crops:
+            crops[size] = load_faces([f.path for f in faces], size)
+        torch.manual_seed(0)
+        model = AgeViT(arch, size)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x, y = to_input(crops[size]), torch.as_tensor(np.array([f.age for f in faces]), dtype=torch.float32)
+
+        def ft_step(model: AgeViT = model, opt: torch.optim.Optimizer = opt, x=x, y=y) -> None:
+            loss = (model(x) - y).abs().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        ms = cpu_ms_per_image(ft_step, a.batch, a.warmup, a.steps)
+        rows.append({"step": "fine-tune", "arch": arch, "img_size": size, "decoder": "", "cpu_ms": ms})
+        print(json.dumps(rows[-1]), flush=True)
+    result = {
+        "rows": rows,
+        "batch": a.batch,
+        "steps": a.steps,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "load_average": os.getloadavg(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
+    }
+    if a.out:
+        atomic_write_json(a.out, result)
+    print("\n| step | encoder | input | decoder | CPU-ms per image |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['step']} | {r['arch']} | {r['img_size']} | {r['decoder']} | {r['cpu_ms']:.2f} |")
 
 
 if __name__ == "__main__":

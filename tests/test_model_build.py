@@ -102,12 +102,16 @@ def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None
         assert metrics["n"] == len(
             [r for r in split if r["part"] == "validation" and r["status"] == "aligned"]
         )
-        assert stages[arm.replace("-", "_")]["init"] == init
+        assert stages[arm]["init"] == init
         assert (out / arm / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "mae" / "loss_curve.png").is_file()
     # the warm start is one of the two candidates, picked by the higher mean held-out C
-    ws = stages["warm_start"]
+    ws = stages["warm-start"]
     assert ws["chosen"] == max(ws["mean_c"], key=ws["mean_c"].get)
+    assert sorted(p.name for p in (out / "warm-start").glob("arm-*.json")) == [
+        "arm-0-age.json",
+        "arm-0-mae.json",
+    ]
     model = SurvivalViT(TINY.arch, TINY.img_size)
     load_encoder_weights(model.encoder, out / "warm-start" / SURVIVAL_ENCODER)
     # a re-run skips every complete stage; removing one stage's marker re-runs only that stage

@@ -71,11 +71,11 @@ class Recipe:
     mae_batch: int = 64
     mae_base_lr: float = 4e-3
     mae_warmup: int = 100
-    mae_steps: int = 1600
+    mae_steps: int = 600
     mae_workers: int = 0  # shards are memory-mapped: on a CPU a worker process costs more than reading
     mae_compile: bool = False  # torch.compile: pays off on a GPU, not for a vit_micro on a CPU
     # age fine-tuning (the same for both initialisations)
-    age_epochs: int = 5
+    age_epochs: int = 2
     balanced_epochs: int = 1
     age_batch: int = 64
     age_lr: float = 1e-3
@@ -293,15 +293,23 @@ class ModelBuild:
         }
         return _finish(stage, result, started)
 
-    def warm_start(self) -> dict[str, Any]:
+    def warm_start_arm(self, name: str, seed: int) -> dict[str, Any]:
+        """One arm of the warm-start comparison: the demo's federation from encoder `name` ("mae" or
+        "age") over the sites of `seed`. Cached in `warm-start/arm-<seed>-<name>.json`, so a killed
+        stage resumes by arm and arms can run in separate processes; each arm simulates its own
+        copy of the (deterministic) sites and keeps fresh site state (ledgers).
+        """
         stage = self.out / "warm-start"
-        if (done := _done(stage)) is not None:
-            self.echo("[warm-start] complete, skipped")
-            return done
-        started = time.perf_counter()
-        age_model = load_age_model(self.out / "age" / FINAL_MODEL)
-        encoders = {"mae": self.out / "mae" / MAE_ENCODER, "age": stage / AGE_ENCODER}
-        save_weights(encoders["age"], age_model.encoder.state_dict(), {"format": "fahr-age-encoder"})
+        cached = stage / f"arm-{seed}-{name}.json"
+        if cached.is_file():
+            return json.loads(cached.read_text(encoding="utf-8"))
+        if name == "mae":
+            encoder = self.out / "mae" / MAE_ENCODER
+        else:  # the age model's encoder, in the encoder file format a server loads
+            encoder = stage / AGE_ENCODER
+            if not encoder.is_file():
+                model = load_age_model(self.out / "age" / FINAL_MODEL)
+                save_weights(encoder, model.encoder.state_dict(), {"format": "fahr-age-encoder"})
         val, _ = self.part("validation")
         faces = [f for f in val if f.path.name not in self.exclude]
         r = self.recipe
@@ -311,25 +319,37 @@ class ModelBuild:
             site_mean_ages=r.site_mean_ages,
             site_baseline_rates=r.site_rates,
         )
+        sites = simulate_sites(faces, stage / f"sites-{seed}-{name}", params, seed=seed, overwrite=True)
+        work = stage / f"state-{seed}-{name}"
+        shutil.rmtree(work, ignore_errors=True)  # fresh ledgers: a re-run starts the arm afresh
         spec = ModelConfig(arch=r.arch, img_size=r.img_size)
-        arms: dict[str, list[dict[str, Any]]] = {k: [] for k in encoders}
-        for seed in r.warm_start_seeds:
-            sites = simulate_sites(faces, stage / f"sites-{seed}", params, seed=seed, overwrite=True)
-            for name, encoder in encoders.items():
-                work = stage / f"state-{seed}-{name}"
-                shutil.rmtree(work, ignore_errors=True)  # fresh ledgers: a re-run starts the arm afresh
-                res = federate(sites, encoder, spec, FederationSetup(), work, lambda s: None, self.aligned)
-                arms[name].append({"seed": seed, **res})
-                self.echo(
-                    f"[warm-start] seed {seed}, {name} encoder: mean held-out C {res['mean_c']:.3f} "
-                    f"(oracle {res['mean_oracle_c']:.3f})"
-                )
+        res = {
+            "seed": seed,
+            **federate(sites, encoder, spec, FederationSetup(), work, lambda s: None, self.aligned),
+        }
+        atomic_write_json(cached, res)
+        self.echo(
+            f"[warm-start] seed {seed}, {name} encoder: mean held-out C {res['mean_c']:.3f} "
+            f"(oracle {res['mean_oracle_c']:.3f})"
+        )
+        return res
+
+    def warm_start(self) -> dict[str, Any]:
+        stage = self.out / "warm-start"
+        if (done := _done(stage)) is not None:
+            self.echo("[warm-start] complete, skipped")
+            return done
+        started = time.perf_counter()
+        arms = {
+            k: [self.warm_start_arm(k, seed) for seed in self.recipe.warm_start_seeds] for k in ("mae", "age")
+        }
         mean = {k: float(np.mean([a["mean_c"] for a in v])) for k, v in arms.items()}
         chosen = max(mean, key=lambda k: mean[k])
-        shutil.copyfile(encoders[chosen], stage / SURVIVAL_ENCODER)
+        source = self.out / "mae" / MAE_ENCODER if chosen == "mae" else stage / AGE_ENCODER
+        shutil.copyfile(source, stage / SURVIVAL_ENCODER)
         oracle = float(np.mean([a["mean_oracle_c"] for a in arms[chosen]]))
         self.echo(
-            f"[warm-start] chosen: {chosen} encoder (mean held-out C {mean[chosen]:.3f}, oracle {oracle:.3f})"
+            f"[warm-start] chosen: {chosen} encoder (held-out C {mean[chosen]:.3f}, oracle {oracle:.3f})"
         )
         result = {"chosen": chosen, "mean_c": mean, "mean_oracle_c": oracle, "arms": arms}
         atomic_write_text(stage / "choice.txt", f"{chosen}\n")
