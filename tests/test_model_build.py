@@ -123,7 +123,7 @@ def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None
 
 
 def test_cli_refuses_a_bad_recipe_in_one_line(faces: Path, tmp_path: Path) -> None:
-    from fahr_server.tools import app
+    from fahr_research.cli import app
 
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"mae_stepz": 1}))
