@@ -17,8 +17,9 @@ from fahr_core.cohort import demo_faces_dir
 from fahr_core.faces.detect import BlazeFaceDetector
 from fahr_core.faces.pipeline import COLUMNS, RESULTS_DIR, AlignmentTable, align_photos
 from fahr_core.faces.qc import QCConfig
+from tests.support import SHARED
 
-WILD = Path(__file__).resolve().parents[2] / "shared" / "data" / "wild"
+WILD = SHARED / "wild"
 REPO = Path(__file__).resolve().parents[1]
 
 

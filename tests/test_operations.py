@@ -28,7 +28,7 @@ from fahr_research.cli import app as tools_app
 from fahr_server.cli import app as server_app
 from fahr_server.cli import run_federation
 from fahr_server.state import FederationState, model_record, write_state
-from tests.conftest import flower_processes_under, free_port
+from tests.support import flower_processes_under, free_port
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
