@@ -36,6 +36,7 @@ def _spend_once(path: str, start: multiprocessing.synchronize.Barrier, round_no:
         ledger.record(STEP, {"server_round": round_no})
 
 
+@pytest.mark.slow
 def test_two_concurrent_trainings_of_one_site_both_land_in_the_ledger(tmp_path):
     path = tmp_path / "ledger.json"
     ctx = multiprocessing.get_context("spawn")
