@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from fahr_client.runtime import SiteRuntime
 from fahr_core.cohort import demo_faces_dir
 from fahr_core.config import ModelConfig, load_site_config
 from fahr_core.faces.images import to_input
+from fahr_core.models.finetune import base_sha256, build, split_state
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.audit import verify_audit_log
 from fahr_core.privacy.outbound import OutboundViolation
@@ -30,6 +32,7 @@ from fahr_core.survival.losses import discrete_hazard_nll
 from tests.support import make_sites
 
 SPEC = ModelConfig(arch="vit_micro", img_size=112, n_intervals=10, horizon_years=10.0)
+_FROZEN = set(split_state(build(SPEC))[1])  # what full fine-tuning leaves frozen (class token, positions)
 RUN = 7
 
 
@@ -40,8 +43,9 @@ def _task_identity(monkeypatch):
 
 
 def _ask(kind: str, weights: dict, server_round: int = 1, num_rounds: int = 1) -> Message:
+    frozen = {k: v for k, v in weights.items() if k in _FROZEN}  # the base the spec names by its hash
     config = {
-        **SPEC.to_record(),
+        **replace(SPEC, base_sha256=base_sha256(frozen)).to_record(),
         "server-round": server_round,
         "num-rounds": num_rounds,
         "fahr-version": fahr_version(),
