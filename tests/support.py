@@ -34,7 +34,8 @@ from fahr_core.report.site import write_site_report
 from fahr_server.state import FederationState
 from fahr_server.strategy import FahrFedAvg
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the checkout; FAHR_SHARED_DATA points elsewhere (e.g. from a git worktree)
+SHARED = Path(os.environ.get("FAHR_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 def utkface_faces() -> Path:
