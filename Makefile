@@ -8,7 +8,7 @@ TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fahr-installed
 
-.PHONY: demo test lint install clean browser models
+.PHONY: demo test check lint install clean browser models
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ test: $(STAMP) browser
 	$(BIN)/lint-imports
 	$(BIN)/mypy fahr_core
 	$(BIN)/python -m pytest -q
+
+# The everyday loop: lint and every test but the real-process federations (e2e) and the slow ones
+# (pytest markers in pyproject.toml); `make test` runs them all.
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy fahr_core
+	$(BIN)/python -m pytest -q -m "not e2e and not slow"
 
 # Rebuild every shipped model from the shared faces (docs/models.md): about 1.5-2.5 hours on the
 # 2-core machine; re-run to resume. MODELS_OUT must be outside the repository.

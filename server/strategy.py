@@ -176,14 +176,22 @@ class FahrFedAvg(FedAvg):
             rounds=self.num_rounds,
             connected=connected,
         )
-        self._global = arrays.to_torch_state_dict()
+        weights = arrays.to_torch_state_dict()
         # each site refuses to train if its ledger shows less than this (a reset or lost ledger)
         config[SPEND_ON_RECORD_KEY] = encode_spend_on_record(self.state.site_rounds, self.state.site_epsilon)
-        outgoing = self._outgoing(arrays)
-        self._sent = list(super().configure_train(server_round + self.offset, outgoing, config, grid))
-        return self._sent
+        outgoing = self.outgoing(arrays)
+        sent = list(super().configure_train(server_round + self.offset, outgoing, config, grid))
+        self.remember_round(weights, sent)
+        return sent
 
-    def _outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
+    def remember_round(self, weights: dict, sent: list[Message]) -> None:
+        """Keep this round's global weights (updates are screened against them) and its train messages
+        (the grid set their ids on sending; an error reply names its site only through them). Public so
+        a round can be set up without a grid, to drive aggregate_train with chosen replies."""
+        self._global = weights
+        self._sent = sent
+
+    def outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
         """The trainable tensors in the wire dtype, with the frozen base in this process's first round
         and, when only a fraction of the sites trains, in every round (a site may be new to it)."""
         if self.model is None:
@@ -230,7 +238,7 @@ class FahrFedAvg(FedAvg):
         server_round += self.offset
         if server_round != self.num_rounds:
             return []
-        arrays = self._outgoing(arrays)
+        arrays = self.outgoing(arrays)
         if self.age_model is None:
             return super().configure_evaluate(server_round, arrays, config, grid)
         payload, sha256 = self.age_model

@@ -70,6 +70,7 @@ def trained(labelled, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_train_writes_models_curve_split_and_report(trained) -> None:
     run = trained / "run"
     with (run / "curve.csv").open() as f:
@@ -95,6 +96,7 @@ def test_train_writes_models_curve_split_and_report(trained) -> None:
     )
 
 
+@pytest.mark.slow
 def test_eval_matches_an_independent_computation(trained, labelled) -> None:
     out = trained / "eval"
     model = trained / "run" / "model_best.safetensors"

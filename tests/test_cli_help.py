@@ -12,7 +12,7 @@ from fahr_client.cli import app as client_app
 from fahr_core.release import fahr_version
 from fahr_research.cli import app as tools_app
 from fahr_server.cli import app as server_app
-from tests.conftest import cli_commands
+from tests.support import cli_commands
 
 APPS = {"fahr": tools_app, "fahr-server": server_app, "fahr-client": client_app}
 

@@ -29,7 +29,7 @@ from fahr_core.privacy.audit import verify_audit_log
 from fahr_core.privacy.outbound import OutboundViolation
 from fahr_core.release import fahr_version
 from fahr_core.survival.losses import discrete_hazard_nll
-from tests.conftest import make_sites
+from tests.support import make_sites
 
 SPEC = ModelConfig(arch="vit_micro", img_size=112, n_intervals=10, horizon_years=10.0)
 _FROZEN = set(split_state(build(SPEC))[1])  # what full fine-tuning leaves frozen (class token, positions)

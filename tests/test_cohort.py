@@ -22,9 +22,10 @@ from fahr_core.cohort import (
     load_labelled_faces,
     split_patients,
 )
+from tests.support import SHARED
 
 DEMO_IMAGES = sorted((demo_faces_dir() / "images").glob("*.jpg"))
-SHARED_UTKFACE = Path(__file__).parents[2] / "shared" / "data" / "utkface"
+SHARED_UTKFACE = SHARED / "utkface"
 
 HEADER = ["patient_id", "photo", "time", "event", "age", "sex", "bmi"]
 # Data rows; row i sits on line i + 2 of cohort.csv (line 1 is the header).

@@ -159,6 +159,7 @@ def test_two_trainings_draw_independent_noise_and_only_the_test_switch_repeats_i
     assert float(torch.corrcoef(torch.stack([third, fourth]))[0, 1]) > 0.9999  # the check can see a repeat
 
 
+@pytest.mark.slow
 def test_replaying_every_seed_config_and_round_could_give_does_not_reproduce_a_release(
     faces, tmp_path, monkeypatch
 ):

@@ -16,15 +16,15 @@ from fahr_ops.flower import flower_env, start_supernode
 from fahr_research.local import local_credentials, run_local_federation
 from fahr_server.app import initial_model
 from fahr_server.cli import run_federation
-from tests.conftest import flower_processes_under, free_port, make_sites
+from tests.support import flower_processes_under, free_port, make_sites
 
 pytestmark = pytest.mark.e2e
 
 
-def test_two_sites_two_rounds(tmp_path, shared_utkface):
+def test_two_sites_two_rounds(tmp_path, utkface):
     port = free_port()
     security, connections = local_credentials(tmp_path / "certs", ["site1", "site2"], port)
-    tomls = make_sites(tmp_path / "sites", shared_utkface, (50, 40), epsilon=4.0, connections=connections)
+    tomls = make_sites(tmp_path / "sites", utkface, (50, 40), epsilon=4.0, connections=connections)
     server_toml = tmp_path / "server.toml"
     atomic_write_text(
         server_toml,

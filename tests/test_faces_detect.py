@@ -14,8 +14,9 @@ from PIL import Image
 from fahr_core.faces.align import alignment_matrix, outside_fraction, template, transform_points
 from fahr_core.faces.detect import BlazeFaceDetector, Detector, insightface_detector
 from fahr_core.faces.qc import read_photo
+from tests.support import SHARED
 
-WILD = Path(__file__).resolve().parents[2] / "shared" / "data" / "wild"
+WILD = SHARED / "wild"
 PORTRAITS = ["img5.jpg", "img6.jpg", "img8.jpg", "img10.jpg", "img11.jpg", "img12.jpg"]
 
 
@@ -123,7 +124,7 @@ def test_rejects_non_rgb_input(detector):
 
 def test_scrfd_wrapper_converts_colour_order_and_coordinates(tmp_path):
     """The SCRFD wrapper without insightface: a stand-in model records what it is given."""
-    from fahr_core.faces.detect import _ScrfdDetector
+    from fahr_core.faces.detect import ScrfdDetector
 
     class FakeScrfd:
         def detect(self, img, input_size):
@@ -133,8 +134,8 @@ def test_scrfd_wrapper_converts_colour_order_and_coordinates(tmp_path):
             return boxes, kps
 
     (tmp_path / "det_10g.onnx").write_bytes(b"x")
-    det = _ScrfdDetector(tmp_path / "det_10g.onnx")
-    det._model = fake = FakeScrfd()
+    fake = FakeScrfd()
+    det = ScrfdDetector(tmp_path / "det_10g.onnx", model=fake)
     rgb = np.zeros((80, 200, 3), np.uint8)
     rgb[..., 0] = 255  # red
     faces = det.detect(rgb)

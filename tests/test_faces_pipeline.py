@@ -17,8 +17,9 @@ from fahr_core.cohort import demo_faces_dir
 from fahr_core.faces.detect import BlazeFaceDetector
 from fahr_core.faces.pipeline import COLUMNS, RESULTS_DIR, AlignmentTable, align_photos
 from fahr_core.faces.qc import QCConfig
+from tests.support import SHARED
 
-WILD = Path(__file__).resolve().parents[2] / "shared" / "data" / "wild"
+WILD = SHARED / "wild"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,6 +32,7 @@ def demo_photos() -> list[Path]:
     return sorted((demo_faces_dir() / "images").glob("*.jpg"))
 
 
+@pytest.mark.slow
 def test_bundled_utkface_sample_aligns(tmp_path, detector):
     """All 360 bundled faces, in two worker processes: >= 98% aligned, every rejection explained."""
     paths = demo_photos()
@@ -52,6 +54,7 @@ def test_bundled_utkface_sample_aligns(tmp_path, detector):
     assert AlignmentTable.read(table.csv_path).rows == table.rows
 
 
+@pytest.mark.slow
 def test_wild_photos_table(tmp_path, detector):
     if not WILD.is_dir():
         pytest.skip(f"{WILD} is not present")
@@ -77,6 +80,7 @@ align_photos(paths, Path(sys.argv[1]), BlazeFaceDetector(), workers=1, progress=
 """
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_redoing_work(tmp_path, detector):
     paths = demo_photos()[:20]
     out = tmp_path / "run"

@@ -203,6 +203,7 @@ def test_server_config_resolves_and_checks_the_age_checkpoint(tmp_path):
         load_server_config(toml)
 
 
+@pytest.mark.slow
 def test_site_evaluation_reports_fad_and_saliency_with_the_received_model(demo_site, tmp_path):
     spec = ModelConfig(arch="vit_micro", img_size=112, n_intervals=10)
     site = SiteRuntime(load_site_config(demo_site))

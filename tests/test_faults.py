@@ -15,10 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.common import Metadata
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
-from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fahr_client.runtime import SiteRuntime
@@ -43,14 +41,16 @@ from fahr_server.state import (
     trim_rounds_log,
     write_state,
 )
-from fahr_server.strategy import FahrFedAvg, TooFewSites, robust_aggregator
-from tests.conftest import (
+from fahr_server.strategy import TooFewSites, robust_aggregator
+from tests.support import (
     crash_processes_under,
+    fahr_strategy,
     flower_processes_under,
     free_port,
     live_groups,
     make_sites,
     process_groups_under,
+    train_reply,
 )
 
 # Loaded by every Python process of a site; acts only in the ClientApp process (one per message).
@@ -164,35 +164,13 @@ def ledger_of(toml: Path) -> PrivacyLedger:
     return PrivacyLedger.open(site.ledger_path, raw["budget"], raw["delta"])
 
 
-def _reply(node: int, site: str = "", weights: dict | None = None) -> Message:
-    """A train reply as the ServerApp receives it: weights and metrics from the site, or an error
-    the SuperLink wrote itself (from its own node id, 1) for the message it sent to `node`."""
-    if weights is None:
-        meta = Metadata(1, "", 1, 0, f"to-{node}", "1", 0.0, 600.0, "train")
-        return Message(metadata=meta, error=Error(code=0, reason=f"node {node} is unavailable"))
-    meta = Metadata(1, "", node, 0, f"to-{node}", "1", 0.0, 600.0, "train")
-    content = {
-        "arrays": ArrayRecord(weights),
-        "metrics": MetricRecord({"num-examples": 10, "epsilon": 1.5}),
-        "site": ConfigRecord({"name": site}),
-    }
-    return Message(metadata=meta, content=RecordDict(content))
-
-
-def _strategy(work: Path, last_round: int = 0, aggregator: FedAvg | None = None) -> FahrFedAvg:
-    state = FederationState(last_round, 3, "", "", "test", {})
-    strategy = FahrFedAvg(work, 3, 2, 1.0, {}, state, join_timeout_s=1, aggregator=aggregator)
-    strategy._global = {"w": torch.zeros(4)}
-    strategy._sent = [  # the train messages, with the ids the grid gave them when sending
-        Message(metadata=Metadata(1, f"to-{n}", 1, n, "", "1", 0.0, 600.0, "train"), content=RecordDict())
-        for n in (1, 2, 3)
-    ]
-    return strategy
-
-
 def test_a_round_completes_with_the_sites_that_replied_and_commits_its_state(tmp_path):
-    strategy = _strategy(tmp_path, last_round=1)  # resumed after round 1: Flower's round 1 is round 2
-    replies = [_reply(1, "a", {"w": torch.ones(4)}), _reply(2, "b", {"w": torch.ones(4) * 3}), _reply(3)]
+    strategy = fahr_strategy(tmp_path, last_round=1)  # resumed after round 1: Flower's round 1 is round 2
+    replies = [
+        train_reply(1, "a", {"w": torch.ones(4)}),
+        train_reply(2, "b", {"w": torch.ones(4) * 3}),
+        train_reply(3),
+    ]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert torch.equal(arrays.to_torch_state_dict()["w"], torch.full((4,), 2.0))
     (record,) = rounds_log(tmp_path)
@@ -204,13 +182,15 @@ def test_a_round_completes_with_the_sites_that_replied_and_commits_its_state(tmp
 
 
 def test_too_few_usable_updates_fail_the_round_naming_the_sites(tmp_path):
-    strategy = _strategy(tmp_path)
-    strategy.aggregate_train(1, [_reply(1, "a", {"w": torch.ones(4)}), _reply(2, "b", {"w": torch.ones(4)})])
+    strategy = fahr_strategy(tmp_path)
+    strategy.aggregate_train(
+        1, [train_reply(1, "a", {"w": torch.ones(4)}), train_reply(2, "b", {"w": torch.ones(4)})]
+    )
     nan = {"w": torch.full((4,), float("nan"))}
     with pytest.raises(
         TooFewSites, match=r"round 2: only 0 of the 2 required sites.*'a': 'node 1 is unavail"
     ):
-        strategy.aggregate_train(2, [_reply(1), _reply(2, "b", nan)])
+        strategy.aggregate_train(2, [train_reply(1), train_reply(2, "b", nan)])
     assert read_state(tmp_path).last_round == 1  # the failed round is not committed
     assert read_state(tmp_path).rejections == {}
     assert "non-finite" in (tmp_path / "rejections.jsonl").read_text()
@@ -220,9 +200,11 @@ def test_screening_is_keyed_by_the_sending_node_not_the_declared_name(tmp_path):
     """A NaN update declared as site a, with another node also declaring a: both are rejected,
     whatever order they come in, and the global model is the mean of the others."""
     nan, ones = {"w": torch.full((4,), float("nan"))}, {"w": torch.ones(4)}
-    strategy = _strategy(tmp_path)
+    strategy = fahr_strategy(tmp_path)
     with pytest.raises(TooFewSites, match="only 1 of the 2 required"):  # [a: NaN, a: ones, b: ones]
-        strategy.aggregate_train(1, [_reply(1, "a", nan), _reply(2, "a", ones), _reply(3, "b", ones)])
+        strategy.aggregate_train(
+            1, [train_reply(1, "a", nan), train_reply(2, "a", ones), train_reply(3, "b", ones)]
+        )
     assert read_state(tmp_path) is None  # nothing committed, NaN or otherwise
     rejected = rounds_log(tmp_path)[0]["rejected"]
     assert rejected == {
@@ -230,15 +212,30 @@ def test_screening_is_keyed_by_the_sending_node_not_the_declared_name(tmp_path):
         "a (node 2)": "2 nodes declared site 'a'",
     }
     three = {"w": torch.full((4,), 3.0)}
-    replies = [_reply(2, "a", ones), _reply(1, "a", nan), _reply(3, "b", ones), _reply(4, "c", three)]
+    replies = [
+        train_reply(2, "a", ones),
+        train_reply(1, "a", nan),
+        train_reply(3, "b", ones),
+        train_reply(4, "c", three),
+    ]
     arrays, _ = strategy.aggregate_train(2, replies)
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.full((4,), 2.0))
-    twice = [_reply(3, "b", ones), _reply(3, "d", three), _reply(1, "a", ones), _reply(4, "c", ones)]
+    twice = [
+        train_reply(3, "b", ones),
+        train_reply(3, "d", three),
+        train_reply(1, "a", ones),
+        train_reply(4, "c", ones),
+    ]
     arrays, _ = strategy.aggregate_train(3, twice)
     assert rounds_log(tmp_path)[-1]["rejected"] == {"node 3": "2 replies from one node (as b, d)"}
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.ones(4))
-    evaluations = [_reply(1, "a", ones), _reply(2, "a", ones), _reply(3, "b", ones), _reply(4, "c", ones)]
-    strategy.aggregate_evaluate(3, [*evaluations, _reply(4, "d", ones)])  # evaluations likewise
+    evaluations = [
+        train_reply(1, "a", ones),
+        train_reply(2, "a", ones),
+        train_reply(3, "b", ones),
+        train_reply(4, "c", ones),
+    ]
+    strategy.aggregate_evaluate(3, [*evaluations, train_reply(4, "d", ones)])  # evaluations likewise
     assert [e["site"] for e in strategy.site_evaluations] == ["b"]
 
 
@@ -249,9 +246,11 @@ def test_screening_is_keyed_by_the_sending_node_not_the_declared_name(tmp_path):
 def test_robust_aggregation_limits_a_poisoned_update_that_passes_screening(tmp_path, rule, expected):
     """Five sites, one pulling the model to 9: its update is within 5x the median norm, so only the
     aggregation rule can limit it (Krum keeps the update nearest its neighbours: 3)."""
-    strategy = _strategy(tmp_path, aggregator=robust_aggregator(rule, trim_fraction=0.2, krum_malicious=1))
+    strategy = fahr_strategy(
+        tmp_path, aggregator=robust_aggregator(rule, trim_fraction=0.2, krum_malicious=1)
+    )
     values = (1.0, 2.0, 3.0, 3.5, 9.0)
-    replies = [_reply(n, f"s{n}", {"w": torch.full((4,), v)}) for n, v in enumerate(values, start=1)]
+    replies = [train_reply(n, f"s{n}", {"w": torch.full((4,), v)}) for n, v in enumerate(values, start=1)]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert rounds_log(tmp_path)[0]["rejected"] == {}  # screening let the poisoned update through
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.full((4,), expected))

@@ -138,7 +138,7 @@ def test_opacus_per_sample_gradients_match_a_per_patient_loop(mode):
         assert torch.allclose(p.grad_sample, want, atol=1e-5, rtol=1e-3), n
     assert any("lora_" in n for n in params) == mode.endswith("lora")
     assert all(torch.stack(loop[n]).abs().max() > 0 for n in params)  # not trivially equal zeros
-    gsm._close()
+    gsm.cleanup()
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -233,25 +233,24 @@ def test_server_sends_the_base_once_screens_adapters_and_saves_a_plain_global_mo
 
     from fahr_server.state import FederationState
     from fahr_server.strategy import FahrFedAvg
-    from tests.test_faults import _reply
+    from tests.support import sent_round, train_reply
 
     spec = replace(SPEC, finetune="lora", wire_dtype="bfloat16")
     gm, trainable = _start(spec)
     state = FederationState(0, 3, "", "", "test", {})
     strategy = FahrFedAvg(tmp_path, 3, 2, 1.0, {}, state, join_timeout_s=1, model=gm)
-    first = strategy._outgoing(ArrayRecord(trainable)).to_torch_state_dict()
-    later = strategy._outgoing(ArrayRecord(trainable)).to_torch_state_dict()
+    first = strategy.outgoing(ArrayRecord(trainable)).to_torch_state_dict()
+    later = strategy.outgoing(ArrayRecord(trainable)).to_torch_state_dict()
     assert set(first) == set(trainable) | set(gm.base) and set(later) == set(trainable)
     assert all(later[k].dtype == torch.int16 for k in later)  # bfloat16 bits
-    strategy._global = trainable
-    strategy._sent = []
+    sent_round(strategy, trainable, ())
     a = {k: v + 0.25 for k, v in trainable.items()}
     b = {k: v - 0.5 for k, v in trainable.items()}
     leak = next(k for k in gm.base if k.endswith("qkv.base.weight"))
     replies = [
-        _reply(1, "a", to_wire(a, "bfloat16")),
-        _reply(2, "b", to_wire(b, "bfloat16")),
-        _reply(3, "c", {**to_wire(a, "bfloat16"), leak: gm.base[leak]}),
+        train_reply(1, "a", to_wire(a, "bfloat16")),
+        train_reply(2, "b", to_wire(b, "bfloat16")),
+        train_reply(3, "c", {**to_wire(a, "bfloat16"), leak: gm.base[leak]}),
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     new = arrays.to_torch_state_dict()

@@ -26,7 +26,7 @@ from fahr_core.workdir import ServerWorkdir
 from fahr_ops.certs import create_server_tls
 from fahr_ops.flower import console_script
 from fahr_ops.processes import Managed
-from tests.conftest import cli_commands, flower_processes_under, free_port
+from tests.support import cli_commands, flower_processes_under, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "deploy" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

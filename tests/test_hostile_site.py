@@ -538,6 +538,7 @@ def busy_site(tmp_path) -> Path:
     return toml
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["ctrl-c", "ctrl-c twice", "sigterm", "sigkill"])
 def test_align_stops_when_told_and_leaves_no_worker(busy_site, how):
     results = busy_site.parent / ".fahr" / "aligned" / RESULTS_DIR

@@ -22,7 +22,7 @@ from fahr_core.privacy.ledger import (
     spend_on_record,
 )
 from fahr_server.state import read_state
-from tests.test_faults import _reply, _strategy
+from tests.support import fahr_strategy, train_reply
 
 STEP = (1.1, 0.1, 20)
 
@@ -36,6 +36,7 @@ def _spend_once(path: str, start: multiprocessing.synchronize.Barrier, round_no:
         ledger.record(STEP, {"server_round": round_no})
 
 
+@pytest.mark.slow
 def test_two_concurrent_trainings_of_one_site_both_land_in_the_ledger(tmp_path):
     path = tmp_path / "ledger.json"
     ctx = multiprocessing.get_context("spawn")
@@ -97,9 +98,13 @@ def test_a_ledger_showing_less_than_the_server_recorded_refuses_to_train(tmp_pat
 
 
 def test_the_server_counts_each_sites_rounds_and_sends_them_back(tmp_path):
-    strategy = _strategy(tmp_path)
-    strategy.aggregate_train(1, [_reply(1, "a", {"w": torch.ones(4)}), _reply(2, "b", {"w": torch.ones(4)})])
-    strategy.aggregate_train(2, [_reply(1, "a", {"w": torch.ones(4)}), _reply(3, "c", {"w": torch.ones(4)})])
+    strategy = fahr_strategy(tmp_path)
+    strategy.aggregate_train(
+        1, [train_reply(1, "a", {"w": torch.ones(4)}), train_reply(2, "b", {"w": torch.ones(4)})]
+    )
+    strategy.aggregate_train(
+        2, [train_reply(1, "a", {"w": torch.ones(4)}), train_reply(3, "c", {"w": torch.ones(4)})]
+    )
     state = read_state(tmp_path)  # b missed round 2, c joined in it
     assert state.site_rounds == {"a": 2, "b": 1, "c": 1} and state.site_epsilon["b"] == 1.5
     config = {"spend-on-record": encode_spend_on_record(state.site_rounds, state.site_epsilon)}

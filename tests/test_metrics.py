@@ -12,15 +12,7 @@ import pytest
 from lifelines.utils import concordance_index
 
 from fahr_core.survival import metrics as m
-
-
-def cohort(n: int, beta: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exponential event times with hazard exp(beta * risk), independent exponential censoring."""
-    rng = np.random.default_rng(seed)
-    risk = rng.normal(size=n)
-    t_event = rng.exponential(np.exp(-beta * risk))
-    t_censor = rng.exponential(2.0, size=n)
-    return np.minimum(t_event, t_censor), (t_event <= t_censor).astype(int), risk
+from tests.support import DEGENERATE, cohort, simulate, true_surv
 
 
 def brute_force_c(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
@@ -121,17 +113,6 @@ def test_evaluate_full_cohort_is_json_and_complete() -> None:
     assert out["notes"] == []
 
 
-DEGENERATE = {
-    "no_events": (np.linspace(0.1, 3, 30), np.zeros(30, int), np.linspace(-1, 1, 30)),
-    "one_event": (np.linspace(0.1, 3, 30), np.r_[1, np.zeros(29, int)], np.linspace(-1, 1, 30)),
-    "n5": (np.array([0.5, 1.0, 1.5, 2.0, 2.5]), np.array([1, 0, 1, 0, 1]), np.arange(5.0)),
-    "all_tied_times": (np.ones(20), np.ones(20, int), np.linspace(-1, 1, 20)),
-    "time_zero": (np.r_[np.zeros(5), np.linspace(0.1, 3, 25)], np.r_[[1, 0] * 15], np.linspace(-1, 1, 30)),
-    "empty": (np.array([]), np.array([], int), np.array([])),
-    "single": (np.array([1.0]), np.array([1]), np.array([0.0])),
-}
-
-
 @pytest.mark.parametrize("name", DEGENERATE)
 def test_evaluate_degenerate_cohorts_give_notes_not_exceptions(name: str) -> None:
     out = m.evaluate(*DEGENERATE[name], n_boot=50)
@@ -167,26 +148,6 @@ def test_invalid_inputs_raise(args: tuple) -> None:
 
 
 # --- Uno's C, time-dependent AUC, adjusted hazard ratios, calibration -------------------------------------
-
-
-def simulate(n: int = 1500, seed: int = 0, z_sd: float = 1.5) -> dict[str, np.ndarray]:
-    """Cohort with hazard 0.1 * exp(0.7 z + 0.03 (age - 50) + 0.4 male), uniform censoring over 1-8 years.
-
-    Also returns the true per-patient rate ``lam``, from which the correct S(t) = exp(-lam t) follows.
-    """
-    rng = np.random.default_rng(seed)
-    z = rng.normal(0.0, z_sd, n)
-    age = rng.uniform(30, 80, n)
-    male = rng.integers(0, 2, n)
-    lam = 0.1 * np.exp(0.7 * z + 0.03 * (age - 50) + 0.4 * male)
-    t_event = rng.exponential(1 / lam)
-    t_censor = rng.uniform(1, 8, n)
-    time, event = np.minimum(t_event, t_censor), (t_event <= t_censor).astype(int)
-    return {"time": time, "event": event, "risk": z, "age": age, "male": male, "lam": lam}
-
-
-def true_surv(lam: np.ndarray, horizons: tuple[float, ...] = (1.0, 2.0, 5.0)) -> dict[float, np.ndarray]:
-    return {h: np.exp(-lam * h) for h in horizons}
 
 
 def censoring_km(time: np.ndarray, event: np.ndarray) -> Callable[[float, bool], float]:

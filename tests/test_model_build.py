@@ -80,6 +80,7 @@ def test_recipe_json_overrides_and_rejects_unknown_fields(tmp_path: Path) -> Non
         recipe_from_json(bad)
 
 
+@pytest.mark.slow
 def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     out = tmp_path / "run"
@@ -133,6 +134,7 @@ def test_cli_refuses_a_bad_recipe_in_one_line(faces: Path, tmp_path: Path) -> No
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_gpu_recipe_runs_end_to_end_on_the_cpu(faces: Path, tmp_path: Path) -> None:
     """benchmarks/gpu_recipe.py --tiny: every part runs and writes its JSON, weights and curves."""
     import importlib.util

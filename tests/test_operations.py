@@ -28,7 +28,7 @@ from fahr_research.cli import app as tools_app
 from fahr_server.cli import app as server_app
 from fahr_server.cli import run_federation
 from fahr_server.state import FederationState, model_record, write_state
-from tests.conftest import flower_processes_under, free_port
+from tests.support import flower_processes_under, free_port
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -95,6 +95,7 @@ def test_a_failed_first_round_leaves_a_workdir_a_fresh_run_accepts(tmp_path: Pat
     assert not (work / "rounds.jsonl").exists() and f"kept in {aside}" in "\n".join(lines)
 
 
+@pytest.mark.slow
 def test_a_site_removed_from_site_keys_is_unregistered(tmp_path: Path) -> None:
     port = free_port()
     security = _security(tmp_path / "certs", ["127.0.0.1"], ["maastro", "leiden"])

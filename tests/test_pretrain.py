@@ -150,6 +150,7 @@ def test_shards_train_like_the_folder_and_resume_exactly(full_run, faces_dir, tm
         pretrain(replace(CFG, total_steps=31), shards, tmp_path / "run", resume=True, echo=lambda s: None)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(faces_dir, tmp_path):
     steps = ["--total-steps", "6", "--warmup-steps", "2", "--base-lr", "0.012", "--seed", "3"]
     common = ["--arch", "vit_micro", "--decoder-dim", "64", "--decoder-depth", "1", "--decoder-heads", "4"]

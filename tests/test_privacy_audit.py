@@ -108,12 +108,14 @@ def tiny_audits() -> dict[str, dict]:
     }
 
 
+@pytest.mark.slow
 def test_tiny_audit_passes_the_real_build(tiny_audits):
     real = tiny_audits["real"]
     assert real["claimed_epsilon"] == pytest.approx(audit.TINY["epsilon"], rel=0.01)
     assert real["empirical_epsilon_lower_bound"] <= real["claimed_epsilon"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", ["noise-off", "no-clip"])
 def test_tiny_audit_catches_a_broken_mechanism(tiny_audits, build):
     broken = tiny_audits[build]

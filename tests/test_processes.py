@@ -6,7 +6,7 @@ import sys
 import time
 
 from fahr_ops.processes import Managed
-from tests.conftest import flower_processes_under
+from tests.support import flower_processes_under
 
 # A leader that starts a long-lived child in its own process group, then exits by itself: what a
 # SuperNode refused by the SuperLink does to the SuperExec it started.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_reports import PNG_MAGIC, full_site_report, images
+from tests.support import PNG_MAGIC, full_site_report, images
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 pytestmark = pytest.mark.skipif(

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import html as html_lib
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +13,12 @@ import pytest
 from fahr_core.report.federation import pooled_hr, write_federation_report
 from fahr_core.report.site import write_site_report
 from fahr_core.report.wire import metrics_to_summary
-from tests.test_metrics import DEGENERATE, cohort, simulate, true_surv
+from tests.support import DEGENERATE, META, PRIVACY, QC, cohort, full_site_report, images
 
-PRIVACY = {"epsilon": np.float64(2.5), "delta": 1e-5, "budget": 8.0, "noise_multiplier": 1.1}
-META = {"model_version": "vit-s16@abc123", "data_version": "2024-06", "rounds": 5}
-QC = {"photos": 300, "aligned": 296, "rejected": {"no face": 3, "blur": 1}}
-IMG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
 KM_ALT = "Kaplan-Meier survival curves by risk quartile"
 # The longest list a summary may hold: calibration bins (<= 5) and td-AUC horizons (3). Anything longer
 # would be per-patient data.
 MAX_AGGREGATE_LIST = 5
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def longest_list(obj: object) -> int:
@@ -40,34 +33,6 @@ def assert_self_contained(html: str) -> None:
     assert html.startswith("<!DOCTYPE html>")
     for external in ("<script", "<link", 'src="http', "url(http"):
         assert external not in html
-
-
-def images(html: str) -> dict[str, bytes]:
-    """{alt text: decoded PNG} of every inline image; asserts each is a real PNG inside a captioned figure."""
-    found = {alt: base64.b64decode(data) for alt, data in IMG.findall(html)}
-    assert html.count("<img") == len(found), "every <img> needs alt text and an inline PNG"
-    assert html.count("<figure>") == html.count("<figcaption>") == len(found)
-    assert all(png.startswith(PNG_MAGIC) for png in found.values()) and all(found)
-    return found
-
-
-def full_site_report(out: Path, n: int = 400, n_boot: int = 50) -> dict:
-    """A site report with every optional input, on a cohort simulated with known age/sex/risk effects."""
-    d = simulate(n=n, seed=31)
-    return write_site_report(
-        out,
-        "hospital-full",
-        d["time"],
-        d["event"],
-        d["risk"],
-        PRIVACY,
-        META,
-        n_boot,
-        age=d["age"],
-        male=d["male"],
-        surv_pred=true_surv(d["lam"]),
-        qc=QC,
-    )
 
 
 def test_site_report_writes_readable_page_and_aggregate_summary(tmp_path: Path) -> None:

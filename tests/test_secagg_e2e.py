@@ -16,8 +16,7 @@ from fahr_core.privacy.audit import verify_audit_log
 from fahr_core.privacy.randomness import TEST_RNG_ENV
 from fahr_research.local import run_local_federation
 from fahr_server.app import global_start
-from tests.conftest import make_sites
-from tests.test_e2e import flower_processes_under, free_port
+from tests.support import flower_processes_under, free_port, make_sites
 
 pytestmark = pytest.mark.e2e
 

@@ -22,7 +22,7 @@ from fahr_core.privacy.audit import verify_audit_log
 from fahr_core.privacy.secagg import Quantiser, SecAggError
 from fahr_core.release import fahr_version
 from fahr_server.secagg import SecureSum
-from tests.conftest import make_sites
+from tests.support import make_sites
 
 SIZES = {11: 30, 22: 20, 33: 10}  # node id -> training examples
 

@@ -25,6 +25,7 @@ def federation_start(spec: ModelConfig) -> tuple[ModelConfig, dict[str, torch.Te
     return global_model.spec, global_model.outgoing(trainable, with_base=True)
 
 
+@pytest.mark.slow
 def test_round_trains_accounts_and_reports(demo_site):
     cfg = load_site_config(demo_site)
     site = SiteRuntime(cfg)

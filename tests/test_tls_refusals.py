@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from fahr_client.cli import app as client_app
 from fahr_core.config import ConfigError, load_server_config
 from fahr_server.cli import app as server_app
-from tests.conftest import free_port
+from tests.support import free_port
 
 runner = CliRunner()
 

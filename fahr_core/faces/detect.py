@@ -391,14 +391,18 @@ def _check_rgb(rgb: np.ndarray) -> np.ndarray:
 INSIGHTFACE_FILES = ("det_10g.onnx",)
 
 
-class _ScrfdDetector:
+class ScrfdDetector:
     """InsightFace's SCRFD-10G from the buffalo_l pack, loaded directly (no FaceAnalysis, no download)."""
 
-    def __init__(self, model_path: Path, input_size: int = 640, min_score: float = 0.5) -> None:
+    def __init__(
+        self, model_path: Path, input_size: int = 640, min_score: float = 0.5, model: Any = None
+    ) -> None:
+        """`model`: an insightface detection model already prepared; None (always, outside tests of
+        this wrapper's conversions): loaded from `model_path` on first use, in the process that uses it."""
         self.model_path = model_path
         self.input_size = input_size
         self.min_score = min_score
-        self._model: Any = None
+        self._model: Any = model
         self._fingerprint: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -450,4 +454,4 @@ def insightface_detector(model_dir: Path, input_size: int = 640, min_score: floa
                 "pip install insightface onnxruntime (it also pulls opencv-python and scikit-image; "
                 "insightface releases before 1.0 build a C extension and need a C++ compiler)"
             )
-    return _ScrfdDetector(model_dir / INSIGHTFACE_FILES[0], input_size, min_score)
+    return ScrfdDetector(model_dir / INSIGHTFACE_FILES[0], input_size, min_score)
