@@ -35,6 +35,7 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # Rebuild every shipped model from the shared faces (docs/models.md): about 1.5-2.5 hours on the
@@ -45,7 +46,7 @@ models: $(STAMP)
 	$(BIN)/fahr models build --data $(MODELS_DATA) --out $(MODELS_OUT) --threads 1
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 clean:
 	rm -rf demo-run .pytest_cache

@@ -1,13 +1,16 @@
-"""Where a federation round's time goes: local compute vs everything else, and bytes per site.
+"""Where a federation round's time goes: the sites' part vs everything else, and bytes per site.
 
 Runs a real local federation (SuperLink + one SuperNode per site on 127.0.0.1, as `fahr demo`
 does) and splits each round, per site, into
-  - start-up: the fresh ClientApp process Flower starts per message (interpreter + imports),
-  - train: DP-SGD itself,
-  - other handler work: cohort check, face cache, model build, weight copies,
-  - outside the ClientApp: the round's wall time minus the slowest site's process time
-    (scheduling, serialisation, transport, aggregation, checkpointing),
-and reports the bytes of weights each site sends. Prints a Markdown table for docs/performance.md.
+  - at the site: from the round's start (the previous round's commit) to the moment the site's
+    audit log recorded its reply (ClientApp start-up, data, DP-SGD, weight copies),
+  - after the slowest site: the round's wall time minus the slowest site's part (scheduling,
+    serialisation, transport, aggregation, checkpointing),
+and reports the bytes of weights each site sends. Sites do not send their timings (how long a site
+took depends on its data: fahr_core.privacy.outbound), so the site part is read from each site's
+own audit log, which this benchmark can open because every site runs on this machine. The split of
+the site's part (start-up, DP training) is in each site's own log. Prints a Markdown table for
+docs/performance.md.
 
     python benchmarks/federation_round.py --arch vit_micro --rounds 3 --sites 3
 """
@@ -25,9 +28,9 @@ from pathlib import Path
 
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
-from fahr_core.config import PrivacyConfig, SiteConfig, TrainConfig, dump_site_config
+from fahr_core.config import PrivacyConfig, SiteConfig, TrainConfig, dump_site_config, load_site_config
 from fahr_core.io import atomic_write_text
-from fahr_server.local import run_local_federation
+from fahr_research.local import run_local_federation
 
 
 def import_seconds(module: str, repeats: int = 3) -> float:
@@ -101,25 +104,26 @@ arch = "{a.arch}"
         f"(torch alone {import_seconds('torch'):.2f} s, flwr.clientapp alone "
         f"{import_seconds('flwr.clientapp'):.2f} s)\n"
     )
-    print(
-        "| round | wall s | site | start-up s | DP train s | other handler s | outside ClientApp s | "
-        "MB sent |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    print("| round | wall s | site | at the site s | after the slowest site s | MB sent |")
+    print("|---|---|---|---|---|---|")
+    replied = {  # (site, round) -> when the site's audit log recorded its train reply
+        (name, r["round"]): r["time"]
+        for name, toml in zip(names, tomls, strict=True)
+        for r in map(json.loads, load_site_config(toml).audit_path.read_text().splitlines())
+        if r["kind"] == "train"
+    }
     previous = started
     for r in rounds:
         wall = r["finished_at"] - previous
+        at_site = {site: replied[site, r["round"]] - previous for site in r["sites"]}
         previous = r["finished_at"]
-        slowest = max(m["startup-seconds"] + m["handler-seconds"] for m in r["sites"].values())
         for site, m in sorted(r["sites"].items()):
             cells = [
                 r["round"],
                 f"{wall:.1f}",
                 site,
-                f"{m['startup-seconds']:.1f}",
-                f"{m['train-seconds']:.1f}",
-                f"{m['handler-seconds'] - m['train-seconds']:.1f}",
-                f"{wall - slowest:.1f}",
+                f"{at_site[site]:.1f}",
+                f"{wall - max(at_site.values()):.1f}",
                 f"{m['bytes-sent'] / 1e6:.2f}",
             ]
             print("| " + " | ".join(map(str, cells)) + " |")

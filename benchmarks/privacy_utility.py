@@ -32,7 +32,7 @@ from fahr_core.config import ModelConfig
 from fahr_core.faces.detect import BlazeFaceDetector
 from fahr_core.faces.pipeline import align_photos
 from fahr_core.io import atomic_write_json
-from fahr_core.train.federated_eval import FederationSetup, federate
+from fahr_research.federated_eval import FederationSetup, federate
 
 DEMO_SITES = ("maastro", "boston", "leiden")  # fahr demo's sites and sizes
 DEMO_SIZES = (150, 120, 90)

@@ -1,7 +1,8 @@
-"""The Flower ClientApp: a thin adapter from Flower messages to `fahr_core.site.SiteRuntime`.
+"""The Flower ClientApp: a thin adapter from Flower messages to `fahr_client.runtime.SiteRuntime`.
 
 Every reply goes through `_reply`: the outbound check (the one gate for what may leave the site)
-and then the site's append-only audit log, before it is handed to Flower.
+and then the site's append-only audit log, before it is handed to Flower. A handler that fails
+tells the server only that it failed (`SiteDeclined`); the reason goes to the site's own log.
 
 The SuperNode passes the site's config file in its node config (`site-config`); nothing about
 the site comes from the server except the global weights, the round and the model settings.
@@ -9,23 +10,28 @@ the site comes from the server except the global weights, the round and the mode
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from collections.abc import Callable, Mapping
-from importlib.metadata import version
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fahr_client import secagg
+from fahr_client.runtime import SiteRuntime
 from fahr_core.age import delivery
 from fahr_core.config import ModelConfig, SiteConfig, load_site_config
+from fahr_core.models.finetune import from_wire, to_wire, trainable_part
 from fahr_core.privacy.audit import append_audit
+from fahr_core.privacy.ledger import spend_on_record
 from fahr_core.privacy.outbound import check_outbound, check_secagg_outbound
-from fahr_core.processes import seconds_since_process_start
-from fahr_core.site import SiteRuntime
+from fahr_core.release import fahr_version
+from fahr_ops.processes import seconds_since_process_start
 
 app = ClientApp()
+log = logging.getLogger("fahr_client")
 
 
 class VersionMismatch(RuntimeError):
@@ -41,12 +47,39 @@ def _runtime(context: Context) -> SiteRuntime:
 
 def round_info(config: Mapping) -> tuple[ModelConfig, int, int]:
     """Model settings, round and planned rounds from the server's config; refuses another fahr version."""
-    ours, theirs = version("fahr"), str(config.get("fahr-version", "unknown"))
+    ours, theirs = fahr_version(), str(config.get("fahr-version", "unknown"))
     if theirs != ours:
         raise VersionMismatch(
             f"the server runs fahr {theirs}, this site runs fahr {ours}; refusing the round"
         )
     return ModelConfig.from_record(config), int(config["server-round"]), int(config["num-rounds"])
+
+
+Handler = Callable[[Message, Context], Message]
+
+
+class SiteDeclined(RuntimeError):
+    """What the server learns when a handler fails: that it failed, not why.
+
+    Flower sends the text of a ClientApp's exception to the server. Reasons can describe the site's
+    data (a budget, a cohort row, the size of a split), so they stay in the site's own log.
+    """
+
+
+def _keep_reasons_local(handler: Handler) -> Handler:
+    """Wrap a ClientApp handler so that only VersionMismatch (public: two version strings) says why."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except VersionMismatch:
+            raise
+        except Exception:
+            log.exception("the %s message was refused or failed", msg.metadata.message_type)
+            raise SiteDeclined("the site declined the message; the reason is in the site's own log") from None
+
+    return wrapped
 
 
 def _reply(
@@ -80,22 +113,26 @@ def _reply(
 
 
 @app.train()
+@_keep_reasons_local
 def train(msg: Message, context: Context) -> Message:
     startup, started = seconds_since_process_start(), time.perf_counter()
     site = _runtime(context)
     spec, server_round, num_rounds = round_info(msg.content["config"])
-    received = msg.content["arrays"].to_torch_state_dict()
-    state, metrics = site.train_round(received, spec, server_round, num_rounds)
+    arrays = msg.content["arrays"].to_torch_state_dict()
+    recorded = spend_on_record(msg.content["config"], site.cfg.name)
+    trained, metrics = site.train_round(arrays, spec, server_round, num_rounds, recorded)
+    # only the trainable tensors go back, as they came (fahr_core.models.finetune)
+    received, state = trainable_part(arrays, spec), to_wire(trained, spec.wire_dtype)
     secure = None
     if msg.content["config"].get("secure-aggregation", False):  # the weights wait here; keys go instead
-        secure = secagg.begin(context, site.cfg, received, state, int(metrics["num-examples"]), server_round)
+        start = from_wire(received, spec.wire_dtype)
+        n = int(metrics["num-examples"])
+        secure = secagg.begin(context, site.cfg, start, trained, n, server_round)
     sent = secure.payload.values() if secure is not None else state.values()
-    metrics = {
-        **metrics,
-        "startup-seconds": startup,  # process age at entry: interpreter, Flower, imports
-        "handler-seconds": time.perf_counter() - started,
-        "bytes-sent": float(sum(v.nbytes for v in sent)),
-    }
+    metrics = {**metrics, "bytes-sent": float(sum(v.nbytes for v in sent))}
+    # timings stay in the site's log: how long a round took depends on the data (fahr_core.privacy.outbound)
+    seconds = time.perf_counter() - started
+    log.info("round %d: process start-up %.1f s, handler %.1f s", server_round, startup, seconds)
     if secure is not None:
         return _reply(msg, site, server_round, metrics, secure=secure)
     return _reply(msg, site, server_round, metrics, state, received)
@@ -114,10 +151,11 @@ def _secagg_stage(stage: Callable[[Message, Context, SiteConfig, int], secagg.Se
 
 
 for _action, _stage in secagg.STAGES.items():
-    app.train(_action)(_secagg_stage(_stage))
+    app.train(_action)(_keep_reasons_local(_secagg_stage(_stage)))
 
 
 @app.evaluate()
+@_keep_reasons_local
 def evaluate(msg: Message, context: Context) -> Message:
     site = _runtime(context)
     spec, server_round, num_rounds = round_info(msg.content["config"])
@@ -125,8 +163,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         "server_round": server_round,
         "num_rounds": num_rounds,
         "run_id": int(msg.metadata.run_id),
-        "fahr_version": version("fahr"),
+        "fahr_version": fahr_version(),
     }
+    site.admit_evaluation(meta["run_id"])
     age_model, age = None, msg.content.array_records.get(delivery.ARRAYS_KEY)  # the federation's, if any
     if age is not None:
         sha256 = str(msg.content["config"][delivery.SHA256_KEY])

@@ -26,6 +26,7 @@ from flwr.app import ConfigRecord, Context, Message
 from fahr_core.config import SiteConfig
 from fahr_core.io import atomic_write_bytes
 from fahr_core.privacy import secagg
+from fahr_core.privacy.randomness import fresh_stream
 from fahr_core.privacy.secagg import Quantiser, SecAggError, SiteSecrets
 
 STATE = "fahr-secagg"
@@ -143,7 +144,7 @@ def mask(msg: Message, context: Context, cfg: SiteConfig, server_round: int) -> 
             f"{st['num-examples']}"
         )
     update = np.load(_update_path(cfg))
-    quantised, clipped = quantiser.quantise(weight * update, np.random.default_rng())
+    quantised, clipped = quantiser.quantise(weight * update, fresh_stream("secagg stochastic rounding"))
     masked = secagg.mask_input(quantised, secrets, me, {u: mask_keys[u] for u in inbox})
     _update_path(cfg).unlink()
     return SecAggReply({"masked": masked}, tuple(sorted(inbox)), update.size, {"secagg-clipped": clipped})

@@ -6,6 +6,8 @@ file fails here with a message that names the file and the key.
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -31,6 +33,15 @@ class ModelConfig:
     age_checkpoint: str = ""
     n_intervals: int = 10  # follow-up intervals of the discrete-time hazard head
     horizon_years: float = 10.0  # follow-up beyond this is censored at it
+    # what the sites train and send (fahr_core.models.finetune): "full", "head", "last:N" (head and the
+    # last N blocks), "lora" (head and LoRA adapters) or "ffa-lora" (head and LoRA's B, A frozen)
+    finetune: str = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "qkv,proj"  # comma-separated Linear layers of each block: qkv, proj, fc1, fc2
+    lora_seed: int = 0  # the adapters' shared A init: model init, identical at every site (not DP noise)
+    wire_dtype: str = "float32"  # trainable tensors travel as float32, float16 or bfloat16
+    base_sha256: str = ""  # the frozen base's hash; the server computes it, a config file never sets it
 
     def to_record(self) -> dict[str, str | int | float]:
         """What the server tells every site each round, so all sites build the same model."""
@@ -39,19 +50,58 @@ class ModelConfig:
             "img-size": self.img_size,
             "n-intervals": self.n_intervals,
             "horizon-years": self.horizon_years,
+            "finetune": self.finetune,
+            "lora-rank": self.lora_rank,
+            "lora-alpha": self.lora_alpha,
+            "lora-targets": self.lora_targets,
+            "lora-seed": self.lora_seed,
+            "wire-dtype": self.wire_dtype,
+            "base-sha256": self.base_sha256,
         }
 
     @classmethod
     def from_record(cls, record: dict) -> ModelConfig:
         try:
-            return cls(
+            spec = cls(
                 arch=str(record["arch"]),
                 img_size=int(record["img-size"]),
                 n_intervals=int(record["n-intervals"]),
                 horizon_years=float(record["horizon-years"]),
+                finetune=str(record["finetune"]),
+                lora_rank=int(record["lora-rank"]),
+                lora_alpha=float(record["lora-alpha"]),
+                lora_targets=str(record["lora-targets"]),
+                lora_seed=int(record["lora-seed"]),
+                wire_dtype=str(record["wire-dtype"]),
+                base_sha256=str(record["base-sha256"]),
             )
         except KeyError as e:
             raise ValueError(f"server message lacks model setting {e}") from None
+        problem = finetune_problem(spec)
+        if problem:
+            raise ValueError(f"server message: {problem}")
+        return spec
+
+
+FINETUNE_MODES = ("full", "head", "lora", "ffa-lora")  # and "last:N"
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def finetune_problem(m: ModelConfig) -> str | None:
+    """Why the fine-tuning settings are invalid (naming the key), or None."""
+    mode = m.finetune
+    last = mode.startswith("last:") and mode[5:].isdigit() and int(mode[5:]) >= 1
+    if mode not in FINETUNE_MODES and not last:
+        return f"[model].finetune must be one of {', '.join(FINETUNE_MODES)}, last:N (N >= 1), not {mode!r}"
+    targets = m.lora_targets.split(",")
+    if mode.endswith("lora") and (not m.lora_targets or any(t not in LORA_TARGETS for t in targets)):
+        return f"[model].lora_targets must be a comma-separated subset of {','.join(LORA_TARGETS)}"
+    if m.lora_rank < 1 or m.lora_alpha <= 0:
+        return "[model].lora_rank must be >= 1 and lora_alpha > 0"
+    if m.wire_dtype not in WIRE_DTYPES:
+        return f"[model].wire_dtype must be one of {', '.join(WIRE_DTYPES)}, not {m.wire_dtype!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -59,17 +109,19 @@ class PrivacyConfig:
     """The site's DP budget for the whole federation (all rounds, all runs) and its clipping norm."""
 
     epsilon: float = 8.0
-    delta: float = 0.0  # 0 = choose 1 / (10 n) from the site's training set, below 1/n as required
+    delta: float = 0.0  # 0 = min(1e-5, 0.001 / n) at the first spend, then fixed (privacy/ledger.py)
     max_grad_norm: float = 1.0
+    # held-out evaluations the site answers per federation run: the site decides, not the server, since
+    # every evaluation releases non-DP aggregates of its held-out patients (docs/privacy.md)
+    evaluations_per_run: int = 1
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     local_epochs: int = 1
-    batch_size: int = 32  # expected Poisson batch size: sample rate = batch_size / n
+    batch_size: int = 32  # Poisson sample rate 1 / ceil(n / batch_size) (privacy/dpsgd.py)
     lr: float = 1e-3
     weight_decay: float = 0.0
-    trainable: str = "all"  # "all", "head" or "last:N": what DP-SGD updates (see SurvivalViT.set_trainable)
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     loss: str = "discrete_hazard"  # sites train under DP, so only per-patient losses are accepted
 
@@ -213,8 +265,66 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+SITE_TABLES = ("site", "privacy", "train", "connection", "alignment")
+# Above this total epsilon, DP's guarantee says little (a factor e^10 ~ 22,000 on any outcome's
+# odds); accepted, with a warning, because the site's own governance sets its budget.
+EPSILON_WARN_ABOVE = 10.0
+_SUPERLINK = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
+
+
+def _finite(value: float, low: float, where: str, what: str, inclusive: bool = False) -> None:
+    ok = math.isfinite(value) and (value >= low if inclusive else value > low)
+    _check(ok, f"{where} must be a finite number {'>=' if inclusive else '>'} {low:g}{what}, not {value!r}")
+
+
+def _check_site_values(cfg: SiteConfig, source: str) -> None:
+    """What each setting means, not only its type: a value that voids DP or cannot train is refused.
+
+    delta's bound, below 1/n of the training split, needs the cohort: `check_site` applies it.
+    """
+    p, t, a = cfg.privacy, cfg.train, cfg.alignment
+    _finite(p.epsilon, 0, f"{source}: [privacy].epsilon", " (the site's total budget)")
+    _check(
+        math.isfinite(p.delta) and 0.0 <= p.delta < 1.0,
+        f"{source}: [privacy].delta must be 0 (automatic) or below 1/n of the training split, "
+        f"not {p.delta!r}",
+    )
+    _finite(p.max_grad_norm, 0, f"{source}: [privacy].max_grad_norm", " (the clipping bound)")
+    _check(p.evaluations_per_run >= 0, f"{source}: [privacy].evaluations_per_run must be >= 0")
+    _finite(t.lr, 0, f"{source}: [train].lr", "")
+    _finite(t.weight_decay, 0, f"{source}: [train].weight_decay", "", inclusive=True)
+    _check(t.threads >= 0, f"{source}: [train].threads must be >= 0 (0 = torch's default), not {t.threads}")
+    _check(a.workers >= 0, f"{source}: [alignment].workers must be >= 0 (0 = one per CPU), not {a.workers}")
+    _check(
+        a.detector != "insightface" or is_set(a.model_dir),
+        f"{source}: [alignment].model_dir must name the folder holding det_10g.onnx when "
+        "detector = 'insightface' (docs/alignment.md)",
+    )
+    m = _SUPERLINK.fullmatch(cfg.connection.superlink)
+    _check(
+        m is not None and 1 <= int(m.group(2)) <= 65535,
+        f"{source}: [connection].superlink must be host:port (e.g. fahr.example.org:8000), "
+        f"not {cfg.connection.superlink!r}",
+    )
+
+
+def site_config_warnings(cfg: SiteConfig) -> list[str]:
+    """Settings that are valid but that a site should know it chose."""
+    if cfg.privacy.epsilon > EPSILON_WARN_ABOVE:
+        return [
+            f"[privacy].epsilon = {cfg.privacy.epsilon:g} is above {EPSILON_WARN_ABOVE:g}: differential "
+            "privacy then guarantees little (docs/site-data.md)"
+        ]
+    return []
+
+
 def site_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> SiteConfig:
     """Validate a parsed site TOML. Relative paths are taken relative to `base` (the file's folder)."""
+    for table in SITE_TABLES:
+        _check(
+            isinstance(raw.get(table, {}), dict),
+            f"{source}: '{table}' must be a table ([{table}] on its own line), not {raw.get(table)!r}",
+        )
     site = dict(raw.get("site", {}))
     _check("name" in site, f"{source}: [site] needs 'name'")
     _check("data" in site, f"{source}: [site] needs 'data' (the folder with cohort.csv)")
@@ -224,6 +334,16 @@ def site_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> SiteC
         _check(isinstance(site[key], str) and site[key], f"{source}: [site].{key} must be a non-empty string")
     extra = sorted(set(site) - {"name", "data", "workdir", *defaults})
     _check(not extra, f"{source}: [site] unknown key(s) {', '.join(extra)}")
+    seed = site.get("split_seed", 0)
+    _check(
+        isinstance(seed, int) and not isinstance(seed, bool),
+        f"{source}: [site].split_seed must be a whole number, not {seed!r}",
+    )
+    fraction = site.get("test_fraction", 0.3)
+    _check(
+        isinstance(fraction, (int, float)) and not isinstance(fraction, bool),
+        f"{source}: [site].test_fraction must be a number in (0, 1), not {fraction!r}",
+    )
     privacy = PrivacyConfig(**_section(PrivacyConfig, raw.get("privacy", {}), f"{source} [privacy]"))
     train = TrainConfig(**_section(TrainConfig, raw.get("train", {}), f"{source} [train]"))
     connection = ConnectionConfig(
@@ -236,7 +356,7 @@ def site_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> SiteC
         alignment.detector in ("blazeface", "insightface"),
         f"{source}: [alignment].detector must be 'blazeface' or 'insightface'",
     )
-    unknown_tables = sorted(set(raw) - {"site", "privacy", "train", "connection", "alignment"})
+    unknown_tables = sorted(set(raw) - set(SITE_TABLES))
     _check(not unknown_tables, f"{source}: unknown table(s) {', '.join(unknown_tables)}")
     cfg = SiteConfig(
         name=site["name"],
@@ -250,12 +370,9 @@ def site_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> SiteC
         alignment=alignment,
     )
     _check(0.0 < cfg.test_fraction < 1.0, f"{source}: [site].test_fraction must be in (0, 1)")
-    _check(cfg.privacy.epsilon > 0, f"{source}: [privacy].epsilon must be > 0")
-    _check(0.0 <= cfg.privacy.delta < 1.0, f"{source}: [privacy].delta must be in [0, 1)")
-    _check(cfg.privacy.max_grad_norm > 0, f"{source}: [privacy].max_grad_norm must be > 0")
     _check(cfg.train.local_epochs >= 1, f"{source}: [train].local_epochs must be >= 1")
     _check(cfg.train.batch_size >= 1, f"{source}: [train].batch_size must be >= 1")
-    _check(cfg.train.lr > 0, f"{source}: [train].lr must be > 0")
+    _check_site_values(cfg, source)
     try:
         require_dp_valid(cfg.train.loss)
     except ValueError as e:
@@ -310,6 +427,9 @@ def server_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> Ser
     _check(cfg.model.arch in ARCHS, f"{source}: [model].arch must be one of {', '.join(ARCHS)}")
     _check(cfg.model.img_size % 16 == 0, f"{source}: [model].img_size must be a multiple of 16")
     _check(cfg.model.n_intervals >= 2, f"{source}: [model].n_intervals must be >= 2")
+    _check(not cfg.model.base_sha256, f"{source}: [model].base_sha256 is computed by the server, not set")
+    problem = finetune_problem(cfg.model)
+    _check(problem is None, f"{source}: {problem}")
     return cfg
 
 
@@ -318,11 +438,24 @@ AGGREGATIONS = ("fedavg", "median", "trimmed_mean", "krum")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    """The parsed file; UTF-8 with or without a byte-order mark (Windows editors add one)."""
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; --config takes the TOML file itself") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"{path}: is UTF-16; save it as UTF-8")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path} line {line}: not UTF-8 text; save the file as UTF-8") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
 

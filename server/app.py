@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -19,9 +18,12 @@ from fahr_core.age.delivery import age_model_payload
 from fahr_core.config import ServerConfig, load_server_config
 from fahr_core.io import atomic_write_json
 from fahr_core.models.checkpoint import load_encoder_weights, load_weights
+from fahr_core.models.finetune import GlobalModel, prepare
 from fahr_core.models.vit import SurvivalViT
+from fahr_core.release import fahr_version
 from fahr_core.report.federation import write_federation_report
 from fahr_core.report.wire import metrics_to_summary
+from fahr_server.events import emit
 from fahr_server.secagg import SecureSum
 from fahr_server.state import FederationState, model_record, resume_point
 from fahr_server.strategy import FahrFedAvg, robust_aggregator
@@ -44,24 +46,47 @@ def initial_model(cfg: ServerConfig, seed: int = 0) -> SurvivalViT:
     return model
 
 
+def global_start(
+    cfg: ServerConfig, checkpoint: dict[str, torch.Tensor] | None = None
+) -> tuple[GlobalModel, dict[str, torch.Tensor]]:
+    """The global model (spec with its base hash, frozen base) and the trainable tensors of round 1,
+    from the initial model or, resuming, from a round's checkpoint (base and trainable, unmerged)."""
+    model = prepare(initial_model(cfg), cfg.model)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint)
+    return GlobalModel.start(model, cfg.model)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = load_server_config(str(context.run_config["config-path"]))
     cfg.workdir.mkdir(parents=True, exist_ok=True)
-    fahr_version = version("fahr")
-    meta = {"fahr_version": fahr_version, "arch": cfg.model.arch, "img_size": str(cfg.model.img_size)}
+    meta = {
+        "fahr_version": fahr_version(),
+        "arch": cfg.model.arch,
+        "img_size": str(cfg.model.img_size),
+        "finetune": cfg.model.finetune,
+    }
     if context.run_config.get("resume"):
         state = resume_point(cfg)
-        weights = load_weights(cfg.workdir / state.checkpoint)
+        weights = load_weights(cfg.workdir / state.checkpoint)  # base and trainable tensors, unmerged
         log.info("resuming after round %d of %d from %s", state.last_round, state.rounds, state.checkpoint)
     else:
-        state = FederationState(0, cfg.rounds, "", "", fahr_version, model_record(cfg))
-        weights = initial_model(cfg).state_dict()
+        state = FederationState(0, cfg.rounds, "", "", fahr_version(), model_record(cfg))
+        weights = None
+    global_model, trainable = global_start(cfg, weights)
+    log.info(
+        "fine-tuning %s: %d trainable tensors travel as %s; frozen base sha256 %s",
+        cfg.model.finetune,
+        len(trainable),
+        cfg.model.wire_dtype,
+        global_model.spec.base_sha256,
+    )
     round_config = ConfigRecord(
         {
-            **cfg.model.to_record(),
+            **global_model.spec.to_record(),
             "num-rounds": cfg.rounds,
-            "fahr-version": fahr_version,
+            "fahr-version": fahr_version(),
             "secure-aggregation": cfg.secure_aggregation,
         }
     )
@@ -81,18 +106,23 @@ def main(grid: Grid, context: Context) -> None:
         secure_sum=secure_sum,
         age_model=age_model_payload(Path(cfg.model.age_checkpoint)) if cfg.model.age_checkpoint else None,
         aggregator=robust_aggregator(cfg.aggregation, cfg.trim_fraction, cfg.krum_malicious),
+        model=global_model,
     )
     if cfg.model.age_checkpoint:
         log.info("age model for the sites' FAD analysis: %s", cfg.model.age_checkpoint)
     started = time.time()
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(weights),
-        num_rounds=cfg.rounds - state.last_round,
-        timeout=cfg.round_timeout_s,
-        train_config=round_config,
-        evaluate_config=round_config,
-    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(trainable),
+            num_rounds=cfg.rounds - state.last_round,
+            timeout=cfg.round_timeout_s,
+            train_config=round_config,
+            evaluate_config=round_config,
+        )
+    except Exception as e:  # the operator's console shows why; Flower's log (run.log) has the trace
+        emit(cfg.workdir, "run_failed", reason=str(e) or type(e).__name__)
+        raise
     summaries = [metrics_to_summary(e["site"], e) for e in strategy.site_evaluations]
     report = write_federation_report(
         cfg.workdir / "report",
@@ -114,3 +144,4 @@ def main(grid: Grid, context: Context) -> None:
         },
     )
     log.info("federation report: %s", cfg.workdir / "report" / "report.html")
+    emit(cfg.workdir, "report_written", path=str(cfg.workdir / "report" / "report.html"))

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -14,24 +15,31 @@ from typing import Annotated
 import typer
 
 from fahr_core.config import ConfigError, ServerConfig, load_server_config
-from fahr_core.processes import is_loopback, port_free
-from fahr_server.cli_app import new_app
-from fahr_server.flower import (
+from fahr_core.io import atomic_write_text
+from fahr_core.workdir import ServerWorkdir
+from fahr_ops.cli import new_app
+from fahr_ops.flower import (
     console_script,
     flower_env,
+    local_address,
     register_sites,
     start_superlink,
     write_app,
     write_cli_connection,
 )
-from fahr_server.state import ResumeError, earlier_run_records, resume_point, trim_rounds_log
+from fahr_ops.processes import is_loopback, port_free, tail
+from fahr_server.events import describe, end_of_log, follow
+from fahr_server.state import (
+    ResumeError,
+    earlier_run_records,
+    read_state,
+    resume_point,
+    set_aside_uncommitted,
+    trim_rounds_log,
+)
+from fahr_server.status import federation_status
 
 app = new_app("The fahr federation server.")
-
-
-@app.callback()
-def _main() -> None:
-    """The fahr federation server."""
 
 
 def run_federation(
@@ -68,12 +76,13 @@ def run_federation(
         return 2
     env = flower_env(work / "flwr-home")
     app_dir = write_app(work / "app", config_path, resume)
-    write_cli_connection(work / "flwr-home", f"{cfg.address}:{cfg.port}", security)
+    write_cli_connection(work / "flwr-home", local_address(cfg.address, cfg.port, security), security)
     mode = "plain HTTP (--insecure)" if security is None else "TLS + SuperNode authentication"
     log_path = work / "superlink.log"
     echo(f"starting SuperLink on {cfg.address}:{cfg.port}, {mode} (logs: {log_path})")
     link = start_superlink(cfg.address, cfg.port, work / "superlink.db", log_path, env, security)
     runner = None
+    console = _Console(work, echo)
 
     def _stop(signum, _frame):  # Ctrl-C or SIGTERM: take everything we started down with us
         raise KeyboardInterrupt
@@ -81,15 +90,17 @@ def run_federation(
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         if security is not None:
-            register_sites(security.site_keys, env, log_path)
+            register_sites(security.site_keys, env, work, log_path, echo)
             echo(f"registered {len(security.site_keys)} site key(s); unregistered sites are refused")
+        atomic_write_text(ServerWorkdir(work).ready, f"{cfg.address}:{cfg.port}\n")
         if on_ready is not None:
             on_ready()
         echo(
             f"submitting run: rounds {first} to {cfg.rounds}, at least {cfg.min_sites} sites, "
             f"model {cfg.model.arch}"
         )
-        with (work / "run.log").open("ab") as log:
+        console.start()
+        with (work / "run.log").open("ab") as log:  # Flower's own log: the file, not the console
             runner = subprocess.Popen(
                 [console_script("flwr"), "run", str(app_dir), "fahr", "--stream"],
                 stdout=subprocess.PIPE,
@@ -101,14 +112,15 @@ def run_federation(
             for line in runner.stdout:
                 log.write(line)
                 log.flush()
-                echo(line.decode(errors="replace").rstrip())
             code = runner.wait()
+        console.stop()
         summary = work / "run.json"
         if not summary.exists():
             echo(
                 f"error: the run ended without finishing (flwr exit code {code}); see {work / 'run.log'} "
                 f"and {work / 'superlink.log'}"
             )
+            echo(f"--- last lines of {work / 'run.log'}\n{tail(work / 'run.log')}")
             return code or 1
         done = json.loads(summary.read_text())
         echo(
@@ -122,15 +134,41 @@ def run_federation(
         echo("interrupted: stopping the federation")
         return 130
     finally:
+        ServerWorkdir(work).ready.unlink(missing_ok=True)
         signal.signal(signal.SIGTERM, previous)
+        console.stop()
         if runner is not None and runner.poll() is None:
             runner.terminate()
         link.stop()
 
 
+class _Console:
+    """Prints the run's events (fahr_server.events) as the ServerApp writes them, from a thread."""
+
+    def __init__(self, workdir: Path, echo: Callable[[str], object]):
+        self._done = threading.Event()
+        offset = end_of_log(workdir)  # an earlier run's events (a resumed workdir) were shown then
+        self._thread = threading.Thread(
+            target=lambda: [echo(describe(e)) for e in follow(workdir, offset, self._done.is_set)],
+            daemon=True,
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Print what is left and stop following (idempotent)."""
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+
 def _first_round(cfg: ServerConfig, resume: bool, echo: Callable[[str], object]) -> int | None:
     """The round this run starts at, or None (after saying why) when it must not start."""
     if not resume:
+        aside = set_aside_uncommitted(cfg.workdir)
+        if aside is not None:
+            echo(f"the earlier run in {cfg.workdir} completed no round; its logs are kept in {aside}")
         found = earlier_run_records(cfg.workdir)
         if found:
             echo(
@@ -149,20 +187,33 @@ def _first_round(cfg: ServerConfig, resume: bool, echo: Callable[[str], object])
     return state.last_round + 1
 
 
+def _load(config: Path) -> ServerConfig:
+    try:
+        return load_server_config(config)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def run(
-    config: Annotated[Path, typer.Option("--config", "-c", help="server TOML ([federation], [model])")],
+    config: Annotated[Path, typer.Option("--config", "-c", help=r"server TOML (\[federation], \[model])")],
     insecure: Annotated[bool, typer.Option(help="plain HTTP; for loopback tests only")] = False,
     resume: Annotated[
         bool, typer.Option(help="continue after the last completed round recorded in the workdir")
     ] = False,
+    auto_resume: Annotated[
+        bool,
+        typer.Option(help="continue an interrupted run if the workdir holds one, else start one (systemd)"),
+    ] = False,
 ) -> None:
     """Run a federation to its end and write the global report."""
-    try:
-        cfg = load_server_config(config)
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    cfg = _load(config)
+    if auto_resume:
+        try:
+            resume = resume or read_state(cfg.workdir) is not None
+        except ResumeError:
+            resume = True  # resuming says what is wrong with the state file
     if insecure:
         if not is_loopback(cfg.address):
             typer.echo(
@@ -175,6 +226,15 @@ def run(
             err=True,
         )
     raise typer.Exit(run_federation(cfg, config.resolve(), insecure, echo=typer.echo, resume=resume))
+
+
+@app.command()
+def status(
+    config: Annotated[Path, typer.Option("--config", "-c", help=r"server TOML (its \[federation].workdir)")],
+) -> None:
+    """Where a running or finished federation stands: rounds, sites, updates, rejections, privacy."""
+    for line in federation_status(_load(config)):
+        typer.echo(line)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,10 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fahr_core.age import delivery
 from fahr_core.models.checkpoint import save_weights
-from fahr_core.updates import screen_updates
+from fahr_core.models.finetune import GlobalModel, from_wire
+from fahr_core.privacy.ledger import SPEND_ON_RECORD_KEY, encode_spend_on_record
+from fahr_server.events import emit, emit_round
+from fahr_server.screening import screen_updates
 from fahr_server.secagg import SecureSum
 from fahr_server.state import REJECTIONS_LOG, ROUNDS_LOG, FederationState, file_sha256, write_state
 
@@ -35,15 +39,41 @@ def site_of(msg: Message) -> str:
     return str(site["name"]) if site is not None and "name" in site else f"node-{msg.metadata.src_node_id}"
 
 
-def aggregate_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted means, as FedAvg does, except the privacy spend.
+# Each site's own privacy parameters: a mean of them describes no site (rounds.jsonl keeps them per site).
+PER_SITE_METRICS = ("epsilon", "epsilon-budget", "delta", "noise-multiplier", "sample-rate")
 
-    A mean epsilon describes no site; the federation reports the largest site epsilon instead.
+
+def ambiguous_replies(replies: list[Message]) -> dict[int, tuple[str, str]]:
+    """node -> (site as the logs name it, reason) for replies that cannot be told apart: every reply
+    of a node that answered twice, and of nodes declaring a site name another node also declared.
+
+    A site's name is what its reply says; the node id is what the SuperLink authenticated. Neither
+    a second reply nor a borrowed name may stand in for another site's.
+    """
+    per_node = Counter(m.metadata.src_node_id for m in replies)
+    per_name = Counter(site_of(m) for m in replies)
+    found: dict[int, tuple[str, str]] = {}
+    for m in replies:
+        node, name = m.metadata.src_node_id, site_of(m)
+        if per_node[node] > 1:
+            names = ", ".join(sorted({site_of(r) for r in replies if r.metadata.src_node_id == node}))
+            found[node] = (f"node {node}", f"{per_node[node]} replies from one node (as {names})")
+        elif per_name[name] > 1:
+            found[node] = (f"{name} (node {node})", f"{per_name[name]} nodes declared site {name!r}")
+    return found
+
+
+def aggregate_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted means, as FedAvg does, except each site's privacy parameters.
+
+    The federation reports the largest site epsilon instead of a mean of budgets or noise levels.
     """
     agg = aggregate_metricrecords(contents, weight_key)
+    for key in PER_SITE_METRICS:
+        if key in agg:
+            del agg[key]
     spent = [float(c["metrics"]["epsilon"]) for c in contents if "epsilon" in c["metrics"]]
     if spent:
-        del agg["epsilon"]
         agg["epsilon-max"] = max(spent)
     return agg
 
@@ -75,7 +105,7 @@ class FahrFedAvg(FedAvg):
 
     `state` is the last committed round's state (`last_round` 0 for a fresh run). Flower's loop counts
     its rounds from 1, so a resumed run's loop round r is federation round `last_round + r`: every
-    hook maps it, and sites see the true round (their DP noise seed and budget schedule depend on it).
+    hook maps it, and sites see the true round (their budget schedule depends on it).
     """
 
     def __init__(
@@ -90,6 +120,7 @@ class FahrFedAvg(FedAvg):
         secure_sum: SecureSum | None = None,
         age_model: tuple[np.ndarray, str] | None = None,
         aggregator: FedAvg | None = None,
+        model: GlobalModel | None = None,
     ):
         super().__init__(
             fraction_train=fraction_train,
@@ -114,6 +145,12 @@ class FahrFedAvg(FedAvg):
         # site's face-age deviation analysis (fahr_core.age.delivery); None: no FAD analysis
         self.age_model = age_model
         self.aggregator = aggregator  # a robust rule from robust_aggregator(); None: FedAvg itself
+        self._seen: set[str] = set()  # sites that sent an update in this run (the console's "joined")
+        self._round_started = time.monotonic()
+        # the spec and frozen base: only the trainable tensors travel (fahr_core.models.finetune);
+        # None: the strategy's arrays are the whole model and travel as they are
+        self.model = model
+        self._base_sent = False
 
     def _await_sites(self, grid: Grid) -> None:
         """Fail the run with a clear message instead of waiting forever for missing sites."""
@@ -130,24 +167,62 @@ class FahrFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._await_sites(grid)
+        self._round_started = time.monotonic()
+        connected = len(list(grid.get_node_ids()))
+        emit(
+            self.workdir,
+            "round_started",
+            round=server_round + self.offset,
+            rounds=self.num_rounds,
+            connected=connected,
+        )
         self._global = arrays.to_torch_state_dict()
-        self._sent = list(super().configure_train(server_round + self.offset, arrays, config, grid))
+        # each site refuses to train if its ledger shows less than this (a reset or lost ledger)
+        config[SPEND_ON_RECORD_KEY] = encode_spend_on_record(self.state.site_rounds, self.state.site_epsilon)
+        outgoing = self._outgoing(arrays)
+        self._sent = list(super().configure_train(server_round + self.offset, outgoing, config, grid))
         return self._sent
 
+    def _outgoing(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The trainable tensors in the wire dtype, with the frozen base in this process's first round
+        and, when only a fraction of the sites trains, in every round (a site may be new to it)."""
+        if self.model is None:
+            return arrays
+        with_base = not self._base_sent or self.fraction_train < 1
+        self._base_sent = True
+        return ArrayRecord(self.model.outgoing(arrays.to_torch_state_dict(), with_base))
+
+    def _decoded(self, reply: Message) -> Message:
+        """A site's reply with its trainable tensors back in float32, as the global model holds them."""
+        if self.model is None or reply.has_error() or "arrays" not in reply.content.array_records:
+            return reply
+        state = from_wire(reply.content["arrays"].to_torch_state_dict(), self.model.spec.wire_dtype)
+        reply.content["arrays"] = ArrayRecord(state)
+        return reply
+
     def _screen(self, server_round: int, replies: list[Message]) -> tuple[list[Message], dict[str, str]]:
-        """Drop replies whose weights are malformed or outliers; log each rejection with its reason."""
+        """Drop replies whose weights are malformed or outliers; log each rejection with its reason.
+
+        Replies are told apart by the node that sent them (`src_node_id`, which the SuperLink sets from
+        the SuperNode's authenticated session), never by the site name a reply declares: a node that
+        answers twice, or two nodes declaring one site name, are all rejected before the weights are
+        looked at, so no reply can hide another's rejection behind a shared name.
+        """
         ok = [m for m in replies if not m.has_error()]
-        updates = {site_of(m): m.content["arrays"].to_torch_state_dict() for m in ok}
-        rejected = screen_updates(updates, self._global or {})
-        for site, reason in rejected.items():
+        rejected = ambiguous_replies(ok)
+        unique = {site_of(m): m for m in ok if m.metadata.src_node_id not in rejected}
+        updates = {name: m.content["arrays"].to_torch_state_dict() for name, m in unique.items()}
+        for name, reason in screen_updates(updates, self._global or {}).items():
+            rejected[unique[name].metadata.src_node_id] = (name, reason)
+        for site, reason in rejected.values():
             log.warning("round %d: update from site %s rejected: %s", server_round, site, reason)
             with (self.workdir / REJECTIONS_LOG).open("a") as f:
                 f.write(
                     json.dumps({"round": server_round, "site": site, "reason": reason, "at": time.time()})
                     + "\n"
                 )
-        kept = [m for m in replies if m.has_error() or site_of(m) not in rejected]
-        return kept, rejected
+        kept = [m for m in replies if m.has_error() or m.metadata.src_node_id not in rejected]
+        return kept, dict(rejected.values())
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -155,6 +230,7 @@ class FahrFedAvg(FedAvg):
         server_round += self.offset
         if server_round != self.num_rounds:
             return []
+        arrays = self._outgoing(arrays)
         if self.age_model is None:
             return super().configure_evaluate(server_round, arrays, config, grid)
         payload, sha256 = self.age_model
@@ -183,6 +259,7 @@ class FahrFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         server_round += self.offset
+        replies = [self._decoded(m) for m in replies]
         if self.secure_sum is None:
             replies, rejected = self._screen(server_round, list(replies))
             combine = self.aggregator.aggregate_train if self.aggregator else super().aggregate_train
@@ -204,6 +281,7 @@ class FahrFedAvg(FedAvg):
             record["secure_aggregation"] = self.secure_sum.last
         with (self.workdir / ROUNDS_LOG).open("a") as f:
             f.write(json.dumps(record) + "\n")
+        emit_round(self.workdir, record, self._seen)
         if len(record["sites"]) < self.min_train_nodes:
             raise TooFewSites(
                 f"round {server_round}: only {len(record['sites'])} of the {self.min_train_nodes} required "
@@ -213,9 +291,20 @@ class FahrFedAvg(FedAvg):
         state = arrays.to_torch_state_dict()
         meta = {**self.metadata, "round": str(server_round)}
         checkpoint = self.workdir / "checkpoints" / f"global_round_{server_round:03d}.safetensors"
-        save_weights(checkpoint, state, meta)
-        save_weights(self.workdir / "global_model.safetensors", state, meta)
+        save_weights(checkpoint, state if self.model is None else self.model.full(state), meta)
+        plain = state if self.model is None else self.model.plain(state)
+        save_weights(self.workdir / "global_model.safetensors", plain, meta)
         self._commit(server_round, checkpoint, record)
+        took = round(time.monotonic() - self._round_started, 1)
+        emit(self.workdir, "checkpoint_written", round=server_round, path=str(checkpoint))
+        emit(
+            self.workdir,
+            "round_done",
+            round=server_round,
+            rounds=self.num_rounds,
+            seconds=took,
+            sites=len(record["sites"]),
+        )
         log.info("round %d: global weights saved (%d sites)", server_round, len(record["sites"]))
         return arrays, metrics
 
@@ -231,6 +320,10 @@ class FahrFedAvg(FedAvg):
             checkpoint=str(checkpoint.relative_to(self.workdir)),
             checkpoint_sha256=file_sha256(checkpoint),
             site_epsilon={**self.state.site_epsilon, **spent},  # each site's ledger total, not a sum
+            site_rounds={
+                site: self.state.site_rounds.get(site, 0) + (site in spent)
+                for site in {*self.state.site_rounds, *spent}
+            },
             rejections=rejections,
         )
         write_state(self.workdir, self.state)
@@ -240,8 +333,14 @@ class FahrFedAvg(FedAvg):
 
         Flower's mean of the sites' metrics needs every site to send the same keys; a site sends only
         the metrics its held-out patients define (no events: no C-index), and that must not end the run.
+        Replies that cannot be told apart (`ambiguous_replies`) are dropped, as in training.
         """
-        for m in replies:
-            if not m.has_error():
+        ok = [m for m in replies if not m.has_error()]
+        ambiguous = ambiguous_replies(ok)
+        for site, reason in ambiguous.values():
+            log.warning("evaluation from site %s dropped: %s", site, reason)
+        for m in ok:
+            if m.metadata.src_node_id not in ambiguous:
                 self.site_evaluations.append({"site": site_of(m), **dict(m.content["metrics"])})
+                emit(self.workdir, "evaluation_received", site=site_of(m))
         return None

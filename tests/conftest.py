@@ -7,7 +7,9 @@ import signal
 import socket
 from pathlib import Path
 
+import click
 import pytest
+import typer
 
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
@@ -22,6 +24,13 @@ from fahr_core.config import (
 
 # ../shared/data beside the checkout; FAHR_SHARED_DATA points elsewhere (e.g. from a git worktree)
 SHARED = Path(os.environ.get("FAHR_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+@pytest.fixture(autouse=True)
+def _operator_config_home(tmp_path_factory, monkeypatch):
+    """Keys a server keeps in its operator's config folder (fahr_server.state.state_key_path) go to a
+    fresh test folder, never the user's; processes the test starts inherit it."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config-home")))
 
 
 @pytest.fixture(scope="session")
@@ -114,3 +123,24 @@ def live_groups(groups: set[int]) -> list[str]:
 def demo_site(tmp_path: Path) -> Path:
     """One small simulated site built from the bundled demo faces; returns its site.toml."""
     return make_sites(tmp_path, demo_faces_dir(), (60,))[0]
+
+
+def cli_commands() -> list[tuple[str, tuple[str, ...], click.Command]]:
+    """(program, argv prefix, command) for every command of the three CLIs, groups included."""
+    from fahr_client.cli import app as client_app
+    from fahr_research.cli import app as tools_app
+    from fahr_server.cli import app as server_app
+
+    def below(cmd: click.Command, path: tuple[str, ...]) -> list[tuple[tuple[str, ...], click.Command]]:
+        found = [(path, cmd)]
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                found += below(sub, (*path, name))
+        return found
+
+    apps = {"fahr": tools_app, "fahr-server": server_app, "fahr-client": client_app}
+    return [
+        (prog, path, cmd)
+        for prog, app in apps.items()
+        for path, cmd in below(typer.main.get_command(app), ())
+    ]

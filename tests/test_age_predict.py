@@ -15,7 +15,7 @@ from fahr_core.age.predict import predict_ages
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.faces.images import load_faces
 from fahr_core.faces.pipeline import AlignmentTable
-from fahr_server.tools import app as fahr_app
+from fahr_research.cli import app as fahr_app
 
 
 def test_predict_folder_with_a_corrupt_file_and_a_non_face(tmp_path) -> None:

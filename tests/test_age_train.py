@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from fahr_core.age.model import AgeViT, load_age_model
 from fahr_core.age.train import AgeTrainConfig, llrd_param_groups
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
-from fahr_server.tools import DEMO_ENCODER
-from fahr_server.tools import app as fahr_app
+from fahr_research.cli import DEMO_ENCODER
+from fahr_research.cli import app as fahr_app
 
 runner = CliRunner()
 

@@ -9,7 +9,8 @@ import torch
 
 from fahr_client.app import VersionMismatch, round_info
 from fahr_core.config import ModelConfig
-from fahr_core.privacy.audit import append_audit, verify_audit_log
+from fahr_core.privacy.audit import AuditLogTampered, append_audit, head_path, verify_audit_log
+from fahr_core.release import fahr_version
 
 
 def test_audit_log_records_every_tensor_and_detects_tampering(tmp_path):
@@ -34,11 +35,60 @@ def test_audit_log_records_every_tensor_and_detects_tampering(tmp_path):
         verify_audit_log(path)
 
 
-def test_client_refuses_a_server_running_another_fahr_version():
-    from importlib.metadata import version
+def _three_records(path):
+    for rnd in (1, 2, 3):
+        append_audit(path, "train", rnd, 7, {"w": torch.full((2,), float(rnd))}, {"num-examples": 10})
+    assert verify_audit_log(path) == 3
+    return path.read_bytes().splitlines(keepends=True)
 
+
+def test_editing_the_last_line_is_detected_and_stops_further_sends(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    lines = _three_records(path)
+    path.write_bytes(b"".join(lines[:2]) + lines[2].replace(b'"num-examples": 10', b'"num-examples": 11'))
+    with pytest.raises(AuditLogTampered, match="last record differs from the head"):
+        verify_audit_log(path)
+    with pytest.raises(AuditLogTampered):  # nothing more is appended to a tampered log
+        append_audit(path, "train", 4, 7, {}, {"num-examples": 10})
+    assert len(path.read_bytes().splitlines()) == 3
+
+
+@pytest.mark.parametrize("keep", [2, 0])
+def test_deleting_lines_from_the_end_is_detected(tmp_path, keep):
+    path = tmp_path / "audit.jsonl"
+    lines = _three_records(path)
+    path.write_bytes(b"".join(lines[:keep]))
+    with pytest.raises(AuditLogTampered, match=f"{3 - keep} record\\(s\\) removed from its end"):
+        verify_audit_log(path)
+
+
+def test_deleting_the_head_or_the_log_is_detected(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    _three_records(path)
+    head = head_path(path).read_bytes()
+    head_path(path).unlink()
+    with pytest.raises(AuditLogTampered, match="head"):
+        verify_audit_log(path)
+    head_path(path).write_bytes(head)
+    path.unlink()
+    with pytest.raises(AuditLogTampered, match="3 record"):
+        verify_audit_log(path)
+
+
+def test_a_crash_between_the_append_and_the_head_is_recovered(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    _three_records(path)
+    head = head_path(path).read_bytes()
+    append_audit(path, "evaluate", 3, 7, {}, {"epsilon": 1.0})
+    head_path(path).write_bytes(head)  # as if the site died before replacing the head
+    assert verify_audit_log(path) == 4
+    append_audit(path, "train", 1, 8, {}, {"epsilon": 1.0})
+    assert verify_audit_log(path) == 5
+
+
+def test_client_refuses_a_server_running_another_fahr_version():
     config = {**ModelConfig(arch="vit_micro").to_record(), "server-round": 1, "num-rounds": 2}
-    spec, rnd, total = round_info({**config, "fahr-version": version("fahr")})
+    spec, rnd, total = round_info({**config, "fahr-version": fahr_version()})
     assert spec.arch == "vit_micro" and (rnd, total) == (1, 2)
     with pytest.raises(VersionMismatch, match="server runs fahr 0.0.1"):
         round_info({**config, "fahr-version": "0.0.1"})

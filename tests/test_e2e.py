@@ -12,10 +12,10 @@ from fahr_core.config import load_server_config, load_site_config
 from fahr_core.io import atomic_write_text
 from fahr_core.models.checkpoint import load_weights
 from fahr_core.privacy.audit import verify_audit_log
+from fahr_ops.flower import flower_env, start_supernode
+from fahr_research.local import local_credentials, run_local_federation
 from fahr_server.app import initial_model
 from fahr_server.cli import run_federation
-from fahr_server.flower import flower_env, start_supernode
-from fahr_server.local import local_credentials, run_local_federation
 from tests.conftest import flower_processes_under, free_port, make_sites
 
 pytestmark = pytest.mark.e2e
@@ -68,6 +68,21 @@ arch = "vit_micro"
         assert summary["site"] == site.name and summary["n"] > 0
         assert "data:image/png;base64," in (site.report_dir / "report.html").read_text()
         assert verify_audit_log(site.audit_path) == 3  # two train replies and the final evaluation
+        # the operator's console: this site's update in round 2, with the epsilon its ledger holds
+        spent, budget = ledger["epsilon"], site.privacy.epsilon
+        left = f"epsilon {spent:.3f} spent, {budget - spent:.3f} left of {budget:g}"
+        update = f"round 2: update from {site.name}: {left}"
+        assert any(line.endswith(update) for line in lines), "\n".join(lines)
+    console = "\n".join(lines)
+    events = (
+        "round 1/2 started: 2 site(s) connected",
+        "round 2: checkpoint",
+        "round 2/2 done in",
+        "report written:",
+    )
+    for event in events:
+        assert event in console, console
+    assert "INFO" not in console  # Flower's log went to run.log
 
     fed = json.loads((work / "report" / "summary.json").read_text())
     assert {s["site"] for s in fed["sites"]} == {"site1", "site2"}

@@ -20,16 +20,17 @@ import torch
 from lifelines import CoxPHFitter
 from scipy import stats
 
+from fahr_client.runtime import SiteRuntime
 from fahr_core.age.delivery import age_model_payload, receive_age_model
 from fahr_core.age.model import AgeViT, load_age_model, save_age_model
-from fahr_core.cohort import demo_faces_dir, load_labelled_faces
+from fahr_core.cohort import demo_faces_dir, load_cohort, load_labelled_faces, split_patients
 from fahr_core.cohort.simulate import SimulationParams, sample_outcomes
 from fahr_core.config import ConfigError, ModelConfig, load_server_config, load_site_config
+from fahr_core.models.finetune import GlobalModel, prepare
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.outbound import check_outbound
 from fahr_core.report.site import write_site_report
 from fahr_core.report.wire import metrics_to_summary, summary_to_metrics
-from fahr_core.site import SiteRuntime
 from fahr_core.survival.fad import REDUNDANCY_ALARM, fad_statistics
 
 
@@ -210,9 +211,12 @@ def test_site_evaluation_reports_fad_and_saliency_with_the_received_model(demo_s
     torch.nn.init.normal_(survival.head.risk.weight, std=1.0)  # a risk score that varies
     payload, sha256 = age_model_payload(_age_model(tmp_path / "age.safetensors"))
     age_model = site.receive_age_model(payload, sha256)
-    metrics, summary = site.evaluate(survival.state_dict(), spec, {}, age_model)
+    global_model, trainable = GlobalModel.start(prepare(survival, spec), spec)
+    sent = global_model.outgoing(trainable, with_base=True)
+    metrics, summary = site.evaluate(sent, global_model.spec, {}, age_model)
     assert summary["fad"]["age_model"]["sha256"] == sha256 == _kept_sha256(site)
-    assert summary["fad"]["n"] == summary["n"] == 18
+    held_out = split_patients(load_cohort(site.cfg.data), site.cfg.test_fraction, site.cfg.split_seed)[1]
+    assert summary["fad"]["n"] == summary["n"] == len(held_out)  # every demo photo aligns
     assert summary["saliency"]["models"] == ["Survival risk score", "Predicted age"]
     assert -1 <= summary["saliency"]["similarity"] < 1
     assert {"fad-mean", "fad-risk-r", "saliency-similarity"} <= set(metrics)

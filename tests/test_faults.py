@@ -11,7 +11,6 @@ import json
 import os
 import threading
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -22,22 +21,25 @@ from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from fahr_client.runtime import SiteRuntime
 from fahr_core.cohort import demo_faces_dir
 from fahr_core.config import load_server_config, load_site_config
 from fahr_core.io import atomic_write_text
 from fahr_core.models.checkpoint import load_weights, save_weights
 from fahr_core.privacy.ledger import PrivacyLedger
-from fahr_core.processes import Managed
-from fahr_core.site import SiteRuntime
-from fahr_server.app import initial_model
+from fahr_core.privacy.randomness import TEST_RNG_ENV
+from fahr_core.release import fahr_version
+from fahr_ops.flower import console_script
+from fahr_ops.processes import Managed
+from fahr_research.local import local_credentials, run_local_federation, site_runtime_port, start_site
+from fahr_server.app import global_start
 from fahr_server.cli import run_federation
-from fahr_server.flower import console_script
-from fahr_server.local import local_credentials, run_local_federation, site_runtime_port, start_site
 from fahr_server.state import (
     FederationState,
     file_sha256,
     model_record,
     read_state,
+    state_key_path,
     trim_rounds_log,
     write_state,
 )
@@ -64,17 +66,17 @@ FAULTS = json.loads(os.environ.get("FAHR_TEST_FAULTS", "{}"))
 
 def compromise(client_app):
     import torch
-    from fahr_core import site as core_site
+    from fahr_client import runtime as core_site
 
     original_train = core_site.SiteRuntime.train_round
 
-    def train_round(self, state, spec, server_round, num_rounds):
+    def train_round(self, state, spec, server_round, num_rounds, *server_record):
         fault = FAULTS.get(self.cfg.name, {}).get(str(server_round), "")
         if fault.startswith("fail-unless:") and not os.path.exists(fault.split(":", 1)[1]):
             raise RuntimeError(f"test fault: site {self.cfg.name} refuses round {server_round}")
         while fault.startswith("wait-for:") and not os.path.exists(fault.split(":", 1)[1]):
             time.sleep(0.2)
-        new, metrics = original_train(self, state, spec, server_round, num_rounds)
+        new, metrics = original_train(self, state, spec, server_round, num_rounds, *server_record)
         if fault == "nan":
             name = next(k for k, v in new.items() if v.dtype.is_floating_point)
             new[name] = torch.full_like(new[name], float("nan"))
@@ -214,6 +216,32 @@ def test_too_few_usable_updates_fail_the_round_naming_the_sites(tmp_path):
     assert "non-finite" in (tmp_path / "rejections.jsonl").read_text()
 
 
+def test_screening_is_keyed_by_the_sending_node_not_the_declared_name(tmp_path):
+    """A NaN update declared as site a, with another node also declaring a: both are rejected,
+    whatever order they come in, and the global model is the mean of the others."""
+    nan, ones = {"w": torch.full((4,), float("nan"))}, {"w": torch.ones(4)}
+    strategy = _strategy(tmp_path)
+    with pytest.raises(TooFewSites, match="only 1 of the 2 required"):  # [a: NaN, a: ones, b: ones]
+        strategy.aggregate_train(1, [_reply(1, "a", nan), _reply(2, "a", ones), _reply(3, "b", ones)])
+    assert read_state(tmp_path) is None  # nothing committed, NaN or otherwise
+    rejected = rounds_log(tmp_path)[0]["rejected"]
+    assert rejected == {
+        "a (node 1)": "2 nodes declared site 'a'",
+        "a (node 2)": "2 nodes declared site 'a'",
+    }
+    three = {"w": torch.full((4,), 3.0)}
+    replies = [_reply(2, "a", ones), _reply(1, "a", nan), _reply(3, "b", ones), _reply(4, "c", three)]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.full((4,), 2.0))
+    twice = [_reply(3, "b", ones), _reply(3, "d", three), _reply(1, "a", ones), _reply(4, "c", ones)]
+    arrays, _ = strategy.aggregate_train(3, twice)
+    assert rounds_log(tmp_path)[-1]["rejected"] == {"node 3": "2 replies from one node (as b, d)"}
+    torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.ones(4))
+    evaluations = [_reply(1, "a", ones), _reply(2, "a", ones), _reply(3, "b", ones), _reply(4, "c", ones)]
+    strategy.aggregate_evaluate(3, [*evaluations, _reply(4, "d", ones)])  # evaluations likewise
+    assert [e["site"] for e in strategy.site_evaluations] == ["b"]
+
+
 @pytest.mark.parametrize(
     ("rule", "expected"),
     [("fedavg", 3.7), ("median", 3.0), ("trimmed_mean", (2 + 3 + 3.5) / 3), ("krum", 3.0)],
@@ -229,12 +257,21 @@ def test_robust_aggregation_limits_a_poisoned_update_that_passes_screening(tmp_p
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.full((4,), expected))
 
 
-def _finished_round(work: Path, toml: Path, fahr_version: str = version("fahr")) -> None:
+def _finished_round(work: Path, toml: Path, fahr_version: str = fahr_version()) -> None:
     cfg = load_server_config(toml)
     save_weights(work / "checkpoints" / "global_round_001.safetensors", {"w": torch.zeros(2)})
     ckpt = "checkpoints/global_round_001.safetensors"
     digest = file_sha256(work / ckpt)
     write_state(work, FederationState(1, cfg.rounds, ckpt, digest, fahr_version, model_record(cfg)))
+
+
+def test_the_state_key_is_private_and_outside_the_workdir(tmp_path):
+    toml = server_toml(tmp_path, free_port(), 2, 1)
+    _finished_round(tmp_path / "server", toml)
+    key = state_key_path()
+    assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
+    assert not key.is_relative_to(tmp_path)
+    assert read_state(tmp_path / "server").last_round == 1
 
 
 @pytest.mark.parametrize(
@@ -245,6 +282,8 @@ def _finished_round(work: Path, toml: Path, fahr_version: str = version("fahr"))
         ('arch = "vit_tiny"', True, "the [model] settings changed since the run started (arch)"),
         ("rounds", True, "the run planned 2 rounds and the config now says 3"),
         ("tamper", True, "differs from the checkpoint recorded"),
+        ("rehash", True, "state.json fails its authentication (it was edited"),
+        ("nokey", True, "state.key, the key that authenticates state.json, is missing"),
         ("fresh", True, "nothing to resume"),
         ("version", True, "the run was started by fahr 0.0.1 and this is fahr"),
     ],
@@ -253,9 +292,15 @@ def test_resume_and_fresh_runs_refuse_what_they_cannot_continue(tmp_path, change
     toml = server_toml(tmp_path, free_port(), 2, 1)
     work = tmp_path / "server"
     if change != "fresh":
-        _finished_round(work, toml, "0.0.1" if change == "version" else version("fahr"))
-    if change == "tamper":
+        _finished_round(work, toml, "0.0.1" if change == "version" else fahr_version())
+    if change in ("tamper", "rehash"):
         save_weights(work / "checkpoints" / "global_round_001.safetensors", {"w": torch.ones(2)})
+    if change == "rehash":  # and make state.json vouch for the swapped checkpoint
+        state = json.loads((work / "state.json").read_text())
+        state["checkpoint_sha256"] = file_sha256(work / "checkpoints" / "global_round_001.safetensors")
+        atomic_write_text(work / "state.json", json.dumps(state))
+    if change == "nokey":
+        state_key_path().unlink()
     text = toml.read_text()
     text = text.replace("rounds = 2", "rounds = 3") if change == "rounds" else text
     atomic_write_text(toml, text.replace('arch = "vit_micro"', change) if "arch" in change else text)
@@ -278,23 +323,25 @@ def uninterrupted(server: Path, sites: list[Path]) -> dict[str, torch.Tensor]:
     """The federation's global model computed in this process, round after round without a break:
     the same site training (SiteRuntime) and Flower's weighted averaging as the ServerApp's."""
     cfg = load_server_config(server)
-    weights = initial_model(cfg).state_dict()
+    global_model, weights = global_start(cfg)
     for server_round in range(1, cfg.rounds + 1):
         replies = []
+        sent = global_model.outgoing(weights, with_base=server_round == 1)
         for toml in sites:
             site = SiteRuntime(load_site_config(toml))
-            state, metrics = site.train_round(weights, cfg.model, server_round, cfg.rounds)
+            state, metrics = site.train_round(sent, global_model.spec, server_round, cfg.rounds)
             replies.append(
                 RecordDict(
                     {"arrays": ArrayRecord(state), "metrics": MetricRecord({"n": metrics["num-examples"]})}
                 )
             )
         weights = aggregate_arrayrecords(replies, "n").to_torch_state_dict()
-    return weights
+    return global_model.plain(weights)
 
 
 @pytest.mark.e2e
 def test_server_crash_after_round_1_resumes_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.setenv(TEST_RNG_ENV, "5")  # reproducible site training (tests only), here and in the sites
     sizes = (40, 30)
     port = free_port()
     crash = tmp_path / "crashsrv"

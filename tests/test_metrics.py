@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -188,14 +189,94 @@ def true_surv(lam: np.ndarray, horizons: tuple[float, ...] = (1.0, 2.0, 5.0)) ->
     return {h: np.exp(-lam * h) for h in horizons}
 
 
-@pytest.mark.parametrize("tau", [None, 1.5])
-def test_uno_c_equals_sksurv(tau: float | None) -> None:
+def censoring_km(time: np.ndarray, event: np.ndarray) -> Callable[[float, bool], float]:
+    """Brute-force Kaplan-Meier of the censoring distribution: G(t) (or G(t-) with left=True).
+
+    A death is not a censoring; at a censoring time s, everyone with time >= s who did not die at s is at
+    risk of being censored. Written from the definition, independent of lifelines and scikit-survival.
+    """
+
+    def g(t: float, left: bool = False) -> float:
+        out = 1.0
+        for s in np.unique(time[event == 0]):
+            if s < t or (s == t and not left):
+                at_risk = np.sum(time >= s) - np.sum((time == s) & (event == 1))
+                out *= 1.0 - np.sum((time == s) & (event == 0)) / at_risk
+        return out
+
+    return g
+
+
+def brute_force_uno_c(time: np.ndarray, event: np.ndarray, risk: np.ndarray, tau: float) -> float:
+    """Uno et al. (2011): sum over pairs (i died before tau, T_j > T_i) of G(T_i)^-2 [risk_i > risk_j]."""
+    g = censoring_km(time, event)
+    num = den = 0.0
+    for i in range(len(time)):
+        if not event[i] or time[i] >= tau:
+            continue
+        w = g(time[i]) ** -2
+        for j in range(len(time)):
+            if time[j] > time[i]:
+                den += w
+                num += w * (1.0 if risk[i] > risk[j] else 0.5 if risk[i] == risk[j] else 0.0)
+    return num / den
+
+
+def brute_force_td_auc(time: np.ndarray, event: np.ndarray, risk: np.ndarray, t: float) -> float:
+    """Cumulative/dynamic AUC(t) (Uno 2007; Hung and Chiang 2010): cases died by t, weighted 1 / G(T_i);
+    controls still followed beyond t; a pair scores 1 if the case has the higher risk, 1/2 if tied."""
+    g = censoring_km(time, event)
+    cases = [i for i in range(len(time)) if event[i] and time[i] <= t]
+    controls = [j for j in range(len(time)) if time[j] > t]
+    num = den = 0.0
+    for i in cases:
+        w = 1.0 / g(time[i])
+        for j in controls:
+            den += w
+            num += w * (1.0 if risk[i] > risk[j] else 0.5 if risk[i] == risk[j] else 0.0)
+    return num / den
+
+
+def small_cohort(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """60 patients, continuous times (no ties), risk rounded to 1 decimal (tied risks exercise the 1/2)."""
+    t, e, r = cohort(60, seed=seed)
+    return t, e, np.round(r, 1)
+
+
+@pytest.mark.parametrize("tau", [1.0, 1.5, None])
+def test_uno_c_matches_brute_force_and_sksurv_at_the_same_tau(tau: float | None) -> None:
     from sksurv.metrics import concordance_index_ipcw
     from sksurv.util import Surv
 
-    t, e, r = cohort(300, seed=8)
+    t, e, r = small_cohort(seed=8)
+    assert len(np.unique(r)) < len(r) and len(np.unique(t)) == len(t)
+    got = m.uno_c(t, e, r, tau=tau)
+    assert got == pytest.approx(brute_force_uno_c(t, e, r, np.inf if tau is None else tau), abs=1e-12)
     y = Surv.from_arrays(e.astype(bool), t)
-    assert m.uno_c(t, e, r, tau=tau) == pytest.approx(concordance_index_ipcw(y, y, r, tau=tau)[0], abs=1e-12)
+    assert got == pytest.approx(concordance_index_ipcw(y, y, r, tau=tau)[0], abs=1e-12)
+
+
+def test_uno_tau_is_the_horizon_unless_follow_up_is_too_short() -> None:
+    """Item 8: one tau for every site (the model horizon); capped at a whole year only where G(tau-) < 0.1."""
+    rng = np.random.default_rng(3)
+    n = 400
+    t_death = rng.exponential(20.0, n)
+    for censor_max, expected in ((30.0, 10.0), (12.0, 10.0), (7.5, None)):
+        t_censor = np.minimum(rng.uniform(0.0, censor_max, n), 10.0)  # administrative censoring at 10
+        t = np.minimum(t_death, t_censor)
+        e = (t_death <= t_censor).astype(int)
+        g = censoring_km(t, e)
+        tau = m.uno_tau(t, e, horizon=10.0)
+        if expected is not None:
+            assert tau == expected and g(tau, left=True) >= 0.1
+        else:  # the largest whole year with at least 10% still uncensored just before it
+            assert tau == max(y for y in range(1, 10) if g(y, left=True) >= 0.1) and tau < 7.5
+            assert g(tau + 1, left=True) < 0.1
+        out = m.evaluate(t, e, -t_death, n_boot=0, horizon=10.0)  # risk: any score will do
+        assert out["uno_c_tau"] == tau and out["uno_c_horizon"] == 10.0
+        assert out["uno_c"] == pytest.approx(brute_force_uno_c(t, e, -t_death, tau), abs=1e-12)
+    with pytest.raises(m.NotEstimable, match="under follow-up"):
+        m.uno_tau(np.linspace(0.01, 0.9, 30), np.zeros(30, int), horizon=10.0)
 
 
 def test_uno_c_not_estimable_without_deaths_and_bootstrap_handles_any_stat() -> None:
@@ -210,18 +291,15 @@ def test_uno_c_not_estimable_without_deaths_and_bootstrap_handles_any_stat() -> 
     assert lo <= e[age > 60].mean() <= hi
 
 
-def test_time_dependent_auc_equals_sksurv_and_skips_impossible_horizons() -> None:
-    from sksurv.metrics import cumulative_dynamic_auc
-    from sksurv.util import Surv
-
-    t, e, r = cohort(300, seed=10)
-    y = Surv.from_arrays(e.astype(bool), t)
+def test_time_dependent_auc_matches_brute_force_and_skips_impossible_horizons() -> None:
+    t, e, r = small_cohort(seed=10)
     times = (0.5, 1.0, 2.0)
     out = m.time_dependent_auc(t, e, r, times)
-    expected = cumulative_dynamic_auc(y, y, r, list(times))[0]
+    expected = [brute_force_td_auc(t, e, r, h) for h in times]
     assert [row["auc"] for row in out["by_time"]] == pytest.approx(expected, abs=1e-12)
     assert out["notes"] == []
 
+    t, e, r = cohort(300, seed=10)
     late = m.time_dependent_auc(t, e, r, (1.0, float(t.max()) + 1))
     assert late["by_time"][0]["auc"] is not None and late["by_time"][1]["auc"] is None
     assert "no patient was followed beyond" in late["notes"][0]
@@ -302,7 +380,9 @@ def test_evaluate_with_covariates_and_predictions_is_complete() -> None:
         surv_pred=true_surv(d["lam"]),
     )
     json.dumps(out, allow_nan=False)
-    assert out["uno_c_ci"][0] <= out["uno_c"] <= out["uno_c_ci"][1] and out["uno_c_tau"] == d["time"].max()
+    assert out["uno_c_ci"][0] <= out["uno_c"] <= out["uno_c_ci"][1]
+    g = censoring_km(d["time"], d["event"])  # censoring uniform over 1-8 years: under 10% left by year 8
+    assert out["uno_c_tau"] == max(y for y in range(1, 11) if g(y, left=True) >= 0.1) < 8
     assert all(row["auc"] > 0.6 for row in out["td_auc"])
     assert out["hr_per_sd_adjusted"]["adjusted_for"] == ["age", "male"]
     assert out["hr_per_sd"]["adjusted_for"] == [] and out["hr_top_vs_bottom_adjusted"]["hr"] > 1

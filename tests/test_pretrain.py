@@ -158,7 +158,7 @@ def test_two_processes_match_one_with_the_same_global_batch(faces_dir, tmp_path)
     two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     two += [
         "-m",
-        "fahr_server.pretrain_cli",
+        "fahr_research.pretrain",
         "pretrain",
         "--data",
         str(faces_dir),
@@ -169,7 +169,7 @@ def test_two_processes_match_one_with_the_same_global_batch(faces_dir, tmp_path)
         [*two, *common, "--batch-size", "4"], env=env, cwd=REPO, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    one = [sys.executable, "-m", "fahr_server.pretrain_cli", "pretrain"]
+    one = [sys.executable, "-m", "fahr_research.pretrain", "pretrain"]
     one += ["--data", str(faces_dir), "--out", str(tmp_path / "one")]
     done = subprocess.run(
         [*one, *common, "--batch-size", "8"], env=env, cwd=REPO, capture_output=True, text=True

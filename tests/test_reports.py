@@ -91,6 +91,29 @@ def test_site_report_writes_readable_page_and_aggregate_summary(tmp_path: Path) 
     assert "Calibration is not assessed" in html
 
 
+def test_site_report_names_uno_tau_and_says_when_it_is_capped(tmp_path: Path) -> None:
+    """Item 8: Uno's C at the model horizon, the same at every site; a capped tau is named, never hidden."""
+    rng = np.random.default_rng(12)
+    n = 300
+    risk = rng.normal(size=n)
+    t_death = rng.exponential(8.0 * np.exp(-risk))
+    for name, follow_up, capped in (("long", 40.0, False), ("short", 6.0, True)):
+        t_censor = np.minimum(rng.uniform(0.0, follow_up, n), 10.0)
+        t, e = np.minimum(t_death, t_censor), (t_death <= t_censor).astype(int)
+        summary = write_site_report(tmp_path / name, name, t, e, risk, PRIVACY, META, 20, horizon=10.0)
+        html = (tmp_path / name / "report.html").read_text()
+        assert summary["uno_c"] is not None and summary["uno_c_horizon"] == 10.0
+        assert "does not depend on how long this site followed" not in html
+        if capped:
+            tau = summary["uno_c_tau"]
+            assert tau < 6 and tau == int(tau)
+            assert f"(tau = {tau:g}), not the model&#x27;s horizon of 10 years" in html
+            assert f"Compare it only with sites whose tau is also {tau:g} years" in html
+        else:
+            assert summary["uno_c_tau"] == 10.0
+            assert "(tau = 10, the model&#x27;s horizon, the same at every site)" in html
+
+
 def test_full_site_report_has_every_section_and_aggregate_summary(tmp_path: Path) -> None:
     summary = full_site_report(tmp_path)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
@@ -196,6 +219,7 @@ def test_federation_report_weights_sites_and_skips_missing_c_index(tmp_path: Pat
     alts = list(images(html))
     assert alts[0] == "Forest plot of the C-index by site" and alts[1].startswith("Forest plot of the age-")
     assert all(s in html for s in ("site-0", "site-1", "site-empty", "2.50"))
+    assert "tau: the model's horizon at every site" in html and "names its tau" in html
 
 
 def test_federation_report_forest_plots_of_adjusted_hr_and_legacy_sites(tmp_path: Path) -> None:

@@ -5,28 +5,33 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from fahr_client.runtime import SiteRuntime
 from fahr_core.cohort import demo_faces_dir
-from fahr_core.config import ModelConfig, load_server_config, load_site_config
+from fahr_core.config import load_server_config, load_site_config
 from fahr_core.io import atomic_write_text
 from fahr_core.models.checkpoint import load_weights
 from fahr_core.privacy.audit import verify_audit_log
-from fahr_core.site import SiteRuntime
-from fahr_server.app import initial_model
-from fahr_server.local import run_local_federation
+from fahr_core.privacy.randomness import TEST_RNG_ENV
+from fahr_research.local import run_local_federation
+from fahr_server.app import global_start
 from tests.conftest import make_sites
 from tests.test_e2e import flower_processes_under, free_port
 
 pytestmark = pytest.mark.e2e
 
 
-def test_three_sites_one_round_secure_sum_is_their_fedavg(tmp_path):
+def test_three_sites_one_round_secure_sum_is_their_fedavg(tmp_path, monkeypatch):
     """The server's new weights are the FedAvg of what each site trained, though it saw only masked updates.
 
-    Site training is seeded, so each site's round-1 weights are computed here first, in this
+    Under the test-only switch (FAHR_INSECURE_TEST_RNG, inherited by the site processes) site
+    training is reproducible, so each site's round-1 weights are computed here first, in this
     process, from the same initial model; the site's privacy ledger is then reset so the
-    federation trains the same round again.
+    federation trains the same round again. The sites fine-tune LoRA adapters: only the adapters
+    and the head are masked and summed, the frozen base never changes.
     """
+    monkeypatch.setenv(TEST_RNG_ENV, "11")
     port = free_port()
     tomls = make_sites(tmp_path / "sites", demo_faces_dir(), (100, 90, 90))
     server_toml = tmp_path / "server.toml"
@@ -42,14 +47,14 @@ secure_aggregation = true
 
 [model]
 arch = "vit_micro"
+finetune = "lora"
 """,
     )
-    initial = initial_model(load_server_config(server_toml)).state_dict()
-    spec = ModelConfig(arch="vit_micro")
+    global_model, initial = global_start(load_server_config(server_toml))
     trained, sizes = [], []
     for toml in tomls:
         site = SiteRuntime(load_site_config(toml))
-        state, metrics = site.train_round(initial, spec, 1, 1)
+        state, metrics = site.train_round(global_model.outgoing(initial, True), global_model.spec, 1, 1)
         trained.append(state)
         sizes.append(metrics["num-examples"])
         site.cfg.ledger_path.unlink()
@@ -62,7 +67,8 @@ arch = "vit_micro"
     assert code == 0, "\n".join(lines[-40:])
 
     work = tmp_path / "server"
-    final = load_weights(work / "global_model.safetensors")
+    final = load_weights(work / "checkpoints" / "global_round_001.safetensors")  # unmerged: adapters apart
+    assert all(torch.equal(final[k], v) for k, v in global_model.base.items())
     moved = max((fedavg[k] - initial[k].double()).abs().max().item() for k in initial)
     error = max((final[k].double() - fedavg[k]).abs().max().item() for k in initial)
     assert moved > 1e-4  # training moved the weights far more than the tolerance below

@@ -6,7 +6,7 @@ included) and can make a site fail a stage, which is how a dropout looks to the 
 
 from __future__ import annotations
 
-from importlib.metadata import version
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,9 +17,10 @@ from fahr_client import secagg as site_secagg
 from fahr_client.app import app as client_app
 from fahr_core.cohort import demo_faces_dir
 from fahr_core.config import ModelConfig, load_site_config
-from fahr_core.models.vit import SurvivalViT
+from fahr_core.models.finetune import GlobalModel, build
 from fahr_core.privacy.audit import verify_audit_log
 from fahr_core.privacy.secagg import Quantiser, SecAggError
+from fahr_core.release import fahr_version
 from fahr_server.secagg import SecureSum
 from tests.conftest import make_sites
 
@@ -41,14 +42,17 @@ class LocalGrid:
                 yield client_app(m, self.contexts[node])
 
 
-@pytest.fixture
-def federation(tmp_path, monkeypatch):
-    """Three sites that have trained (stage 1 done): their contexts, train replies and weights."""
+@pytest.fixture(params=["full", "lora"])
+def federation(request, tmp_path, monkeypatch):
+    """Three sites that have trained (stage 1 done): their contexts, train replies and weights.
+
+    Under LoRA the weights are the adapters and the head only: all that is masked and summed."""
     for key, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, key, value)
     tomls = make_sites(tmp_path, demo_faces_dir(), (12, 12, 12))
     torch.manual_seed(0)
-    reference = SurvivalViT("vit_micro", 112, 10).state_dict()
+    spec = replace(ModelConfig(arch="vit_micro"), finetune=request.param)
+    global_model, reference = GlobalModel.start(build(spec), spec)
     contexts, replies, trained = {}, [], {}
     for (node, n), toml in zip(SIZES.items(), tomls, strict=True):
         contexts[node] = Context(7, node, {"site-config": str(toml)}, RecordDict(), {})
@@ -60,9 +64,9 @@ def federation(tmp_path, monkeypatch):
         replies.append(Message(RecordDict(content), reply_to=ask))
     config = ConfigRecord(
         {
-            **ModelConfig(arch="vit_micro").to_record(),
+            **global_model.spec.to_record(),
             "num-rounds": 1,
-            "fahr-version": version("fahr"),
+            "fahr-version": fahr_version(),
             "secure-aggregation": True,
         }
     )

@@ -14,7 +14,7 @@ from fahr_core.cohort import demo_faces_dir
 from fahr_core.faces.images import load_face
 from fahr_core.train.pretrain import list_images
 from fahr_core.train.shards import ShardIndex, ShardReader, build_shards
-from fahr_server.tools import app as fahr_app
+from fahr_research.cli import app as fahr_app
 
 runner = CliRunner()
 

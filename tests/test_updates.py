@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fahr_core.updates import screen_updates, update_norm
+from fahr_server.screening import screen_updates, update_norm
 
 REF = {"w": torch.zeros(4, 3), "b": torch.zeros(3), "steps": torch.zeros((), dtype=torch.long)}
 
@@ -51,9 +51,23 @@ def test_federation_reports_the_largest_site_epsilon_not_a_mean():
     from fahr_server.strategy import aggregate_train_metrics
 
     sites = [
-        RecordDict({"metrics": MetricRecord({"num-examples": n, "epsilon": e, "train-loss": loss})})
-        for n, e, loss in ((100, 2.0, 1.0), (300, 7.5, 2.0))
+        RecordDict(
+            {
+                "metrics": MetricRecord(
+                    {
+                        "num-examples": n,
+                        "epsilon": e,
+                        "train-loss": loss,
+                        "epsilon-budget": b,
+                        "noise-multiplier": s,
+                    }
+                )
+            }
+        )
+        for n, e, loss, b, s in ((100, 2.0, 1.0, 4.0, 1.1), (300, 7.5, 2.0, 8.0, 0.7))
     ]
     agg = aggregate_train_metrics(sites, "num-examples")
     assert agg["epsilon-max"] == 7.5 and "epsilon" not in agg
+    # budgets and noise levels are each site's own: no mean of them is sent around
+    assert "epsilon-budget" not in agg and "noise-multiplier" not in agg
     assert agg["train-loss"] == pytest.approx(1.75)  # everything else stays example-weighted

@@ -10,7 +10,12 @@ survival analysis must not do. See docs/site-data.md for the contract itself.
 from __future__ import annotations
 
 import csv
+import errno
 import math
+import os
+import stat
+import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -18,7 +23,7 @@ import numpy as np
 
 COHORT_FILE = "cohort.csv"
 REQUIRED_COLUMNS = ("patient_id", "photo", "time", "event", "age", "sex")
-MAX_AGE = 130.0  # anything above is a typo (or a birth year), not an age
+MAX_AGE = 130.0  # anything above is a typo (or a birth year), not an age; also caps age + follow-up
 
 
 class CohortError(ValueError):
@@ -125,8 +130,8 @@ def _parse_row(cells: dict[str, str], line: int, site_dir: Path, problems: list[
         problems.append(f"{where}: photo is empty")
     elif (why := unsafe_relative_path(photo)) is not None:
         problems.append(f"{where}: photo '{cells['photo']}' {why}; it must be relative to the site folder")
-    elif not (site_dir / photo).is_file():
-        problems.append(f"{where}: photo file '{photo}' not found (looked for {site_dir / photo})")
+    elif (why := _photo_file_problem(site_dir, photo)) is not None:
+        problems.append(f"{where}: photo file '{photo}' {why}")
 
     time = _parse_float(cells["time"])
     if time is None:
@@ -149,6 +154,11 @@ def _parse_row(cells: dict[str, str], line: int, site_dir: Path, problems: list[
     sex = cells["sex"]
     if sex not in ("M", "F"):
         problems.append(f"{where}: sex '{sex}' must be M or F")
+    if len(problems) == before and time is not None and age is not None and age + time > MAX_AGE:
+        problems.append(
+            f"{where}: age {age:g} + time {time:g} is over {MAX_AGE:g} years; time must be in years "
+            "(days or months?)"
+        )
 
     covariates: dict[str, float] = {}
     for name in (c for c in cells if c not in REQUIRED_COLUMNS):
@@ -163,6 +173,101 @@ def _parse_row(cells: dict[str, str], line: int, site_dir: Path, problems: list[
     return _Row(line, patient_id, photo, time, int(event), age, sex, covariates)
 
 
+def _photo_file_problem(site_dir: Path, photo: str) -> str | None:
+    """Why the photo named `photo` cannot be used as a file inside `site_dir`, or None.
+
+    A symlink may point anywhere; following it out of the folder would read (and hash into the
+    alignment table) files such as /etc/shadow, so the resolved path must stay inside too.
+    """
+    path = site_dir / photo
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return f"not found (looked for {path}){_lookalike_hint(path)}"
+    except PermissionError:
+        return f"cannot be read: permission denied on {path} or a folder above it"
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return "has a file or folder name too long for the file system; rename it"
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link that loops"
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISDIR(st.st_mode):
+        return f"is a folder, not a photo file ({path})"
+    if not stat.S_ISREG(st.st_mode):
+        return f"is not a regular file ({path})"
+    if not path.resolve().is_relative_to(site_dir):
+        return f"leads outside the site folder (a symbolic link to {path.resolve()}); copy the photo in"
+    return None
+
+
+def _lookalike_hint(path: Path) -> str:
+    """'; did you mean ...' when the folder holds a name equal up to Unicode normalisation or case."""
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return ""
+    want = unicodedata.normalize("NFC", path.name)
+    for name in names:
+        if unicodedata.normalize("NFC", name) == want:
+            return (
+                f"; the folder holds '{name}', the same name with differently encoded accents "
+                "(Unicode NFC/NFD): rename the file or fix the cell"
+            )
+    for name in names:
+        if name.casefold() == path.name.casefold():
+            return f"; the folder holds '{name}' (names are case-sensitive)"
+    return ""
+
+
+_SEPARATORS = ((";", "semicolons"), ("\t", "tabs"), ("|", "'|'"))
+
+
+def _read_text(path: Path) -> str:
+    """cohort.csv as text: UTF-8 (with or without byte-order mark), or a CohortError saying what to do."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CohortError([f"{path}: {COHORT_FILE} not found in the site folder"]) from None
+    except IsADirectoryError:
+        raise CohortError([f"{path}: is a folder; {COHORT_FILE} must be a file"]) from None
+    except OSError as e:
+        raise CohortError([f"{path}: cannot be read ({e.strerror or e}); check its permissions"]) from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise CohortError([f"{COHORT_FILE} is UTF-16 (Excel 'Unicode text'); save it as CSV UTF-8"], path)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise CohortError(
+            [
+                f"{COHORT_FILE} line {line}: byte 0x{data[e.start]:02x} is not UTF-8 (a Windows/Latin-1 "
+                "export?); save the file as CSV UTF-8"
+            ],
+            path,
+        ) from None
+
+
+def _records(text: str) -> Iterator[tuple[int, list[str] | None]]:
+    """(first line number, cells) per CSV record; cells None where a quote never closes.
+
+    The csv module reports the line where a record ends; a stray quote swallows every line to the
+    end of the file (or to the field-size limit), so the line where it starts is what names it.
+    """
+    lines = text.splitlines(keepends=True)
+    reader = csv.reader(lines)
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            yield start, None
+            return
+        yield start, cells
+
+
 def load_cohort(site_dir: Path) -> Cohort:
     """Read and validate `site_dir/cohort.csv`; raise CohortError listing all problems found.
 
@@ -170,47 +275,57 @@ def load_cohort(site_dir: Path) -> Cohort:
     """
     site_dir = Path(site_dir).resolve()
     path = site_dir / COHORT_FILE
-    if not path.is_file():
-        raise CohortError([f"{path}: {COHORT_FILE} not found in the site folder"])
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or not any(cell.strip() for cell in header):
-            raise CohortError([f"{COHORT_FILE} line 1: file is empty (expected a header row)"], path)
-        columns = [c.strip() for c in header]
-        head_problems = []
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-        if missing:
-            head_problems.append(
-                f"{COHORT_FILE} line 1: missing required column(s) {', '.join(repr(c) for c in missing)}"
-            )
-        dup = sorted({c for c in columns if columns.count(c) > 1})
-        if dup:
-            head_problems.append(f"{COHORT_FILE} line 1: duplicate column(s) {', '.join(map(repr, dup))}")
-        if "" in columns:
-            head_problems.append(f"{COHORT_FILE} line 1: column {columns.index('') + 1} has no name")
-        if head_problems:
-            raise CohortError(head_problems, path)
+    text = _read_text(path)
+    records = _records(text)
+    header = next(records, (1, None))[1]
+    if header is None or not any(cell.strip() for cell in header):
+        raise CohortError([f"{COHORT_FILE} line 1: file is empty (expected a header row)"], path)
+    columns = [c.strip() for c in header]
+    head_problems = []
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        sep = next((name for ch, name in _SEPARATORS if ch in header[0]), None) if len(header) == 1 else None
+        hint = f"; the file seems to be separated by {sep}: save it comma-separated" if sep else ""
+        head_problems.append(
+            f"{COHORT_FILE} line 1: missing required column(s) {', '.join(repr(c) for c in missing)}{hint}"
+        )
+    dup = sorted({c for c in columns if columns.count(c) > 1})
+    if dup:
+        head_problems.append(f"{COHORT_FILE} line 1: duplicate column(s) {', '.join(map(repr, dup))}")
+    if "" in columns:
+        head_problems.append(f"{COHORT_FILE} line 1: column {columns.index('') + 1} has no name")
+    if head_problems:
+        raise CohortError(head_problems, path)
 
-        problems: list[str] = []
-        rows: list[_Row] = []
-        for cells in reader:
-            line = reader.line_num
-            where = f"{COHORT_FILE} line {line}"
-            if not any(c.strip() for c in cells):
-                continue  # blank lines (often a trailing one) carry no data
-            if len(cells) != len(columns):
-                problems.append(f"{where}: has {len(cells)} fields, the header has {len(columns)}")
-                continue
-            stripped = {k: v.strip() for k, v in zip(columns, cells, strict=True)}
-            row = _parse_row(stripped, line, site_dir, problems)
-            if row is not None:
-                rows.append(row)
+    problems: list[str] = []
+    rows: list[_Row] = []
+    for line, cells in records:
+        where = f"{COHORT_FILE} line {line}"
+        if cells is None:
+            problems.append(
+                f'{where}: a quote (") opens a cell that is never closed; remove the stray quote '
+                "(cells with a comma or quote must be quoted, quotes inside doubled)"
+            )
+            break
+        if not any(c.strip() for c in cells):
+            continue  # blank lines (often a trailing one) carry no data
+        if any("\n" in c or "\r" in c for c in cells):
+            problems.append(
+                f"{where}: a quoted cell runs over several lines; remove the stray quote on this line"
+            )
+            continue
+        if len(cells) != len(columns):
+            problems.append(f"{where}: has {len(cells)} fields, the header has {len(columns)}")
+            continue
+        stripped = {k: v.strip() for k, v in zip(columns, cells, strict=True)}
+        row = _parse_row(stripped, line, site_dir, problems)
+        if row is not None:
+            rows.append(row)
     if not rows and not problems:
         raise CohortError([f"{COHORT_FILE}: no data rows after the header"], path)
 
     by_patient: dict[str, list[_Row]] = {}
-    first_use_of_photo: dict[str, _Row] = {}
+    first_use_of_photo: dict[Path, _Row] = {}  # by resolved path: 'photos/a.jpg' = './photos//a.jpg'
     for row in rows:
         group = by_patient.setdefault(row.patient_id, [])
         if group and row.outcome() != group[0].outcome():
@@ -219,10 +334,12 @@ def load_cohort(site_dir: Path) -> Cohort:
                 f"covariates that conflict with line {group[0].line}"
             )
         group.append(row)
-        earlier = first_use_of_photo.setdefault(row.photo, row)
+        earlier = first_use_of_photo.setdefault((site_dir / row.photo).resolve(), row)
         if earlier is not row:
+            same = "" if earlier.photo == row.photo else f" as '{earlier.photo}' (the same file)"
             problems.append(
-                f"{COHORT_FILE} line {row.line}: photo '{row.photo}' is already listed on line {earlier.line}"
+                f"{COHORT_FILE} line {row.line}: photo '{row.photo}' is already listed on line "
+                f"{earlier.line}{same}; each photo may be listed once"
             )
     if problems:
         raise CohortError(problems, path)
@@ -230,7 +347,7 @@ def load_cohort(site_dir: Path) -> Cohort:
     patients = tuple(
         Patient(
             patient_id=pid,
-            photos=tuple(site_dir / r.photo for r in group),
+            photos=tuple((site_dir / r.photo).resolve() for r in group),
             time=group[0].time,
             event=group[0].event,
             age=group[0].age,

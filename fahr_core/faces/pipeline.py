@@ -4,18 +4,28 @@ Each photo is keyed by the sha256 of its bytes plus a hash of every setting that
 result (detector and its model files, QC thresholds, crop size, format, code version). A finished
 photo leaves `results/<key>.json` (written last and atomically, so it marks completion) and, if
 aligned, `aligned/<key>.png`. A re-run finds those and redoes nothing; a killed run resumes where
-it stopped; renaming or moving photos costs nothing. The table (`alignment.csv`) is rebuilt from
-the per-photo results at the end of every run, one row per input path, in input order.
+it stopped; renaming or moving photos costs nothing. The table (`alignment.csv`) is removed when
+a run starts and rebuilt from the per-photo results at its end, one row per input path, in input
+order, so a killed run never leaves an older table looking current.
+
+Everything written here is private to the site's account (folders 0700, files 0600): aligned
+crops are patients' faces. Worker processes die with their parent (Ctrl-C, SIGTERM or SIGKILL of
+the parent stops them all; see `_die_with_parent`).
 """
 
 from __future__ import annotations
 
 import csv
+import ctypes
 import hashlib
 import io
 import json
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields
@@ -29,8 +39,9 @@ from fahr_core.faces import qc as rules
 from fahr_core.faces.align import TEMPLATE_SIZE, align, face_region, inside_mask
 from fahr_core.faces.detect import Detector, Face
 from fahr_core.faces.errors import PhotoError
+from fahr_core.faces.photofile import read_photo_bytes
 from fahr_core.faces.qc import QCConfig, decode_photo
-from fahr_core.io import atomic_write_bytes, atomic_write_text
+from fahr_core.io import PRIVATE_FILE_MODE, atomic_write_bytes, make_private_dir
 
 ALIGNER_VERSION = "align-v1"
 TABLE_FILE = "alignment.csv"
@@ -142,9 +153,9 @@ def analyse_photo(
     rec: dict[str, Any] = {"status": "rejected", "reason": "", "n_faces": 0, "score": None}
     rec.update({"inter_ocular_px": None, "yaw": None, "roll": None, "blur": None})
     try:
-        rgb = decode_photo(data, name, qc.max_pixels)
-    except PhotoError as e:
-        rec["reason"] = f"unreadable: {e}"
+        rgb = decode_photo(data, name, qc.max_pixels, qc.max_decode_pixels)
+    except PhotoError as e:  # the result is shared by every file with these bytes: no file name in it
+        rec["reason"] = f"unreadable: {str(e).removeprefix(f'{name}: ')}"
         return rec, None
     h, w = rgb.shape[:2]
     faces = detector.detect(rgb)
@@ -210,15 +221,42 @@ def _init_worker(detector: Detector, qc: QCConfig, out_dir: Path, settings: str,
     _WORKER.update(detector=detector, qc=qc, out_dir=out_dir, settings=settings, size=size, fmt=fmt)
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int, *init_args: Any) -> None:
+    """Worker initializer: never outlive the aligning process, leave Ctrl-C to it, then `_init_worker`.
+
+    Ctrl-C reaches the whole process group; the parent alone decides how to stop (it kills the
+    workers), so workers ignore SIGINT instead of each printing a traceback. If the parent dies
+    without cleaning up (SIGKILL, OOM killer), Linux kills the worker (PR_SET_PDEATHSIG); elsewhere
+    a thread polls the parent id. A parent that died before this ran is caught by getppid().
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    linux = sys.platform.startswith("linux")
+    if linux:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+    if not linux:
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    _init_worker(*init_args)
+
+
 def _process(path: str, key: str) -> dict[str, Any]:
     """Analyse one photo and persist its crop, then its result record (the completion marker)."""
     w = _WORKER
     out_dir: Path = w["out_dir"]
     try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        # not persisted: the file may be readable next time
-        return {"status": "rejected", "reason": f"unreadable: {path}: cannot read file ({e.strerror or e})"}
+        data = read_photo_bytes(Path(path))
+    except PhotoError as e:  # not persisted: the file may be readable (or smaller) next time
+        return {"status": "rejected", "reason": f"unreadable: {e}"}
     sha = hashlib.sha256(data).hexdigest()
     try:
         rec, crop = analyse_photo(data, path, w["detector"], w["qc"], w["size"])
@@ -231,10 +269,11 @@ def _process(path: str, key: str) -> dict[str, Any]:
         rel = f"{ALIGNED_DIR}/{sha}-{w['settings']}.{w['fmt']}"
         buf = io.BytesIO()
         Image.fromarray(crop).save(buf, format="PNG" if w["fmt"] == "png" else "JPEG", quality=95)
-        atomic_write_bytes(out_dir / rel, buf.getvalue())
+        atomic_write_bytes(out_dir / rel, buf.getvalue(), PRIVATE_FILE_MODE)
         rec["crop"] = rel
     if sha == key.split("-")[0]:  # the file did not change since it was hashed
-        atomic_write_text(out_dir / RESULTS_DIR / f"{key}.json", json.dumps(rec, sort_keys=True) + "\n")
+        result = (json.dumps(rec, sort_keys=True) + "\n").encode()
+        atomic_write_bytes(out_dir / RESULTS_DIR / f"{key}.json", result, PRIVATE_FILE_MODE)
     return rec
 
 
@@ -257,7 +296,9 @@ def align_photos(
     if image_format not in ("png", "jpg"):
         raise ValueError("image_format must be 'png' or 'jpg'")
     out_dir = Path(out_dir)
-    (out_dir / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
+    for folder in (out_dir, out_dir / RESULTS_DIR, out_dir / ALIGNED_DIR):
+        make_private_dir(folder)
+    (out_dir / TABLE_FILE).unlink(missing_ok=True)  # until this run completes there is no table
     settings = settings_hash(detector, qc, size, image_format)
     paths = [str(p) for p in paths]
     total = len(paths)
@@ -282,9 +323,9 @@ def align_photos(
         keys[p] = key
         if key in records or key in todo:
             continue
-        result = out_dir / RESULTS_DIR / f"{key}.json"
-        if not key.startswith("unreadable:") and result.is_file():
-            records[key] = json.loads(result.read_text(encoding="utf-8"))
+        record = None if key.startswith("unreadable:") else _cached(out_dir / RESULTS_DIR / f"{key}.json")
+        if record is not None:
+            records[key] = record
             cached += 1
         else:
             todo[key] = p
@@ -304,20 +345,52 @@ def align_photos(
     elif todo:
         # spawn, not fork: the parent may hold threads (torch, progress bars) that fork would copy mid-lock
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            n_workers, mp_context=ctx, initializer=_init_worker, initargs=init_args
-        ) as ex:
+        ex = ProcessPoolExecutor(
+            n_workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(), *init_args)
+        )
+        futures: dict = {}
+        try:
             futures = {ex.submit(_process, p, key): key for key, p in todo.items()}
             for fut in as_completed(futures):
                 key = futures[fut]
                 records[key] = fut.result()
                 for _ in waiting[key]:
                     tick()
+        except BaseException:  # Ctrl-C, SIGTERM (the CLI raises KeyboardInterrupt), a broken pool
+            _stop_now(ex, futures)
+            raise
+        ex.shutdown()
 
     rows = [_row(p, records[keys[p]]) for p in paths]
     csv_path = out_dir / TABLE_FILE
-    atomic_write_text(csv_path, _to_csv(rows))
+    atomic_write_bytes(csv_path, _to_csv(rows).encode(), PRIVATE_FILE_MODE)
     return AlignmentTable(rows, csv_path, computed=len(todo), cached=cached)
+
+
+def _cached(result: Path) -> dict[str, Any] | None:
+    """A finished photo's record, or None if there is none or it is damaged (then it is redone)."""
+    try:
+        record = json.loads(result.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "status" in record else None
+
+
+def _stop_now(ex: ProcessPoolExecutor, futures: dict) -> None:
+    """Stop a pool at once: queued photos are dropped and the workers killed, not drained.
+
+    `shutdown(wait=True)`, which leaving a `with` block does, would finish every queued photo first
+    (minutes after Ctrl-C). Python 3.14 has `kill_workers()`; before it, the pool's process table
+    is the only handle on the workers. Results already written stay valid: the next run resumes.
+    """
+    for fut in futures:
+        fut.cancel()
+    workers = list((getattr(ex, "_processes", None) or {}).values())
+    ex.shutdown(wait=False, cancel_futures=True)
+    for proc in workers:
+        proc.kill()
+    for proc in workers:
+        proc.join(timeout=5)
 
 
 def _row(path: str, rec: dict[str, Any]) -> AlignmentRow:

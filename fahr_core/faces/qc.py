@@ -5,16 +5,18 @@ damaged files. Each check below is one small function returning a reason string 
 stable code such as `face_too_small:`) or None, so the alignment table says exactly why a photo
 was left out and a site can tune a threshold in `QCConfig` instead of editing code.
 
-`read_photo` is the decoding gate: it applies EXIF orientation, converts every colour mode to
-8-bit RGB and turns truncated or corrupt files and decompression bombs into `PhotoError`s that
-name the file.
+`read_photo` is the decoding gate: only JPEG and PNG are opened (`photofile`), sizes are capped
+before reading and pixel counts before decoding; it applies EXIF orientation, converts every
+colour mode to 8-bit RGB and turns truncated or corrupt files and decompression bombs into
+`PhotoError`s that name the file.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from struct import error as StructError
@@ -25,6 +27,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from fahr_core.faces.detect import Face
 from fahr_core.faces.errors import PhotoError
+from fahr_core.faces.photofile import open_photo, read_photo_bytes
 
 MultiFacePolicy = Literal["largest_central", "reject"]
 
@@ -49,7 +52,11 @@ class QCConfig:
     reject_grayscale: bool = False
     grayscale_tolerance: float = 4.0  # mean max channel difference (0-255) below which it is grey
     pad_fraction: float = 0.4  # border added (each side) before a second detection attempt
-    max_pixels: int = 80_000_000  # decompression-bomb limit (width x height)
+    max_pixels: int = 80_000_000  # decompression-bomb limit (width x height), checked before decoding
+    # JPEGs above this are decoded at the first of 1/2, 1/4, 1/8 scale (libjpeg's DCT scaling, nearly
+    # free) that fits, or at 1/8:
+    # a 64-Mpx photo would otherwise cost ~2 GB per worker, and 16 Mpx keeps any face QC accepts.
+    max_decode_pixels: int = 16_000_000
 
     def __post_init__(self) -> None:
         if self.multi_face not in ("largest_central", "reject"):
@@ -89,48 +96,77 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode_photo(data: bytes, name: str, max_pixels: int = QCConfig.max_pixels) -> np.ndarray:
-    """Photo bytes -> RGB uint8 HxWx3, upright. Raises PhotoError('<name>: <why>')."""
+def _opened(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """The photo opened as JPEG or PNG with its pixel count checked, nothing decoded yet."""
+    im = open_photo(data, name)
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise PhotoError(f"{name}: {w}x{h} pixels exceeds the {max_pixels} limit (decompression bomb?)")
+    if w < 1 or h < 1:
+        im.close()
+        raise PhotoError(f"{name}: empty image ({w}x{h})")
+    return im
+
+
+@contextlib.contextmanager
+def _decoding_errors(name: str) -> Iterator[None]:
+    """Turn every way a decoder fails on bad bytes into a PhotoError naming the file."""
     saved = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not decode half grey
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise PhotoError(
-                        f"{name}: {w}x{h} pixels exceeds the {max_pixels} limit (decompression bomb?)"
-                    )
-                if w < 1 or h < 1:
-                    raise PhotoError(f"{name}: empty image ({w}x{h})")
-                im.seek(0)  # first frame of a multi-frame file
-                im.load()
-                try:
-                    upright = ImageOps.exif_transpose(im)
-                except Exception:  # malformed EXIF: keep the stored orientation, QC sees the result
-                    upright = im
-                rgb = _to_rgb(upright)
-                return np.asarray(rgb, dtype=np.uint8).copy()
+            yield
     except PhotoError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise PhotoError(f"{name}: decompression bomb refused ({e})") from None
-    except Image.UnidentifiedImageError:
-        raise PhotoError(f"{name}: not an image file (unrecognised format)") from None
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, StructError) as e:
         raise PhotoError(f"{name}: corrupt or truncated image ({e})") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
+def decode_photo(
+    data: bytes,
+    name: str,
+    max_pixels: int = QCConfig.max_pixels,
+    max_decode_pixels: int = QCConfig.max_decode_pixels,
+) -> np.ndarray:
+    """Photo bytes -> RGB uint8 HxWx3, upright. Raises PhotoError('<name>: <why>')."""
+    with _decoding_errors(name), _opened(data, name, max_pixels) as im:
+        w, h = im.size
+        if im.format == "JPEG" and w * h > max_decode_pixels:
+            k = next((k for k in (2, 4) if (w // k) * (h // k) <= max_decode_pixels), 8)
+            im.draft(im.mode, (math.ceil(w / k), math.ceil(h / k)))
+        im.seek(0)  # first frame of a multi-frame file
+        im.load()
+        try:
+            upright = ImageOps.exif_transpose(im)
+        except Exception:  # malformed EXIF: keep the stored orientation, QC sees the result
+            upright = im
+        rgb = _to_rgb(upright)
+        return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+def verify_photo(data: bytes, name: str, max_pixels: int = QCConfig.max_pixels) -> None:
+    """Check a photo's format, size and integrity cheaply, without a full decode (`fahr-client check`).
+
+    PNG: every chunk's CRC up to IEND (`verify`). JPEG: decoded at 1/8 scale, which still reads
+    every byte of the compressed data, so a truncated file fails here as it would in alignment.
+    """
+    with _decoding_errors(name), _opened(data, name, max_pixels) as im:
+        if im.format == "PNG":
+            im.verify()
+        else:
+            im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+            im.load()
+
+
 def read_photo(path: Path, max_pixels: int = QCConfig.max_pixels) -> np.ndarray:
-    """Read and decode one photo file to RGB uint8 HxWx3 (see `decode_photo`)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise PhotoError(f"{path}: cannot read file ({e.strerror or e})") from None
-    return decode_photo(data, str(path), max_pixels)
+    """Read (size-capped) and decode one photo file to RGB uint8 HxWx3 (see `decode_photo`)."""
+    return decode_photo(read_photo_bytes(path), str(path), max_pixels)
 
 
 def pad_image(rgb: np.ndarray, fraction: float) -> tuple[np.ndarray, int]:

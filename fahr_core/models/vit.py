@@ -4,6 +4,8 @@ Two choices keep the model cheap to train privately with Opacus:
 - the position embedding is the fixed 2-D sin-cos table MAE uses, and it and the class token are
   frozen. Both sit on timm's root module, and a trainable parameter there sends the whole model
   through Opacus' functorch fallback (measured: 6x slower, 10x the memory on a ViT-B).
+- every LayerNorm is torch's own, which Opacus hooks directly (timm's subclass is not found by its
+  exact-type lookup and fell back to functorch).
 - features are the mean of the patch tokens (MAE's fine-tuning default), so the frozen class
   token carries nothing the model needs.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -68,6 +71,9 @@ def build_encoder(arch: str, img_size: int = 112) -> VisionTransformer:
         num_classes=0,
         global_pool="avg",
         class_token=True,
+        # torch's LayerNorm, not timm's subclass: Opacus finds per-sample gradient hooks by exact type,
+        # and timm's LayerNorm sent every block norm of full fine-tuning to the functorch fallback
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
     )
     with torch.no_grad():
         enc.pos_embed.copy_(sincos_pos_embed(s.dim, img_size // PATCH))
@@ -108,29 +114,6 @@ class SurvivalViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head(self.encoder(x))
-
-    def set_trainable(self, spec: str) -> None:
-        """Choose what DP-SGD updates: "all", "head", or "last:N" (head plus the last N blocks).
-
-        Under DP the noise grows with the number of trained parameters, so small cohorts do better
-        training fewer of them on top of a pre-trained encoder. Position embedding and class
-        token stay frozen whatever the spec (see the module docstring).
-        """
-        if spec == "all":
-            train_blocks = len(self.encoder.blocks)
-        elif spec == "head":
-            train_blocks = 0
-        elif spec.startswith("last:") and spec[5:].isdigit():
-            train_blocks = min(int(spec[5:]), len(self.encoder.blocks))
-        else:
-            raise ValueError(f"trainable must be 'all', 'head' or 'last:N', got {spec!r}")
-        for p in self.encoder.parameters():
-            p.requires_grad_(spec == "all")
-        for block in list(self.encoder.blocks)[len(self.encoder.blocks) - train_blocks :]:
-            block.requires_grad_(True)
-        self.encoder.norm.requires_grad_(train_blocks > 0)
-        self.encoder.pos_embed.requires_grad_(False)
-        self.encoder.cls_token.requires_grad_(False)
 
     @torch.no_grad()
     def risk(self, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:

@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fahr_core.privacy.randomness import SecureStream
+
 KEY_BYTES = 32  # X25519 keys, self-mask seeds
 SHARE_BYTES = 32  # a Shamir share of a 32-byte secret: two 16-byte GF(2^128) chunks
 NONCE_BYTES = 12
@@ -85,8 +87,12 @@ class Quantiser:
     def sum_error_bound(self, n_sites: int) -> float:
         return n_sites * self.step
 
-    def quantise(self, x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-        """Unbiased integers for `x` as uint32 (two's complement), and how many coordinates were clipped."""
+    def quantise(self, x: np.ndarray, rng: SecureStream) -> tuple[np.ndarray, int]:
+        """Unbiased integers for `x` as uint32 (two's complement), and how many coordinates were clipped.
+
+        A site passes a secret stream (fresh_stream): predictable rounding would let the server
+        strip part of the rounding noise from the sum.
+        """
         clipped = int(np.count_nonzero(np.abs(x) > self.clip))
         scaled = np.clip(x.astype(np.float64), -self.clip, self.clip) / self.step
         low = np.floor(scaled)

@@ -10,6 +10,7 @@ from fahr_core.io import atomic_write_json, atomic_write_text
 from fahr_core.report import figures
 from fahr_core.report.html import esc, figure, fmt, fmt_p, kv_table, notes_list, page, table
 from fahr_core.report.site import c_index_sentences, plain
+from fahr_core.survival.metrics import MIN_CENSORING_SURVIVAL
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -177,6 +178,11 @@ def _render(
             ),
             [_site_row(s) for s in g["sites"]],
         ),
+        "<p>Uno's C reweights pairs for each site's censoring and counts only deaths before one fixed time, "
+        "tau: the model's horizon at every site, or, at a site where fewer than "
+        f"{MIN_CENSORING_SURVIVAL:.0%} of patients were still under follow-up by then, the last whole year "
+        "where enough were; that site's own report names its tau. Compare sites' Uno's C at the same "
+        "tau.</p>",
         "<h2>C-index by site</h2>",
         figure(
             c_forest,

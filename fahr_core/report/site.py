@@ -18,6 +18,7 @@ from fahr_core.report import figures
 from fahr_core.report.html import esc, figure, fmt, kv_table, notes_list, p_phrase, page, table
 from fahr_core.survival.fad import REDUNDANCY_ALARM, fad_statistics
 from fahr_core.survival.metrics import (
+    MIN_CENSORING_SURVIVAL,
     as_arrays,
     evaluate,
     km_by_quartile,
@@ -94,17 +95,42 @@ def _cohort_table(s: dict[str, Any]) -> str:
     )
 
 
+def uno_tau_sentence(tau: float | None, horizon: float | None) -> str:
+    """Which truncation time Uno's C used and why, for clinicians; empty when it was not computed."""
+    if tau is None:
+        return ""
+    if horizon is None:
+        return (
+            f" It counts deaths within the first {tau:g} years (tau = {tau:g}, the last whole year at which "
+            f"at least {MIN_CENSORING_SURVIVAL:.0%} of patients were still under follow-up; no model horizon "
+            "was given)."
+        )
+    if tau >= horizon:
+        return (
+            f" It counts deaths within the first {tau:g} years (tau = {tau:g}, the model's horizon, the same "
+            "at every site), so it can be compared with other sites' Uno's C."
+        )
+    return (
+        f" It counts deaths within the first {tau:g} years only (tau = {tau:g}), not the model's horizon of "
+        f"{horizon:g} years: beyond {tau:g} years fewer than {MIN_CENSORING_SURVIVAL:.0%} of this site's "
+        "patients were still under follow-up, too few to reweight reliably. Compare it only with sites "
+        f"whose tau is also {tau:g} years."
+    )
+
+
 def _discrimination(s: dict[str, Any]) -> list[str]:
     uno = s["uno_c"]
     uno_text = f"{fmt(uno)} (95% CI {_ci(*s['uno_c_ci'])})" if uno is not None and s["uno_c_ci"] else fmt(uno)
     rows = [(f"{t['years']:g}", fmt(t["auc"])) for t in s["td_auc"]]
     return [
         "<h2>Discrimination beyond Harrell's C</h2>",
-        f"<p>Uno's C-index: {esc(uno_text)}"
-        + (f", using follow-up up to {fmt(s['uno_c_tau'], 1)} years." if s["uno_c_tau"] is not None else ".")
-        + " Uno's C weights each pair by the chance of staying under follow-up, so unlike Harrell's C it "
-        "does not depend on how long this site followed its patients; a value close to Harrell's means "
-        "censoring does not distort the headline.</p>",
+        f"<p>Uno's C-index: {esc(uno_text)}."
+        + esc(uno_tau_sentence(s["uno_c_tau"], s["uno_c_horizon"]))
+        + " Harrell's C counts every pair whose order is known, so sites that follow patients longer or "
+        "lose fewer to follow-up weigh late deaths more. Uno's C weights each pair by the chance of "
+        "staying under follow-up until the earlier death, so it does not depend on this site's censoring "
+        "pattern, and truncating at one fixed time makes sites with different follow-up comparable; a "
+        "value close to Harrell's means censoring does not distort the headline.</p>",
         table(("Years", "Time-dependent AUC"), rows),
         "<p>The time-dependent AUC at <i>t</i> years is the chance that a patient who died within <i>t</i> "
         "years had a higher risk score than a patient still alive at <i>t</i> years (0.5 = chance, "
@@ -376,9 +402,11 @@ def write_site_report(
     fad: np.ndarray | None = None,
     age_model: dict[str, Any] | None = None,
     saliency: CohortSaliency | None = None,
+    horizon: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate one site's risk scores and write ``summary.json`` and ``report.html`` into ``out_dir``.
 
+    ``horizon`` (years) is the model's: Uno's C is truncated there at every site (``evaluate``).
     ``age`` (years) and ``male`` (0/1) per patient enable the cohort description and the age+sex-adjusted
     hazard ratios; ``surv_pred`` ({horizon in years: predicted S(horizon) per patient}) enables
     calibration; ``qc`` is the face-alignment QC summary (counts only); ``fad`` (face-age deviation per
@@ -389,7 +417,7 @@ def write_site_report(
     summary.json is written last, so its presence means the report is complete.
     """
     time, event, risk = as_arrays(time, event, risk)
-    ev = evaluate(time, event, risk, n_boot=n_boot, age=age, male=male, surv_pred=surv_pred)
+    ev = evaluate(time, event, risk, n_boot=n_boot, age=age, male=male, surv_pred=surv_pred, horizon=horizon)
     notes = ev.pop("notes")
     fad_summary = None
     if fad is not None:

@@ -30,15 +30,6 @@ RATIOS = {  # metric prefix -> {hr, ci_low, ci_high} field
     "fad-hr-decade": "fad.hr_per_decade",
 }
 
-SUMMARY_METRICS = frozenset(
-    [
-        *SCALARS,
-        *(f"{k}-{e}" for k in INTERVALS for e in ("low", "high")),
-        *(f"{k}{e}" for k in RATIOS for e in ("", "-low", "-high")),
-        "epsilon",
-    ]
-)
-
 
 def _get(summary: dict[str, Any], field: str) -> Any:
     """The value at a dotted path, or None where any level is missing or None."""

@@ -4,43 +4,50 @@ DP-SGD clips each sample's gradient, which bounds one patient's influence on an 
 the loss is a sum of per-patient terms. The discrete-time hazard loss below is such a sum, so it
 is the loss fahr trains with under DP.
 
-Discrete-time proportional hazards (grouped-time Cox model, complementary log-log link). Follow-up
-[0, horizon) is cut into K equal intervals. For patient i with risk score eta_i and interval
-baseline alpha_k, the hazard of dying in interval k given survival to its start is
+Discrete-time proportional hazards with exact exposure (piecewise-exponential model, log link).
+Follow-up [0, horizon) is cut into K equal intervals of width w. For patient i with risk score
+eta_i and interval baseline alpha_k, the hazard is constant inside interval k,
 
-    h_ik = 1 - exp(-exp(alpha_k + eta_i)),
+    lambda_ik = exp(alpha_k + eta_i) / w   (per year),
 
-so eta is a log hazard ratio exactly as in a Cox model. Patient i, last seen in interval j_i,
-contributes
+so eta is a log hazard ratio exactly as in a Cox model, and surviving the whole of interval k has
+probability exp(-exp(alpha_k + eta_i)) (the curve fahr_core.survival.predict draws). Patient i,
+at risk for a fraction e_ik in [0, 1] of interval k and dying (d_i = 1) in interval j_i,
+contributes the exact negative log-likelihood of their follow-up time and status
 
-    l_i = - sum_{k < j_i} log(1 - h_ik)  - d_i log(h_ij_i),
+    l_i = sum_k e_ik exp(alpha_k + eta_i)  -  d_i (alpha_j_i + eta_i - log w).
 
-i.e. survival through every interval completed and, if the patient died (d_i = 1), death in
-interval j_i. Censored patients add nothing for the interval they were censored in (they are
-not known to have survived it). Patients followed past the horizon are censored at it.
+Why exact exposure: a patient censored inside an interval was at risk for part of it. Giving them
+no exposure there (the grouped-time likelihood fahr used before) overstates every interval's
+hazard, so the baseline survival came out biased low (S(5) 0.576 against a true 0.607 at 20% a
+year censoring); with e_ik the maximum-likelihood interval hazard is deaths / person-time, the
+consistent estimate of a hazard that is constant within the interval (tests/test_losses.py checks
+the fitted baseline against simulation truth and lifelines' Kaplan-Meier and Nelson-Aalen). The
+term is a density, so l_i can be negative. Patients followed past the horizon are censored at it
+(full exposure in every interval).
 The loss of a batch is the mean of the l_i.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 
-def interval_targets(
+def interval_exposure(
     time: torch.Tensor, event: torch.Tensor, n_intervals: int, horizon: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per patient: a mask of intervals survived (B, K) and a one-hot of the death interval (B, K)."""
+    """Per patient: the share of each interval spent at risk (B, K); one-hot of the death interval (B, K)."""
     width = horizon / n_intervals
-    beyond = time >= horizon
+    k = torch.arange(n_intervals, device=time.device, dtype=time.dtype).unsqueeze(0)
+    exposure = (time.unsqueeze(1) / width - k).clamp(0.0, 1.0)
+    died = (event > 0) & (time < horizon)
     last = torch.clamp((time / width).floor().long(), max=n_intervals - 1)
-    died = (event > 0) & ~beyond
-    k = torch.arange(n_intervals, device=time.device).unsqueeze(0)
-    survived = (k < last.unsqueeze(1)) | (beyond.unsqueeze(1))
-    death = (k == last.unsqueeze(1)) & died.unsqueeze(1)
-    return survived.float(), death.float()
+    death = (k.long() == last.unsqueeze(1)) & died.unsqueeze(1)
+    return exposure, death.to(time.dtype)
 
 
 def discrete_hazard_nll(
@@ -51,15 +58,14 @@ def discrete_hazard_nll(
     horizon: float,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Negative log-likelihood of the grouped proportional-hazards model (see the module docstring).
+    """Negative log-likelihood of the piecewise-exponential proportional-hazards model (module docstring).
 
     eta: (B,) risk scores; alpha: (B, K) interval baselines (the same row for every patient).
     """
-    survived, death = interval_targets(time, event, alpha.shape[1], horizon)
+    exposure, death = interval_exposure(time, event, alpha.shape[1], horizon)
     z = (alpha + eta.unsqueeze(1)).clamp(-30.0, 15.0)
-    log_surv = -torch.exp(z)  # log(1 - h)
-    log_haz = torch.log((-torch.expm1(log_surv)).clamp(min=1e-12))  # log(h), stable for small h
-    per_patient = -(survived * log_surv + death * log_haz).sum(1)
+    log_width = math.log(horizon / alpha.shape[1])
+    per_patient = (exposure * torch.exp(z)).sum(1) - (death * (z - log_width)).sum(1)
     if reduction == "none":
         return per_patient
     if reduction == "sum":
@@ -193,7 +199,7 @@ LOSSES: dict[str, LossSpec] = {
     "discrete_hazard": LossSpec(
         "discrete_hazard",
         True,
-        "grouped-time proportional hazards NLL (discrete_hazard_nll); DP-valid",
+        "piecewise-exponential proportional hazards NLL, exact exposure (discrete_hazard_nll); DP-valid",
         discrete_hazard_nll,
     ),
     "cox_efron": LossSpec(

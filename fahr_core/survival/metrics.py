@@ -11,6 +11,7 @@ inputs (wrong lengths, NaN, negative times) are caller bugs and do raise ``Value
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ from scipy.linalg import LinAlgWarning
 MIN_PATIENTS_FOR_QUARTILES = 10
 QUARTILE_LABELS = ("Q1 (lowest risk)", "Q2", "Q3", "Q4 (highest risk)")
 TD_AUC_YEARS = (1.0, 2.0, 5.0)
+# Uno's C is truncated at the model horizon at every site, unless fewer than this share of patients would
+# still be uncensored just before it: there the 1/G^2 weights explode and a handful of late deaths decide the
+# value. tau is then capped at the largest whole year where the share is still at least this.
+MIN_CENSORING_SURVIVAL = 0.1
 # Calibration bins: up to 5, each of at least 10 patients, so a bin's Kaplan-Meier estimate means something
 # and no bin is small enough to point at individual patients.
 CALIBRATION_BINS = 5
@@ -148,9 +153,10 @@ def uno_c(time: np.ndarray, event: np.ndarray, risk: np.ndarray, tau: float | No
     """Uno's C-index (scikit-survival's ``concordance_index_ipcw``), truncated at ``tau`` years.
 
     Harrell's C depends on the censoring pattern; Uno's reweights pairs by the inverse probability of
-    remaining uncensored, so sites with different follow-up become comparable. The censoring distribution
-    is estimated on the same cohort (train = test), since that is the only data a site has.
-    Raises NotEstimable (with a plain reason) when undefined; ``tau=None`` uses the whole follow-up.
+    remaining uncensored, so it estimates the same quantity, the concordance over deaths before ``tau``,
+    whatever the censoring, and sites truncated at the same ``tau`` (see :func:`uno_tau`) are comparable.
+    The censoring distribution is estimated on the same cohort (train = test), since that is the only data
+    a site has. Raises NotEstimable (with a plain reason) when undefined; ``tau=None`` does not truncate.
     """
     from sksurv.metrics import concordance_index_ipcw
 
@@ -164,6 +170,42 @@ def uno_c(time: np.ndarray, event: np.ndarray, risk: np.ndarray, tau: float | No
     if not np.isfinite(value):
         raise NotEstimable("Uno's C-index is undefined: no pair of patients could be compared.")
     return value
+
+
+def censoring_survival_before(time: np.ndarray, event: np.ndarray, t: float) -> float:
+    """G(t-): Kaplan-Meier probability of still being uncensored just before ``t`` (deaths are not censoring).
+
+    The same estimate scikit-survival weights Uno's pairs with; 0 beyond the last follow-up, where no one is
+    observed and G is unknown.
+    """
+    from sksurv.nonparametric import kaplan_meier_estimator
+
+    if len(time) == 0 or t > time.max():
+        return 0.0
+    event, time = np.asarray(event).astype(bool), np.asarray(time, dtype=float)
+    times, g = kaplan_meier_estimator(event, time, reverse=True)
+    before = times < t
+    return float(g[before][-1]) if before.any() else 1.0
+
+
+def uno_tau(time: np.ndarray, event: np.ndarray, horizon: float | None) -> float:
+    """The truncation time of Uno's C: the model ``horizon`` for every site, capped where follow-up is short.
+
+    The cap is the largest whole year below the horizon with G(tau-) >= MIN_CENSORING_SURVIVAL (whole years,
+    so sites with similar follow-up share a tau and it reads plainly). ``horizon=None`` (no model) starts
+    from the last follow-up time. Raises NotEstimable when not even one year qualifies.
+    """
+    if horizon is None:
+        candidates = list(range(math.floor(float(np.max(time))) if len(time) else 0, 0, -1))
+    else:
+        candidates = [float(horizon), *range(math.ceil(horizon) - 1, 0, -1)]
+    for tau in candidates:
+        if censoring_survival_before(time, event, tau) >= MIN_CENSORING_SURVIVAL:
+            return float(tau)
+    raise NotEstimable(
+        f"Uno's C-index is not computed: fewer than {MIN_CENSORING_SURVIVAL:.0%} of patients remained under "
+        "follow-up (uncensored) at 1 year, so its inverse-probability-of-censoring weights are unstable."
+    )
 
 
 def bootstrap_ci(
@@ -591,12 +633,16 @@ def evaluate(
     male: Any = None,
     surv_pred: Mapping[float, Any] | None = None,
     td_auc_years: Sequence[float] = TD_AUC_YEARS,
+    horizon: float | None = None,
 ) -> dict[str, Any]:
     """All statistics for one cohort as a JSON-serialisable dict; missing values come with a reason in notes.
 
+    ``horizon`` is the model's horizon in years: Uno's C is truncated there, the same tau at every site,
+    unless this cohort's follow-up is too short (:func:`uno_tau`).
     Keys: n, events, median_follow_up, c_index, c_index_ci ([lo, hi] or None), logrank_p,
     hr_top_vs_bottom and hr_per_sd (unadjusted; see :func:`adjusted_hazard_ratios`), uno_c, uno_c_ci,
-    uno_c_tau, td_auc ([{years, auc}]), and, only meaningful when ``age``/``male``/``surv_pred`` are given:
+    uno_c_tau (the truncation time used), uno_c_horizon (``horizon``), td_auc ([{years, auc}]), and, only
+    meaningful when ``age``/``male``/``surv_pred`` are given:
     age ({mean, sd, q1, q3}), male_percent, hr_top_vs_bottom_adjusted, hr_per_sd_adjusted, calibration
     (see :func:`calibration`). ph_test checks the most adjusted per-SD model. notes (list of str).
     Every key is always present (None when not computed), so reports need no key checks.
@@ -617,6 +663,7 @@ def evaluate(
         "uno_c": None,
         "uno_c_ci": None,
         "uno_c_tau": None,
+        "uno_c_horizon": horizon,
         "td_auc": [{"years": float(t), "auc": None} for t in td_auc_years],
         "logrank_p": None,
         "hr_top_vs_bottom": None,
@@ -662,12 +709,17 @@ def evaluate(
         harrell_c, arrays, "the C-index", harrell_undefined, n_boot, seed
     )
     notes += extra
-    out["uno_c"], out["uno_c_ci"], extra = _with_ci(
-        partial(uno_c, tau=None), arrays, "Uno's C-index", "Uno's C-index is undefined.", n_boot, seed
-    )
-    notes += extra
-    if out["uno_c"] is not None:
-        out["uno_c_tau"] = float(time.max())
+    try:
+        tau = uno_tau(time, event, horizon)
+    except NotEstimable as exc:
+        notes.append(str(exc))
+    else:
+        out["uno_c"], out["uno_c_ci"], extra = _with_ci(
+            partial(uno_c, tau=tau), arrays, "Uno's C-index", "Uno's C-index is undefined.", n_boot, seed
+        )
+        notes += extra
+        if out["uno_c"] is not None:
+            out["uno_c_tau"] = tau
 
     td = time_dependent_auc(time, event, risk, td_auc_years)
     out["td_auc"] = td["by_time"]

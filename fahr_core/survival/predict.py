@@ -1,9 +1,10 @@
-"""Predicted survival curves of the discrete-time hazard model (for calibration).
+"""Predicted survival curves of the piecewise-exponential hazard model (for calibration).
 
-With interval baselines alpha_k and risk score eta, the probability of surviving interval k is
-exp(-exp(alpha_k + eta)), so S(t) is the product over the intervals that end at or before t,
-times the completed fraction of the interval t falls in (survival within an interval is taken
-as log-linear, i.e. constant hazard inside each interval).
+With interval baselines alpha_k and risk score eta, the hazard is constant inside interval k and
+the probability of surviving the whole interval is exp(-exp(alpha_k + eta)), so S(t) is the
+product over the intervals that end at or before t, times that survival raised to the completed
+fraction of the interval t falls in. This is exactly the model the training loss
+(fahr_core.survival.losses.discrete_hazard_nll) fits, so calibration judges the fitted curve itself.
 """
 
 from __future__ import annotations

@@ -9,19 +9,22 @@ bounds each patient's influence and the accountant's epsilon is a patient-level 
 from __future__ import annotations
 
 import logging
-import math
 import time
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fahr_core.config import PrivacyConfig, TrainConfig
 from fahr_core.faces.images import to_input
 from fahr_core.models.vit import SurvivalViT
+from fahr_core.privacy.dpsgd import PoissonBatches, SamplingPlan, SecureNoiseOptimizer
 from fahr_core.privacy.ledger import PrivacyLedger
+from fahr_core.privacy.randomness import fresh_stream, insecure_rng_active
 from fahr_core.survival.losses import LOSSES, require_dp_valid
 
 log = logging.getLogger(__name__)
@@ -41,20 +44,27 @@ class SurvivalData:
 
 
 class _PatientDataset(Dataset):
-    def __init__(self, data: SurvivalData, seed: int):
+    """One item per patient: one of the patient's photos, picked by `choose(number of photos)`."""
+
+    def __init__(self, data: SurvivalData, choose: Callable[[int], int]):
         self.data = data
-        self.rng = np.random.default_rng(seed)
+        self.choose = choose
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int):
-        photo = self.data.photos[i][self.rng.integers(len(self.data.photos[i]))]
+        photo = self.data.photos[i][self.choose(len(self.data.photos[i]))]
         return (
             torch.from_numpy(self.data.images[photo]),
             torch.tensor(self.data.time[i], dtype=torch.float32),
             torch.tensor(self.data.event[i], dtype=torch.float32),
         )
+
+
+def _collate_or_none(items: list) -> list[torch.Tensor] | None:
+    """An empty Poisson batch collates to None (the DP step then adds noise to a zero sum)."""
+    return default_collate(items) if items else None
 
 
 @dataclass(frozen=True)
@@ -69,38 +79,35 @@ class RoundStats:
     seconds: float
 
 
-def site_delta(privacy: PrivacyConfig, n: int) -> float:
-    """The configured delta, or 1/(10 n): delta must stay well below 1/n to mean anything."""
-    return privacy.delta if privacy.delta > 0 else 1.0 / (10 * max(n, 1))
-
-
-def _run_epochs(
+def _run_steps(
     model: torch.nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
-    epochs: int,
     horizon: float,
     loss_name: str,
 ) -> float:
-    """The training loop shared by private and non-private training; returns the mean loss."""
-    model.train()
+    """One pass over `loader`, shared by private and non-private training; returns the mean loss.
+
+    A None batch (an empty Poisson batch) is a noise-only step of the SecureNoiseOptimizer.
+    """
     total, seen = 0.0, 0
-    for _ in range(epochs):
-        for x, t, e in loader:
-            if len(x) == 0:  # an empty Poisson batch: skipping it releases less than was accounted
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            eta, alpha = model(to_input(x))
-            loss = LOSSES[loss_name].compute(eta, alpha, t, e, horizon)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(x)
-            seen += len(x)
+    for batch in loader:
+        optimizer.zero_grad(set_to_none=True)
+        if batch is None:
+            optimizer.noise_only_step()
+            continue
+        x, t, e = batch
+        eta, alpha = model(to_input(x))
+        loss = LOSSES[loss_name].compute(eta, alpha, t, e, horizon)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(x)
+        seen += len(x)
     return total / max(seen, 1)
 
 
 def _optimizer(model: SurvivalViT, train: TrainConfig) -> torch.optim.Optimizer:
-    model.set_trainable(train.trainable)
+    """AdamW over the tensors the fine-tuning mode left trainable (fahr_core.models.finetune.prepare)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
 
@@ -113,8 +120,14 @@ def train_nonprivate(
     Never used at a site: a site's update must come from `train_dp`.
     """
     torch.manual_seed(seed)
-    loader = DataLoader(_PatientDataset(data, seed), batch_size=train.batch_size, shuffle=True)
-    return _run_epochs(model, loader, _optimizer(model, train), train.local_epochs, horizon, train.loss)
+    rng = np.random.default_rng(seed)
+    loader = DataLoader(
+        _PatientDataset(data, lambda k: int(rng.integers(k))), batch_size=train.batch_size, shuffle=True
+    )
+    optimizer = _optimizer(model, train)
+    model.train()
+    losses = [_run_steps(model, loader, optimizer, horizon, train.loss) for _ in range(train.local_epochs)]
+    return float(np.mean(losses))
 
 
 def train_dp(
@@ -125,60 +138,50 @@ def train_dp(
     ledger: PrivacyLedger,
     rounds_left: int,
     horizon: float,
-    seed: int,
     round_info: dict,
 ) -> RoundStats:
     """Run `train.local_epochs` of DP-SGD (Poisson sampling) and record the spend in `ledger`.
 
     The noise multiplier is calibrated so that this and the `rounds_left - 1` rounds after it fit
     the remaining budget; the ledger refuses the round (BudgetExceeded) before any step is taken
-    if it would not fit.
+    if it would not fit. Sampling, noise and the photo drawn per patient come from secret streams
+    keyed fresh for this call (fahr_core.privacy.randomness): no argument can make them reproducible.
     """
-    from opacus import PrivacyEngine  # heavy import: only sites that train pay for it
-
     require_dp_valid(train.loss)
     start = time.perf_counter()
     n = len(data)
     if n < 2:
         raise ValueError(f"site has {n} training patient(s); DP-SGD needs at least 2")
-    torch.manual_seed(seed)
-    # Opacus' Poisson sampler draws each patient with rate 1 / len(loader) for len(loader) steps an
-    # epoch; the ledger accounts exactly that (checked against the sampler below).
-    steps_per_epoch = math.ceil(n / train.batch_size)
-    q = 1.0 / steps_per_epoch
-    steps = steps_per_epoch * train.local_epochs
-    sigma = ledger.calibrate(q, steps, rounds_left)
-    ledger.check((sigma, q, steps))
+    plan = SamplingPlan.for_data(n, train.batch_size, train.local_epochs)
+    sigma = ledger.calibrate(plan.sample_rate, plan.steps, rounds_left)
+    ledger.check((sigma, plan.sample_rate, plan.steps))
 
-    loader = DataLoader(_PatientDataset(data, seed), batch_size=train.batch_size, shuffle=True)
+    photos = fresh_stream("photo choice")
+    loader = DataLoader(
+        _PatientDataset(data, photos.below),
+        batch_sampler=PoissonBatches(plan, fresh_stream("poisson sampling")),
+        collate_fn=_collate_or_none,
+    )
     optimizer = _optimizer(model, train)
     model.train()  # Opacus validates the module in training mode
-    engine = PrivacyEngine(accountant="rdp")
-    with warnings.catch_warnings():
-        # Opacus warns about secure RNG (not used: torch's PRNG, see docs/privacy.md).
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        dp_model, optimizer, dp_loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=sigma,
-            max_grad_norm=privacy.max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode="hooks",
-        )
-    if abs(dp_loader.sample_rate - q) > 1e-12 or len(dp_loader) != steps_per_epoch:
-        raise RuntimeError(
-            f"sampler (rate {dp_loader.sample_rate}, {len(dp_loader)} steps) differs from the "
-            f"accounted (rate {q}, {steps_per_epoch} steps); refusing to train"
-        )
-    mean_loss = _run_epochs(dp_model, dp_loader, optimizer, train.local_epochs, horizon, train.loss)
+    ModuleValidator.validate(model, strict=True)
+    dp_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    dp_optimizer = SecureNoiseOptimizer(
+        optimizer,
+        noise_multiplier=sigma,
+        max_grad_norm=privacy.max_grad_norm,
+        expected_batch_size=plan.expected_batch_size,
+        stream=fresh_stream("gaussian noise"),
+    )
+    mean_loss = _run_steps(dp_model, loader, dp_optimizer, horizon, train.loss)
     dp_model.remove_hooks()
-    epsilon = ledger.record((sigma, q, steps), round_info)
+    rng = "INSECURE test seed" if insecure_rng_active() else "ChaCha20 keyed from os.urandom"
+    epsilon = ledger.record((sigma, plan.sample_rate, plan.steps), {**round_info, "rng": rng})
     return RoundStats(
         n=n,
         loss=mean_loss,
-        steps=steps,
-        sample_rate=q,
+        steps=plan.steps,
+        sample_rate=plan.sample_rate,
         noise_multiplier=sigma,
         epsilon=epsilon,
         delta=ledger.delta,

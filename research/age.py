@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fahr_server.cli_app import new_app
+from fahr_ops.cli import new_app
 
 app = new_app("FAHR-FaceAge: train, evaluate and apply the age model.")
 
@@ -42,14 +42,14 @@ def train_command(
     img_size: Annotated[int, typer.Option(help="Input size in pixels (multiple of 16).")] = 112,
     epochs: Annotated[int, typer.Option(help="Stage 1 (general) epochs.")] = 10,
     balanced_epochs: Annotated[int, typer.Option(help="Stage 2 (age-balanced) epochs.")] = 5,
-    batch_size: Annotated[int, typer.Option()] = 64,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Stage 1 peak learning rate (head; lower layers decay).")] = 1e-3,
     balanced_lr: Annotated[float, typer.Option(help="Stage 2 peak learning rate.")] = 2.5e-4,
     layer_decay: Annotated[float, typer.Option(help="Layer-wise lr decay per block (1 = none).")] = 0.75,
-    weight_decay: Annotated[float, typer.Option()] = 0.05,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.05,
     cap: Annotated[float, typer.Option(help="Largest oversampling factor of a decade in stage 2.")] = 20.0,
     select: Annotated[str, typer.Option(help="Best epoch by validation 'mae' or 'decade' MAE.")] = "mae",
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
     layout: Layout = "auto",
     aligned: Aligned = None,
     workers: Workers = 0,

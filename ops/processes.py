@@ -47,27 +47,37 @@ class Managed:
         return self.proc.poll() is None
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM the whole group, then SIGKILL whatever is left after `grace_s`."""
-        try:
-            pgid = os.getpgid(self.proc.pid)
-        except ProcessLookupError:
-            pgid = None
-        if pgid is not None:
+        """SIGTERM the command's group and the groups of its detached descendants, then SIGKILL what is
+        left after `grace_s`.
+
+        The command leads its own session, so its group id is its pid: that still names the group after
+        the leader exited on its own (a SuperNode refused by the SuperLink leaves its SuperExec behind).
+        The SuperLink starts its SuperExec in a session of its own, which only a walk down the process
+        tree finds; that SuperExec would otherwise linger until it noticed its parent had gone.
+        """
+        groups = {self.proc.pid} | _descendant_groups(self.proc.pid)
+        for pgid in groups:
             _signal_group(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
-            while time.monotonic() < deadline and _group_alive(pgid):
-                self.proc.poll()
-                time.sleep(0.1)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
+            self.proc.poll()
+            time.sleep(0.1)
+        for pgid in groups:
             _signal_group(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
         self._log.close()
 
     def tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return tail(self.log_path, lines)
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a log file ("" if it cannot be read): what an error message quotes."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -90,13 +100,36 @@ def _pids() -> list[int]:
     return [int(d) for d in os.listdir("/proc") if d.isdigit()] if os.path.isdir("/proc") else []
 
 
-def _is_live_member(pid: int, pgid: int) -> bool:
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, process group) of a process from /proc, or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0] != "Z" and int(fields[2]) == pgid
+        return fields[0], int(fields[1]), int(fields[2])
     except (OSError, IndexError, ValueError):
-        return False
+        return None
+
+
+def _is_live_member(pid: int, pgid: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z" and stat[2] == pgid
+
+
+def _descendant_groups(root: int) -> set[int]:
+    """Process groups of the live descendants of `root`, including those that started their own session."""
+    children: dict[int, list[int]] = {}
+    groups: dict[int, int] = {}
+    for pid in _pids():
+        stat = _stat(pid)
+        if stat is not None and stat[0] != "Z":
+            children.setdefault(stat[1], []).append(pid)
+            groups[pid] = stat[2]
+    found, todo = set(), list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found.add(groups[pid])
+        todo += children.get(pid, [])
+    return found
 
 
 def wait_for_port(host: str, port: int, timeout_s: float, proc: Managed | None = None) -> None:
@@ -122,6 +155,13 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick), for a local API."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def port_free(host: str, port: int) -> bool:

@@ -6,14 +6,16 @@ them (`fahr-client start`), each in its own process group, and always stopped at
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fahr_core.certs import create_server_tls, create_site_keys
 from fahr_core.config import ConnectionConfig, load_server_config, load_site_config
-from fahr_core.processes import Managed
-from fahr_server.cli import run_federation
-from fahr_server.flower import console_script
+from fahr_core.workdir import ServerWorkdir
+from fahr_ops.certs import create_server_tls, create_site_keys
+from fahr_ops.flower import console_script
+from fahr_ops.processes import Managed
 
 
 def local_credentials(
@@ -61,6 +63,20 @@ def site_runtime_port(server_port: int, index: int) -> int:
     return server_port + 100 + index
 
 
+def _echo_lines(path: Path, echo: Callable[[str], object], done: threading.Event) -> None:
+    """Echo the lines appended to `path` until `done` is set and the file has no more to give."""
+    with path.open("rb") as f:
+        f.seek(0, 2)
+        while True:
+            line = f.readline()
+            if line:
+                echo(line.decode(errors="replace").rstrip())
+            elif done.is_set():
+                return
+            else:
+                time.sleep(0.1)
+
+
 def run_local_federation(
     server_toml: Path,
     site_tomls: Sequence[Path],
@@ -70,31 +86,42 @@ def run_local_federation(
 ) -> int:
     """Run the federation in `server_toml` with the sites in `site_tomls` on 127.0.0.1; exit code.
 
-    Secure unless `insecure`: the server config then needs `[security]` and each site `[connection]`
-    (see `local_credentials`). `resume` continues an interrupted run (`fahr-server run --resume`).
+    The server is `fahr-server run` and each site `fahr-client start`, each its own process group, as
+    an operator would run them; the sites start once the server marks its SuperLink ready (keys
+    registered: a site connecting earlier would be refused). Secure unless `insecure`: the server
+    config then needs `[security]` and each site `[connection]` (see `local_credentials`). `resume`
+    continues an interrupted run (`fahr-server run --resume`).
     """
     cfg = load_server_config(server_toml)
+    ready = ServerWorkdir(cfg.workdir).ready
+    ready.unlink(missing_ok=True)
+    cmd = [console_script("fahr-server"), "run", "--config", str(Path(server_toml).resolve())]
+    cmd += (["--insecure"] if insecure else []) + (["--resume"] if resume else [])
+    console = cfg.workdir.parent / f"{cfg.workdir.name}-console.log"
+    console.parent.mkdir(parents=True, exist_ok=True)
+    console.touch()
+    done = threading.Event()
+    follower = threading.Thread(target=_echo_lines, args=(console, echo, done), daemon=True)
+    follower.start()
+    server = Managed("fahr-server", cmd, console)
     clients: list[Managed] = []
-
-    def start_sites() -> None:
-        for i, toml in enumerate(site_tomls):
-            clients.append(
-                start_site(toml, f"{cfg.address}:{cfg.port}", site_runtime_port(cfg.port, i), insecure)
-            )
-
     try:
-        code = run_federation(
-            cfg,
-            Path(server_toml).resolve(),
-            insecure=insecure,
-            echo=echo,
-            on_ready=start_sites,
-            resume=resume,
-        )
+        while server.running and not clients:
+            if ready.exists():
+                clients = [
+                    start_site(toml, f"{cfg.address}:{cfg.port}", site_runtime_port(cfg.port, i), insecure)
+                    for i, toml in enumerate(site_tomls)
+                ]
+            time.sleep(0.2)
+        code = server.proc.wait()
+        done.set()
+        follower.join()
         if code:
             for c in clients:
                 echo(f"--- {c.name}: last lines of {c.log_path}\n{c.tail()}")
         return code
     finally:
+        done.set()
+        server.stop()
         for c in clients:
             c.stop()

@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 
-from fahr_core.certs import create_server_tls, create_site_keys
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import (
@@ -20,10 +19,11 @@ from fahr_core.config import (
     load_site_config,
 )
 from fahr_core.io import atomic_write_text
-from fahr_server.age_cli import app as age_app
-from fahr_server.cli_app import new_app
-from fahr_server.local import local_credentials, run_local_federation
-from fahr_server.pretrain_cli import export_encoder_command, pretrain_command, shards_app
+from fahr_ops.certs import create_server_tls, create_site_keys, renew_server_tls
+from fahr_ops.cli import new_app
+from fahr_research.age import app as age_app
+from fahr_research.local import local_credentials, run_local_federation
+from fahr_research.pretrain import export_encoder_command, pretrain_command, shards_app
 
 app = new_app("fahr research tools.")
 cohort_app = typer.Typer(
@@ -48,19 +48,50 @@ app.add_typer(models_app, name="models")
 def certs_init(
     out: Annotated[Path, typer.Option(help="folder for ca.crt, ca.key, server.crt, server.key")],
     host: Annotated[list[str], typer.Option(help="server DNS name or IP (repeatable)")] = ["127.0.0.1"],  # noqa: B006
+    force: Annotated[
+        bool, typer.Option(help="replace existing files (every site then needs the new ca.crt)")
+    ] = False,
 ) -> None:
     """Create the federation's CA and the server's TLS certificate (keep ca.key offline)."""
-    tls = create_server_tls(out, host)
+    try:
+        tls = create_server_tls(out, host, force=force)
+    except (ValueError, OSError) as e:
+        raise _refused(e) from None
     typer.echo(f"wrote {tls.ca_cert} (give to every site), {tls.cert} and {tls.key} (server only)")
+
+
+@certs_app.command("renew")
+def certs_renew(
+    out: Annotated[Path, typer.Option(help="the folder `fahr certs init` wrote (ca.key must be there)")],
+    days: Annotated[int, typer.Option(help="validity of the new server certificate, in days")] = 825,
+) -> None:
+    """Renew the server's TLS certificate: same key, names and CA; restart fahr-server to use it."""
+    try:
+        renewal = renew_server_tls(out, days)
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {renewal.cert}, valid until {renewal.valid_until:%Y-%m-%d}; restart fahr-server")
+    if renewal.ca_reissued:
+        typer.echo(
+            f"the CA certificate expired first and was re-issued (same key): give the new "
+            f"{Path(out) / 'ca.crt'} to every site"
+        )
 
 
 @certs_app.command("site")
 def certs_site(
     out: Annotated[Path, typer.Option(help="folder for <site>.key and <site>.pub")],
     site: Annotated[str, typer.Option(help="site name")],
+    force: Annotated[
+        bool, typer.Option(help="replace an existing key pair (the server must register the new .pub)")
+    ] = False,
 ) -> None:
     """Create a site's key pair: the .key stays at the site, the .pub goes to the server operator."""
-    private, public = create_site_keys(out, site)
+    try:
+        private, public = create_site_keys(out, site, force=force)
+    except (ValueError, OSError) as e:
+        raise _refused(e) from None
     typer.echo(
         f"wrote {private} (stays at the site) and {public} (register at the server: [security].site_keys)"
     )
@@ -84,12 +115,15 @@ def models_build(
     import torch
 
     from fahr_core.train.model_build import STAGES, ModelBuild, recipe_from_json
+    from fahr_research.federated_eval import demo_federation_c
 
     if threads:
         torch.set_num_threads(threads)
     try:
         r = recipe_from_json(recipe)
-        build = ModelBuild(data, out, r, aligned, workers or None, echo=lambda s: typer.echo(s))
+        build = ModelBuild(
+            data, out, r, aligned, workers or None, echo=typer.echo, score_warm_start=demo_federation_c
+        )
         build.run(only.split(",") if only else STAGES)
     except (FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
@@ -98,6 +132,12 @@ def models_build(
 
 DEMO_ENCODER = demo_faces_dir() / "encoder_vit_micro.safetensors"
 DEMO_AGE_MODEL = demo_faces_dir() / "age_vit_micro.safetensors"  # every site's FAD (docs/fad.md)
+
+
+def _refused(e: Exception) -> typer.Exit:
+    """An operator error as one line on stderr (FileExistsError, a bad name, an unwritable folder)."""
+    typer.echo(f"error: {e}", err=True)
+    return typer.Exit(2)
 
 
 def _floats(text: str, what: str) -> tuple[float, ...]:
@@ -119,27 +159,39 @@ def simulate(
         str, typer.Option(help="deaths per person-year at age 50, per site")
     ] = "0.02,0.03,0.015",
     names: Annotated[str, typer.Option(help="site names, comma-separated (default site1, site2, ...)")] = "",
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the simulated survival times and site split")] = 0,
     overwrite: Annotated[bool, typer.Option(help="replace existing simulated files")] = False,
 ) -> None:
     """Write semi-synthetic site folders: real faces, Gompertz survival on age and sex (docs/site-data.md)."""
     n = [int(x) for x in _floats(sizes, "--sizes")]
-    params = SimulationParams(
-        n_sites=len(n),
-        site_sizes=tuple(n),
-        site_mean_ages=_floats(mean_ages, "--mean-ages"),
-        site_baseline_rates=_floats(rates, "--rates"),
-    )
+    per_site = {"--mean-ages": _floats(mean_ages, "--mean-ages"), "--rates": _floats(rates, "--rates")}
+    uneven = [f"{flag} has {len(v)}" for flag, v in per_site.items() if len(v) != len(n)]
+    if uneven:
+        raise _refused(
+            ValueError(
+                f"--sizes names {len(n)} site(s) but {' and '.join(uneven)} value(s); give one per site"
+            )
+        )
     site_names = names.split(",") if names else [f"site{i + 1}" for i in range(len(n))]
-    records = load_labelled_faces(faces or demo_faces_dir())
-    for d in simulate_sites(records, out, params, seed, site_names, overwrite):
+    try:
+        params = SimulationParams(
+            n_sites=len(n),
+            site_sizes=tuple(n),
+            site_mean_ages=per_site["--mean-ages"],
+            site_baseline_rates=per_site["--rates"],
+        )
+        records = load_labelled_faces(faces or demo_faces_dir())
+        written = simulate_sites(records, out, params, seed, site_names, overwrite)
+    except (ValueError, OSError) as e:  # FaceLabelError is a ValueError listing every bad row
+        raise _refused(e) from None
+    for d in written:
         typer.echo(f"wrote {d}")
 
 
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="working folder for the demo")] = Path("demo-run"),
-    rounds: Annotated[int, typer.Option()] = 3,
+    rounds: Annotated[int, typer.Option(help="federated rounds")] = 3,
     port: Annotated[int, typer.Option(help="SuperLink port on 127.0.0.1")] = 8000,
 ) -> None:
     """Server + three TLS-authenticated sites on 127.0.0.1: bundled cohort, DP training, reports."""
@@ -161,7 +213,7 @@ def demo(
             data=Path("."),
             workdir=Path(".fahr"),
             privacy=PrivacyConfig(epsilon=8.0, max_grad_norm=1.0),
-            train=TrainConfig(local_epochs=3, batch_size=16, lr=2e-3, trainable="last:1", threads=1),
+            train=TrainConfig(local_epochs=3, batch_size=16, lr=2e-3, threads=1),
         )
         dump_site_config(cfg, sites_dir / name / "site.toml")
         shutil.rmtree(sites_dir / name / ".fahr", ignore_errors=True)
@@ -176,6 +228,7 @@ workdir = "server"
 
 [model]
 arch = "vit_micro"
+finetune = "last:1"
 encoder_checkpoint = "{DEMO_ENCODER}"
 age_checkpoint = "{DEMO_AGE_MODEL}"
 

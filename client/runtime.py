@@ -24,12 +24,15 @@ from fahr_core.faces.pipeline import AlignmentTable, Progress, align_photos, ali
 from fahr_core.faces.qc import QCConfig
 from fahr_core.io import atomic_write_json
 from fahr_core.models.checkpoint import save_weights
+from fahr_core.models.finetune import merge, site_model, split_state
 from fahr_core.models.saliency import MIN_PATIENTS_FOR_SALIENCY, CohortSaliency, cohort_saliency
 from fahr_core.models.vit import SurvivalViT
-from fahr_core.privacy.ledger import PrivacyLedger
+from fahr_core.privacy.audit import evaluations_in_run
+from fahr_core.privacy.ledger import PrivacyLedger, locked
+from fahr_core.privacy.outbound import suppress_small_cells
 from fahr_core.report.wire import summary_to_metrics
 from fahr_core.survival.predict import survival_at
-from fahr_core.train.local import SurvivalData, patient_risk, site_delta, train_dp
+from fahr_core.train.local import SurvivalData, patient_risk, train_dp
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,10 @@ def _own_photos(data: SurvivalData) -> tuple[np.ndarray, tuple[tuple[int, ...], 
     return data.images[used], tuple(tuple(where[i] for i in idx) for idx in data.photos)
 
 
+class EvaluationRefused(RuntimeError):
+    """The server asked for more evaluations in one run than the site's config allows."""
+
+
 class SiteRuntime:
     def __init__(self, cfg: SiteConfig):
         self.cfg = cfg
@@ -89,20 +96,28 @@ class SiteRuntime:
         )
 
     def load(self, img_size: int) -> SiteSplit:
-        """Validate the cohort, align its photos, split the patients, decode the aligned faces once.
+        """Validate the cohort, split the patients, align their photos, decode the aligned faces once.
 
-        Patients none of whose photos could be aligned are left out (the report's QC table counts them).
+        The whole validated cohort is split before quality control, so a photo failing alignment can
+        never move another patient across the split; then patients none of whose photos could be
+        aligned are left out of their part (the report's QC table counts them).
         """
         cohort = load_cohort(self.cfg.data)
+        parts = split_patients(cohort, self.cfg.test_fraction, self.cfg.split_seed)
         table = self.align(cohort, workers=1)  # normally all cached: `fahr-client start` aligned them
         crops = {Path(r.path): table.crop_path(r) for r in table.aligned}
-        kept = tuple(
-            replace(pt, photos=tuple(p for p in pt.photos if p in crops))
-            for pt in cohort.patients
-            if any(p in crops for p in pt.photos)
+        train, test = (
+            replace(
+                part,
+                patients=tuple(
+                    replace(pt, photos=tuple(p for p in pt.photos if p in crops))
+                    for pt in part.patients
+                    if any(p in crops for p in pt.photos)
+                ),
+            )
+            for part in parts
         )
-        usable = replace(cohort, patients=kept)
-        train, test = split_patients(usable, self.cfg.test_fraction, self.cfg.split_seed)
+        kept = train.patients + test.patients
         photos = sorted({p for pt in kept for p in pt.photos})
         images = load_faces([crops[p] for p in photos], img_size, self.cfg.workdir / "cache")
         index = {p: i for i, p in enumerate(photos)}
@@ -111,50 +126,60 @@ class SiteRuntime:
 
     def ledger(self, n_train: int) -> PrivacyLedger:
         p = self.cfg.privacy
-        return PrivacyLedger.open(self.cfg.ledger_path, p.epsilon, site_delta(p, n_train))
-
-    def _model(self, spec: ModelConfig, state: State) -> SurvivalViT:
-        model = SurvivalViT(spec.arch, spec.img_size, spec.n_intervals)
-        model.load_state_dict(state)
-        return model
+        return PrivacyLedger.open(self.cfg.ledger_path, p.epsilon, p.delta, n_train)
 
     def train_round(
-        self, state: State, spec: ModelConfig, server_round: int, num_rounds: int
+        self,
+        state: State,
+        spec: ModelConfig,
+        server_round: int,
+        num_rounds: int,
+        server_record: tuple[int, float] | None = None,
     ) -> tuple[State, dict[str, float]]:
-        """One round of local DP training from the global `state`; returns weights and metrics to send."""
+        """One round of local DP training from the global `state`; returns the trained tensors and metrics.
+
+        `state` holds the trainable tensors (and, in a run's first round, the frozen base); what is
+        returned is only the trainable tensors, in float32 (fahr_core.models.finetune).
+        `server_record` is (rounds, epsilon) the server has on record for this site: a ledger
+        showing less refuses the round (LedgerBehindServer). The ledger stays locked from opening
+        to recording, so concurrent trainings of this site run one after the other.
+        """
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
         split = self.load(spec.img_size)
-        model = self._model(spec, state)
-        ledger = self.ledger(len(split.train))
-        stats = train_dp(
-            model,
-            split.train,
-            self.cfg.train,
-            self.cfg.privacy,
-            ledger,
-            rounds_left=num_rounds - server_round + 1,
-            horizon=spec.horizon_years,
-            seed=self.cfg.split_seed * 100_003 + server_round,
-            round_info={"server_round": server_round, "num_rounds": num_rounds},
-        )
-        new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model = site_model(state, spec, self.cfg.workdir)
+        with locked(self.cfg.ledger_path):
+            ledger = self.ledger(len(split.train))
+            if server_record is not None:
+                ledger.require_server_record(*server_record)
+            stats = train_dp(
+                model,
+                split.train,
+                self.cfg.train,
+                self.cfg.privacy,
+                ledger,
+                rounds_left=num_rounds - server_round + 1,
+                horizon=spec.horizon_years,
+                round_info={"server_round": server_round, "num_rounds": num_rounds},
+            )
+        new_state, _ = split_state(model)
+        # the loss and the time taken stay in the site's own log: with crafted global weights either
+        # would tell the server whether a patient is in the data (fahr_core.privacy.outbound)
         metrics = {
             "num-examples": stats.n,
-            "train-loss": stats.loss,
             "epsilon": stats.epsilon,
             "delta": stats.delta,
             "epsilon-budget": ledger.budget,
             "noise-multiplier": stats.noise_multiplier,
             "sample-rate": stats.sample_rate,
             "steps": stats.steps,
-            "train-seconds": stats.seconds,
         }
         log.info(
-            "site %s round %d: loss %.4f, epsilon %.3f / %g",
+            "site %s round %d: loss %.4f, %.1f s, epsilon %.3f / %g",
             self.cfg.name,
             server_round,
             stats.loss,
+            stats.seconds,
             stats.epsilon,
             ledger.budget,
         )
@@ -182,6 +207,21 @@ class SiteRuntime:
             return fad, None
         return fad, cohort_saliency(scorers, images)
 
+    def admit_evaluation(self, run_id: int) -> None:
+        """Refuse an evaluation beyond `[privacy].evaluations_per_run` in federation run `run_id`.
+
+        Every evaluation releases non-DP aggregates of the held-out patients for whatever weights the
+        server chose, so the site, not the server, decides how many it answers. The count comes from
+        the audit log, which records every evaluation reply and is verified against its head first.
+        """
+        done = evaluations_in_run(self.cfg.audit_path, run_id)
+        allowed = self.cfg.privacy.evaluations_per_run
+        if done >= allowed:
+            raise EvaluationRefused(
+                f"site {self.cfg.name} already answered {done} evaluation(s) in run {run_id}; its config "
+                f"allows {allowed} per run ([privacy].evaluations_per_run)"
+            )
+
     def evaluate(
         self, state: State, spec: ModelConfig, meta: dict, age_model: DeliveredAgeModel | None = None
     ) -> tuple[dict[str, float], dict]:
@@ -194,16 +234,17 @@ class SiteRuntime:
         from fahr_core.report.site import write_site_report  # lifelines/matplotlib: evaluation only
 
         split = self.load(spec.img_size)
-        model = self._model(spec, state)
+        model = merge(site_model(state, spec, self.cfg.workdir))
         risk = patient_risk(model, split.test)
         save_weights(
             self.cfg.workdir / "global_model.safetensors",
-            state,
+            model.state_dict(),
             {"arch": spec.arch, "img_size": str(spec.img_size)},
         )
         ledger = self.ledger(len(split.train))
         privacy = {
             "epsilon": round(ledger.epsilon, 4),
+            "epsilon_prv": round(ledger.epsilon_prv, 4),  # the same history, PRV accountant (not enforced)
             "delta": ledger.delta,
             "budget": ledger.budget,
             "accountant": "RDP (Opacus), composed over every round in the site ledger",
@@ -237,7 +278,8 @@ class SiteRuntime:
             fad=fad,
             age_model=None if age_model is None else age_model.describe(),
             saliency=saliency,
+            horizon=spec.horizon_years,
         )
         atomic_write_json(self.cfg.workdir / "last_evaluation.json", {"meta": meta, "privacy": privacy})
-        metrics = summary_to_metrics(summary)
+        metrics = suppress_small_cells(summary_to_metrics(summary))
         return metrics, summary

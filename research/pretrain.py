@@ -1,7 +1,7 @@
 """`fahr pretrain` / `fahr export-encoder` / `fahr shards build`: MAE pre-training of the FAHR-Face encoder.
 
 Multi-GPU (or multi-process on CPU):
-    torchrun --nproc_per_node=8 -m fahr_server.pretrain_cli pretrain --data ... --out ...
+    torchrun --nproc_per_node=8 -m fahr_research.pretrain pretrain --data ... --out ...
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from fahr_server.cli_app import new_app
+from fahr_ops.cli import new_app
 
 app = new_app("MAE pre-training of the FAHR-Face encoder.")
 shards_app = typer.Typer(
@@ -38,23 +38,23 @@ def pretrain_command(
     ] = "vit_base",
     img_size: Annotated[int, typer.Option(help="Input size in pixels (multiple of 16).")] = 112,
     mask_ratio: Annotated[float, typer.Option(help="Fraction of patches masked.")] = 0.75,
-    decoder_dim: Annotated[int, typer.Option()] = 512,
-    decoder_depth: Annotated[int, typer.Option()] = 8,
-    decoder_heads: Annotated[int, typer.Option()] = 16,
+    decoder_dim: Annotated[int, typer.Option(help="MAE decoder width.")] = 512,
+    decoder_depth: Annotated[int, typer.Option(help="MAE decoder blocks.")] = 8,
+    decoder_heads: Annotated[int, typer.Option(help="MAE decoder attention heads.")] = 16,
     norm_pix_loss: Annotated[bool, typer.Option(help="Per-patch normalised pixel targets.")] = True,
     batch_size: Annotated[int, typer.Option(help="Images per process per micro-step.")] = 256,
     accum_steps: Annotated[int, typer.Option(help="Micro-steps per optimiser step.")] = 1,
     base_lr: Annotated[float, typer.Option(help="lr = base_lr * global batch / 256.")] = 1.5e-4,
-    weight_decay: Annotated[float, typer.Option()] = 0.05,
-    warmup_steps: Annotated[int, typer.Option()] = 2000,
-    total_steps: Annotated[int, typer.Option()] = 100_000,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.05,
+    warmup_steps: Annotated[int, typer.Option(help="Linear lr warm-up steps.")] = 2000,
+    total_steps: Annotated[int, typer.Option(help="Steps of the cosine lr schedule.")] = 100_000,
     stop_at: Annotated[int | None, typer.Option(help="Checkpoint and stop after this step.")] = None,
-    checkpoint_every: Annotated[int, typer.Option()] = 1000,
-    log_every: Annotated[int, typer.Option()] = 50,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 1000,
+    log_every: Annotated[int, typer.Option(help="Steps between log lines.")] = 50,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes per process.")] = 8,
     bf16: Annotated[bool, typer.Option(help="bf16 autocast (CUDA only).")] = True,
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, masking and data order.")] = 0,
 ) -> None:
     """Pre-train the encoder as a masked autoencoder. Under torchrun, every process runs this."""
     from fahr_core.train.pretrain import PretrainConfig, pretrain

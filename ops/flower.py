@@ -6,19 +6,27 @@ Every Flower process fahr starts gets a private FLWR_HOME, telemetry off, no upd
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
-from importlib.metadata import version
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cryptography import x509
+
 from fahr_core.config import ConnectionConfig, SecurityConfig
-from fahr_core.io import atomic_write_text
-from fahr_core.processes import Managed, wait_for_port
+from fahr_core.io import atomic_write_json, atomic_write_text
+from fahr_core.release import release
+from fahr_ops.processes import Managed, is_loopback, wait_for_port
 
 APP_NAME = "fahr-federation"
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
+# site public key (sha256 of the .pub file) -> {"key": path, "node": SuperNode id}, beside superlink.db
+REGISTERED_SITES = "registered_sites.json"
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
@@ -52,7 +60,7 @@ def write_app(app_dir: Path, config_path: Path, resume: bool = False) -> Path:
     keeps the bundle tiny. The run config carries the absolute path of the server config and
     whether the ServerApp continues the run recorded in the workdir's state.json.
     """
-    ver = version("fahr")
+    ver = release()
     atomic_write_text(
         app_dir / "pyproject.toml",
         f"""[build-system]
@@ -96,6 +104,30 @@ address = "{address}"
     )
 
 
+def local_address(address: str, port: int, security: SecurityConfig | None) -> str:
+    """host:port at which this machine's own `flwr` calls reach the SuperLink listening on `address`.
+
+    A wildcard address (0.0.0.0: every interface) is nothing to connect to, and under TLS `flwr`
+    checks the server certificate against the name it dials, while the certificate may carry only
+    the server's DNS name. So dial a loopback name or address the certificate carries if it has
+    one, else its first DNS name (the server's own name resolves to one of its interfaces).
+    """
+    host = address
+    if address in WILDCARD_HOSTS:
+        host = "127.0.0.1" if security is None else _certificate_host(Path(security.server_cert))
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _certificate_host(cert_path: Path) -> str:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    ips = [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+    names = sans.get_values_for_type(x509.DNSName) + ips
+    if not names:
+        raise ValueError(f"{cert_path}: the server certificate names no host (subject alternative names)")
+    return next((n for n in names if is_loopback(n)), names[0])
+
+
 def start_superlink(
     host: str, port: int, database: Path, log_path: Path, env: dict[str, str], security: SecurityConfig | None
 ) -> Managed:
@@ -127,22 +159,64 @@ def start_superlink(
     return link
 
 
-def register_sites(site_keys: Sequence[Path], env: dict[str, str], log_path: Path) -> None:
-    """Register each site's public key with the SuperLink (Flower's SuperNode authentication)."""
+def register_sites(
+    site_keys: Sequence[Path],
+    env: dict[str, str],
+    workdir: Path,
+    log_path: Path,
+    echo: Callable[[str], object],
+) -> None:
+    """Make the SuperLink's registered SuperNodes exactly the sites in `site_keys`.
+
+    Flower's SuperNode authentication keeps registered keys in superlink.db until they are
+    unregistered by node id, so fahr records the node id of every key it registers
+    (registered_sites.json) and unregisters the ones whose key left `[security].site_keys`, or
+    whose .pub file now holds another key (a rotated key): a removed site can no longer join.
+    """
+    registry = Path(workdir) / REGISTERED_SITES
+    known: dict[str, dict] = json.loads(registry.read_text()) if registry.exists() else {}
+    wanted = {}
     for key in site_keys:
         if not Path(key).is_file():
             raise FileNotFoundError(f"{key}: site public key not found ([security].site_keys)")
-        done = subprocess.run(
-            [console_script("flwr"), "supernode", "register", str(key), "fahr"],
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        with log_path.open("a") as log:
-            log.write(done.stdout + done.stderr)
-        if done.returncode != 0 and "already" not in (done.stdout + done.stderr).lower():
-            raise RuntimeError(f"registering {key} failed:\n{done.stdout}{done.stderr}")
+        wanted[hashlib.sha256(Path(key).read_bytes()).hexdigest()] = str(key)
+    for digest, entry in list(known.items()):
+        if digest not in wanted:
+            _flwr(["supernode", "unregister", str(entry["node"]), "fahr"], env, log_path)
+            del known[digest]
+            atomic_write_json(registry, known)
+            echo(f"unregistered {entry['key']} (SuperNode {entry['node']}): not in [security].site_keys")
+    for digest, key in wanted.items():
+        if digest in known:
+            continue
+        try:
+            out = _flwr(["supernode", "register", key, "fahr", "--format", "json"], env, log_path)
+        except RuntimeError as e:
+            if "already" not in str(e).lower():
+                raise
+            echo(f"warning: {key} was registered before fahr recorded node ids: removing it will need `flwr`")
+            continue
+        found = re.search(r'"node-id":\s*"?(\d+)', out)
+        if found is None:
+            raise RuntimeError(f"registering {key}: no SuperNode id in Flower's answer:\n{out}")
+        known[digest] = {"key": key, "node": int(found.group(1))}
+        atomic_write_json(registry, known)
+
+
+def _flwr(args: list[str], env: dict[str, str], log_path: Path) -> str:
+    """One `flwr` CLI call against the SuperLink named `fahr`; its output is appended to the log."""
+    done = subprocess.run(
+        [console_script("flwr"), *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    with log_path.open("a") as log:
+        log.write(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"flwr {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+    return done.stdout
 
 
 def start_supernode(

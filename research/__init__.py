@@ -1,0 +1,3 @@
+"""fahr_research: the researcher CLI `fahr` (pre-training, age models, cohorts, certificates, the demo).
+
+Neither federation side imports it."""
