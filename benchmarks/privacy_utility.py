@@ -3,7 +3,7 @@
 For each seed, the demo's three sites are simulated from the bundled faces (`fahr demo`'s sizes,
 age mixes and rates; the seed draws the faces and the outcomes), and the demo's federation
 (3 rounds, head + last block, 3 local epochs, batch 16, lr 2e-3) is run in process
-(`fahr_core.train.federated_eval.federate`: each site's own `SiteRuntime.train_round`, DP-SGD
+(`fahr_research.federated_eval.federate`: each site's own `SiteRuntime.train_round`, DP-SGD
 charged to its ledger, example-weighted FedAvg) from the warm-start encoder, once per budget and
 once without DP. The reference is the oracle C of the simulator's true linear predictor on the
 same held-out patients. Within a seed every arm sees the same cohort (a paired comparison); DP
