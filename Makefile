@@ -36,6 +36,7 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy fahr_core
 	$(BIN)/python -m pytest -q
 
 # Rebuild every shipped model from the shared faces (docs/models.md): about 1.5-2.5 hours on the
@@ -46,7 +47,7 @@ models: $(STAMP)
 	$(BIN)/fahr models build --data $(MODELS_DATA) --out $(MODELS_OUT) --threads 1
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports && $(BIN)/mypy fahr_core
 
 clean:
 	rm -rf demo-run .pytest_cache

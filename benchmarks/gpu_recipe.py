@@ -34,9 +34,9 @@ from torch.utils.data import DataLoader
 from fahr_core.faces.images import to_input
 from fahr_core.io import atomic_write_json
 from fahr_core.models.mae import MAE
-from fahr_core.train.model_build import MAE_ENCODER, ModelBuild, Recipe
 from fahr_core.train.pretrain import FaceStream, mask_noise, param_groups
 from fahr_core.train.shards import ShardReader
+from fahr_research.models import MAE_ENCODER, ModelBuild, Recipe
 
 H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's H200 SXM datasheet, dense (no sparsity)
 

@@ -3,7 +3,7 @@
 For each seed, the demo's three sites are simulated from the bundled faces (`fahr demo`'s sizes,
 age mixes and rates; the seed draws the faces and the outcomes), and the demo's federation
 (3 rounds, head + last block, 3 local epochs, batch 16, lr 2e-3) is run in process
-(`fahr_research.federated_eval.federate`: each site's own `SiteRuntime.train_round`, DP-SGD
+(`fahr_client.simulation.federate`: each site's own `SiteRuntime.train_round`, DP-SGD
 charged to its ledger, example-weighted FedAvg) from the warm-start encoder, once per budget and
 once without DP. The reference is the oracle C of the simulator's true linear predictor on the
 same held-out patients. Within a seed every arm sees the same cohort (a paired comparison); DP
@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fahr_client.simulation import FederationSetup, federate
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import ModelConfig
 from fahr_core.faces.detect import BlazeFaceDetector
 from fahr_core.faces.pipeline import align_photos
 from fahr_core.io import atomic_write_json
-from fahr_research.federated_eval import FederationSetup, federate
 
 DEMO_SITES = ("maastro", "boston", "leiden")  # fahr demo's sites and sizes
 DEMO_SIZES = (150, 120, 90)

@@ -114,16 +114,13 @@ def models_build(
     """MAE encoder, age model (and its random-init twin) and survival warm start (docs/models.md)."""
     import torch
 
-    from fahr_core.train.model_build import STAGES, ModelBuild, recipe_from_json
-    from fahr_research.federated_eval import demo_federation_c
+    from fahr_research.models import STAGES, ModelBuild, recipe_from_json
 
     if threads:
         torch.set_num_threads(threads)
     try:
         r = recipe_from_json(recipe)
-        build = ModelBuild(
-            data, out, r, aligned, workers or None, echo=typer.echo, score_warm_start=demo_federation_c
-        )
+        build = ModelBuild(data, out, r, aligned, workers or None, echo=lambda s: typer.echo(s))
         build.run(only.split(",") if only else STAGES)
     except (FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)

@@ -12,10 +12,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fahr_client.simulation import fedavg
 from fahr_core.age.model import load_age_model
 from fahr_core.models.checkpoint import load_encoder_weights
 from fahr_core.models.vit import SurvivalViT
-from fahr_core.train.model_build import (
+from fahr_research.models import (
     DONE,
     SURVIVAL_ENCODER,
     ModelBuild,
@@ -23,7 +24,6 @@ from fahr_core.train.model_build import (
     demo_face_names,
     recipe_from_json,
 )
-from fahr_research.federated_eval import demo_federation_c, fedavg
 
 TINY = Recipe(
     decoder_dim=32,
@@ -84,9 +84,7 @@ def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None
     torch.set_num_threads(1)
     out = tmp_path / "run"
     lines: list[str] = []
-    summary = ModelBuild(
-        faces, out, TINY, workers=1, echo=lines.append, score_warm_start=demo_federation_c
-    ).run()
+    summary = ModelBuild(faces, out, TINY, workers=1, echo=lines.append).run()
     stages = summary["stages"]
     # the demo faces are never trained on: neither in the MAE shards nor in the age model's faces
     shard_names = (out / "shards" / "train" / "files.txt").read_text().split()
@@ -119,7 +117,7 @@ def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None
     # a re-run skips every complete stage; removing one stage's marker re-runs only that stage
     (out / "age-random" / DONE).unlink()
     lines.clear()
-    ModelBuild(faces, out, TINY, workers=1, echo=lines.append, score_warm_start=demo_federation_c).run()
+    ModelBuild(faces, out, TINY, workers=1, echo=lines.append).run()
     skipped = [line for line in lines if line.endswith("complete, skipped")]
     assert len(skipped) == 4 and any(line.startswith("[age-random] 2") for line in lines)
 

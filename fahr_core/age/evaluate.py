@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from numpy.typing import ArrayLike
 
 from fahr_core.age.split import TOP_DECADE, decade
 from fahr_core.cohort.faces import FaceRecord
@@ -33,18 +34,18 @@ def decade_label(d: int) -> str:
 
 def _group(err: np.ndarray, keys: Sequence[str]) -> dict[str, dict[str, float]]:
     """MAE per non-empty key, keys in sorted order."""
-    keys = np.asarray(keys)
+    labels = np.asarray(keys)
     return {
-        str(k): {"n": int((keys == k).sum()), "mae": float(err[keys == k].mean())}
-        for k in sorted(set(keys.tolist()) - {""})
+        str(k): {"n": int((labels == k).sum()), "mae": float(err[labels == k].mean())}
+        for k in sorted(set(labels.tolist()) - {""})
     }
 
 
 def age_metrics(
-    ages: Sequence[float], predicted: Sequence[float], sex: Sequence[str] = (), race: Sequence[str] = ()
+    true_ages: ArrayLike, predictions: ArrayLike, sex: Sequence[str] = (), race: Sequence[str] = ()
 ) -> dict[str, Any]:
     """The evaluation numbers; `by_sex`/`by_race` only cover faces with that label (empty = unknown)."""
-    ages, predicted = np.asarray(ages, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
+    ages, predicted = np.asarray(true_ages, dtype=np.float64), np.asarray(predictions, dtype=np.float64)
     if ages.shape != predicted.shape or not len(ages):
         raise ValueError(f"need as many predictions as ages (> 0), got {len(predicted)} and {len(ages)}")
     err = np.abs(predicted - ages)
@@ -80,7 +81,7 @@ def error_vs_age_png(ages: np.ndarray, predicted: np.ndarray, metrics: dict[str,
 def write_evaluation(
     out_dir: Path,
     faces: Sequence[FaceRecord],
-    predicted: Sequence[float],
+    predicted: ArrayLike,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """metrics.json (+ `extra`), predictions.csv, groups.csv and error_vs_age.png; returns the metrics."""

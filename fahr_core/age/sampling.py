@@ -17,7 +17,7 @@ from fahr_core.age.split import decade
 DEFAULT_CAP = 20.0
 
 
-def oversampling_factors(ages: Sequence[float], cap: float = DEFAULT_CAP) -> dict[int, float]:
+def oversampling_factors(ages: Sequence[float] | np.ndarray, cap: float = DEFAULT_CAP) -> dict[int, float]:
     """Per decade bin, how many times each of its faces is shown per balanced epoch.
 
     A bin of n faces is raised towards the largest bin's size, n_max: factor min(cap, n_max / n),
@@ -33,7 +33,10 @@ def oversampling_factors(ages: Sequence[float], cap: float = DEFAULT_CAP) -> dic
 
 
 def balanced_epoch(
-    ages: Sequence[float], rng: np.random.Generator, cap: float = DEFAULT_CAP, size: int | None = None
+    ages: Sequence[float] | np.ndarray,
+    rng: np.random.Generator,
+    cap: float = DEFAULT_CAP,
+    size: int | None = None,
 ) -> np.ndarray:
     """Shuffled indices of one balanced epoch.
 

@@ -44,7 +44,7 @@ def decade_split(
     validation: list[int] = []
     bins = np.array([decade(a) for a in ages])
     for d in range(TOP_DECADE + 1):
-        members = sorted(np.flatnonzero(bins == d), key=lambda i: names[i])
+        members = sorted(np.flatnonzero(bins == d).tolist(), key=lambda i: names[i])
         if not members:
             continue
         order = [members[i] for i in rng.permutation(len(members))]

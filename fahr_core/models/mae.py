@@ -100,6 +100,8 @@ class MAE(nn.Module):
         self, imgs: torch.Tensor, noise: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         enc = self.encoder
+        # timm types both as Optional; fahr's encoders always have them (models.vit builds them so)
+        assert enc.pos_embed is not None and enc.cls_token is not None
         x = enc.patch_embed(imgs) + enc.pos_embed[:, 1:, :]
         x, mask, ids_restore = self.random_masking(x, noise)
         cls = (enc.cls_token + enc.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
@@ -112,12 +114,18 @@ class MAE(nn.Module):
         norm = enc.fc_norm if isinstance(enc.norm, nn.Identity) else enc.norm
         return norm(x), mask, ids_restore
 
+    def decoder_pos_table(self) -> torch.Tensor:
+        """The decoder's fixed sin-cos position table (a buffer: registered buffers are untyped)."""
+        table = self.decoder_pos_embed
+        assert isinstance(table, torch.Tensor)
+        return table
+
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(latent)
         b, n = ids_restore.shape
         tokens = torch.cat([x[:, 1:, :], self.mask_token.expand(b, n + 1 - x.shape[1], -1)], dim=1)
         tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1, :], tokens], dim=1) + self.decoder_pos_embed
+        x = torch.cat([x[:, :1, :], tokens], dim=1) + self.decoder_pos_table()
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]

@@ -169,7 +169,7 @@ class FaceStream(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         k = self.start + worker  # the DataLoader asks workers in turn, starting with worker 0
-        perm_epoch, perm = -1, None
+        perm_epoch, perm = -1, np.empty(0, np.int32)
         while True:
             epoch, index = self.position(k)
             if epoch != perm_epoch:
@@ -192,7 +192,8 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases, norms and tokens (any parameter with fewer than 2 dims)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
@@ -206,7 +207,8 @@ def mask_noise(seed: int, k: int, global_micro: int, num_patches: int) -> torch.
 
 
 def _rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    assert isinstance(keys, np.ndarray)  # the legacy tuple's key array (numpy types the tuple loosely)
     state = {
         "torch": torch.get_rng_state(),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
@@ -309,7 +311,7 @@ def pretrain(
     opt = torch.optim.AdamW(
         param_groups(mae, cfg.weight_decay),
         lr=cfg.lr(world),
-        betas=tuple(cfg.betas),
+        betas=(cfg.betas[0], cfg.betas[1]),
         fused=device.type == "cuda",
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.total_steps))
@@ -332,7 +334,7 @@ def pretrain(
     elif resume and main:
         echo(f"no checkpoint at {ckpt_path}; starting from scratch")
 
-    model: torch.nn.Module = mae
+    model: torch.nn.Module | torch.nn.parallel.DistributedDataParallel = mae
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             mae, device_ids=[device.index] if device.type == "cuda" else None
@@ -397,7 +399,9 @@ def pretrain(
             noise = mask_noise(cfg.seed, k, stream.global_micro, mae.num_patches)
             noise = noise[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
             sync = world == 1 or micro == cfg.accum_steps - 1
-            with nullcontext() if sync else model.no_sync(), autocast:
+            # between synchronising steps DDP accumulates locally (sync is False only when world > 1)
+            ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
+            with nullcontext() if sync or ddp is None else ddp.no_sync(), autocast:
                 loss, _, _ = fwd(x, noise=noise)
             (loss / cfg.accum_steps).backward()
             total += loss.detach() / cfg.accum_steps

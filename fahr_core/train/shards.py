@@ -61,7 +61,8 @@ def _sha256(data: bytes) -> str:
 def _build_shard(out: Path, i: int, sources: Sequence[Source], img_size: int) -> dict:
     """Decode one shard's sources (resized to img_size when they are not already) and write it."""
     images = np.empty((len(sources), img_size, img_size, 3), np.uint8)
-    files, skipped = [], []
+    files: list[str] = []
+    skipped: list[dict[str, str]] = []
     for name, path in sources:
         try:
             images[len(files)] = load_face(path, img_size).transpose(1, 2, 0)

@@ -12,7 +12,7 @@ skipped when its output is complete so that a killed build continues where it st
 4. age: `fahr age train --init` that encoder (its trainer), scored on the validation part;
 5. warm start: which encoder the survival model should start from, the MAE encoder or the age
    model's, by the held-out C of the demo's federation (epsilon 8) over sites simulated from the
-   validation faces (`fahr_research.federated_eval`); the better one is `survival_encoder`;
+   validation faces (`fahr_client.simulation`); the better one is `survival_encoder`;
 6. age-random: the same age recipe from random initialisation, the comparison that shows what
    pre-training is worth.
 
@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from fahr_client.simulation import FederationSetup, federate
 from fahr_core.age.evaluate import write_evaluation
 from fahr_core.age.model import load_age_model
 from fahr_core.age.predict import predict_ages
@@ -164,12 +165,6 @@ def age_curve_png(curve_csv: Path) -> bytes:
     return figure_png(fig)
 
 
-# (site folders, encoder, model spec, work folder, alignment cache) -> {"mean_c", "mean_oracle_c", ...}:
-# the demo's federation from that encoder. It drives the sites' runtime, which lives above fahr_core,
-# so the caller passes it in (fahr_research.federated_eval.demo_federation_c).
-WarmStartScorer = Callable[[Sequence[Path], Path, ModelConfig, Path, Path | None], dict[str, Any]]
-
-
 class ModelBuild:
     """One build folder: each stage's outputs under `out/<stage>/`, its `done.json` when complete."""
 
@@ -182,14 +177,12 @@ class ModelBuild:
         workers: int | None = None,
         exclude: frozenset[str] | None = None,
         echo: Callable[[str], object] = print,
-        score_warm_start: WarmStartScorer | None = None,
     ) -> None:
         self.data, self.out, self.recipe = Path(data), Path(out), recipe
         self.aligned = Path(aligned) if aligned else self.out / "aligned"
         self.workers = workers
         self.exclude = demo_face_names() if exclude is None else exclude
         self.echo = echo
-        self.score_warm_start = score_warm_start
         self._faces: LabelledFaces | None = None
 
     def faces(self) -> LabelledFaces:
@@ -329,10 +322,11 @@ class ModelBuild:
         sites = simulate_sites(faces, stage / f"sites-{seed}-{name}", params, seed=seed, overwrite=True)
         work = stage / f"state-{seed}-{name}"
         shutil.rmtree(work, ignore_errors=True)  # fresh ledgers: a re-run starts the arm afresh
-        spec = ModelConfig(arch=r.arch, img_size=r.img_size)
-        if self.score_warm_start is None:
-            raise ValueError("the warm-start stage needs a federation scorer (score_warm_start)")
-        res = {"seed": seed, **self.score_warm_start(sites, encoder, spec, work, self.aligned)}
+        spec = ModelConfig(arch=r.arch, img_size=r.img_size, finetune="last:1")  # the demo's mode
+        res = {
+            "seed": seed,
+            **federate(sites, encoder, spec, FederationSetup(), work, lambda s: None, self.aligned),
+        }
         atomic_write_json(cached, res)
         self.echo(
             f"[warm-start] seed {seed}, {name} encoder: mean held-out C {res['mean_c']:.3f} "

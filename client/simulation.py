@@ -1,7 +1,5 @@
 """Held-out C of a short federation over simulated sites, run in one process, against the oracle.
 
-(In fahr_research, not fahr_core: it drives the sites' own `fahr_client.runtime.SiteRuntime`.)
-
 Which encoder the survival model should start from, and what DP costs, are questions about what a
 federation ends with on patients it never trained on. Starting a SuperLink and one ClientApp per
 site per round (docs/performance.md) costs more than the training itself for a vit_micro, so this
@@ -31,7 +29,7 @@ from fahr_core.cohort.simulate import TRUTH_FILE
 from fahr_core.config import ModelConfig, PrivacyConfig, SiteConfig, TrainConfig
 from fahr_core.faces.pipeline import ALIGNED_DIR, RESULTS_DIR
 from fahr_core.models.checkpoint import load_encoder_weights
-from fahr_core.models.finetune import GlobalModel, prepare, split_state
+from fahr_core.models.finetune import GlobalModel, build, from_wire
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.survival.metrics import harrell_c
 from fahr_core.train.local import patient_risk, train_nonprivate
@@ -41,10 +39,10 @@ State = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class FederationSetup:
-    """The demo's federation (`fahr demo`): 3 rounds, epsilon 8, head + last block, 3 local epochs."""
+    """The demo's federation (`fahr demo`): 3 rounds, epsilon 8, 3 local epochs (the spec's `finetune`
+    says what trains: the demo's is "last:1", the head and the last block)."""
 
     rounds: int = 3
-    finetune: str = "last:1"  # what the sites train and send (ModelConfig.finetune)
     privacy: PrivacyConfig = field(default_factory=lambda: PrivacyConfig(epsilon=8.0, max_grad_norm=1.0))
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(local_epochs=3, batch_size=16, lr=2e-3, threads=1)
@@ -52,13 +50,15 @@ class FederationSetup:
     private: bool = True  # False: the same rounds without clipping or noise (the curve's reference arm)
 
 
-def start(spec: ModelConfig, encoder: Path | None, seed: int = 0) -> tuple[GlobalModel, State]:
-    """What a server starts from: seeded head, encoder from `encoder` if given, prepared for `spec`."""
+def initial_state(spec: ModelConfig, encoder: Path | None, seed: int = 0) -> tuple[GlobalModel, State]:
+    """What a server would start from: the model prepared for `spec.finetune` (seeded head, encoder from
+    `encoder` if given), split into the global model (spec with the base's hash, frozen base) and the
+    trainable tensors that travel."""
     torch.manual_seed(seed)
-    model = SurvivalViT(spec.arch, spec.img_size, spec.n_intervals)
+    model = build(spec)
     if encoder is not None:
         load_encoder_weights(model.encoder, encoder)
-    return GlobalModel.start(prepare(model, spec), spec)
+    return GlobalModel.start(model, spec)
 
 
 def fedavg(states: Sequence[State], weights: Sequence[float]) -> State:
@@ -106,21 +106,21 @@ def federate(
             train=setup.train,
         )
         sites.append(SiteRuntime(cfg))
-    spec = replace(spec, finetune=setup.finetune)
-    global_model, state = start(spec, encoder)
+    global_model, state = initial_state(spec, encoder)
     for r in range(1, setup.rounds + 1):
         states, sizes = [], []
-        sent = global_model.outgoing(state, with_base=r == 1)
+        sent = global_model.outgoing(state, with_base=r == 1)  # as the server sends it
         for site in sites:
             if setup.private:
                 new, metrics = site.train_round(sent, global_model.spec, r, setup.rounds)
                 n = metrics["num-examples"]
             else:
                 split = site.load(spec.img_size)
-                model = prepare(SurvivalViT(spec.arch, spec.img_size, spec.n_intervals), global_model.spec)
-                model.load_state_dict(global_model.full(state))
+                model = build(spec)
+                model.load_state_dict(global_model.full(from_wire(sent, spec.wire_dtype)))
                 train_nonprivate(model, split.train, setup.train, spec.horizon_years, seed=r)
-                new, n = split_state(model)[0], len(split.train)
+                new = {k: v.detach().clone() for k, v in model.state_dict().items() if k in state}
+                n = len(split.train)
             states.append(new)
             sizes.append(n)
         state = fedavg(states, sizes)
@@ -146,9 +146,6 @@ def federate(
     }
 
 
-def demo_federation_c(
-    site_dirs: Sequence[Path], encoder: Path, spec: ModelConfig, workdir: Path, alignment_cache: Path | None
-) -> dict[str, Any]:
-    """The demo's federation (`FederationSetup()`) from `encoder`: what `fahr models build` scores a
-    warm start by (`fahr_core.train.model_build.WarmStartScorer`)."""
-    return federate(site_dirs, encoder, spec, FederationSetup(), workdir, lambda s: None, alignment_cache)
+def non_private(setup: FederationSetup) -> FederationSetup:
+    """The same federation without DP: the privacy-utility curve's reference arm."""
+    return replace(setup, private=False)
