@@ -266,11 +266,8 @@ def canary_scores(setup: AuditSetup, released: dict[str, torch.Tensor], train: T
     with the noise (and the grey pixels' faint trace of the other canaries, which points the
     other way: see lit_pixel_canaries). No other canary has a gradient in that column.
     """
-    model = build_model(setup)
-    model.set_trainable(train.trainable)
+    model = build_model(setup)  # full fine-tuning, as a site's default: the patch embedding trains
     weight = dict(model.named_parameters())[SCORED]
-    if not weight.requires_grad:
-        raise ValueError(f"the audit reads {SCORED}, which trainable={train.trainable!r} leaves frozen")
     update = (released[SCORED] - setup.state[SCORED]).flatten(1)  # (dim, 3 * 16 * 16)
     model.eval()  # no dropout in these ViTs; eval keeps the forward pass deterministic regardless
     t, e = torch.tensor([CANARY_TIME]), torch.tensor([1.0])
@@ -349,16 +346,13 @@ class AuditParams:
     epochs: int = 1
     batch_size: int = 1024
     lr: float = 1e-3
-    trainable: str = "all"
     weight_scale: float = 20.0
     alpha: float = 0.05
     broken: str | None = None
 
 
 def configs(p: AuditParams) -> tuple[TrainConfig, PrivacyConfig]:
-    train = TrainConfig(
-        local_epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, trainable=p.trainable, threads=0
-    )
+    train = TrainConfig(local_epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, threads=0)
     return train, PrivacyConfig(epsilon=p.epsilon, delta=p.delta, max_grad_norm=1.0)
 
 

@@ -58,7 +58,6 @@ def start_weights() -> dict[str, torch.Tensor]:
 
 
 def _sgd(model: SurvivalViT, train: TrainConfig) -> torch.optim.Optimizer:
-    model.set_trainable(train.trainable)
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
 
 
