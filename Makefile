@@ -8,7 +8,7 @@ TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fahr-installed
 
-.PHONY: demo test lint install clean browser
+.PHONY: demo test lint install clean browser models
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,10 +36,18 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy fahr_core
 	$(BIN)/python -m pytest -q
 
+# Rebuild every shipped model from the shared faces (docs/models.md): about 1.5-2.5 hours on the
+# 2-core machine; re-run to resume. MODELS_OUT must be outside the repository.
+MODELS_DATA ?= ../shared/data/utkface
+MODELS_OUT ?= ../runs/models
+models: $(STAMP)
+	$(BIN)/fahr models build --data $(MODELS_DATA) --out $(MODELS_OUT) --threads 1
+
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports && $(BIN)/mypy fahr_core
 
 clean:
 	rm -rf demo-run .pytest_cache

@@ -68,13 +68,18 @@ def _one_line_errors(what: str) -> Iterator[None]:
         raise _fail(f"error: {what}: {why} (--debug shows the details)", 1) from None
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM (systemd, docker stop, kill) stops a command the way Ctrl-C does."""
+def _stop_on_signals() -> None:
+    """SIGTERM (systemd, docker stop, kill) stops a command the way Ctrl-C does, and only the first
+    signal counts: a second Ctrl-C while the command stops its workers would cut that short and end
+    it with a traceback (and workers left behind) instead of its "stopped" message."""
 
     def _stop(signum, _frame):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _stop)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stop)
 
 
 def _load(site: str, config: Path | None) -> tuple[SiteConfig, Path]:
@@ -117,7 +122,7 @@ def _align(cfg: SiteConfig, cohort: Cohort) -> None:
     """
     from fahr_client.runtime import SiteRuntime  # torch and the detectors: only commands that align pay
 
-    _stop_on_sigterm()
+    _stop_on_signals()
     try:
         with (
             _one_line_errors(f"aligning site {cfg.name}'s photos"),

@@ -387,7 +387,8 @@ def server_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> Ser
         if getattr(model, key):
             path = (base / getattr(model, key)).resolve()
             _check(path.is_file(), f"{source}: [model].{key} {path} not found")
-            model = replace(model, **{key: str(path)})
+            resolved: dict[str, Any] = {key: str(path)}  # the field is named at run time
+            model = replace(model, **resolved)
     values = _section(ServerConfig, fed, f"{source} [federation]")
     if "workdir" in values:
         values["workdir"] = (base / values["workdir"]).resolve()

@@ -117,11 +117,12 @@ def predict_command(
     """Predict the age of every photo in a folder; photos QC rejects are listed with the reason."""
     from fahr_core.age.model import load_age_model
     from fahr_core.age.predict import predict_folder
+    from fahr_core.models.device import compute_device
 
     _threads(threads)
     try:
         table = predict_folder(
-            load_age_model(model),
+            load_age_model(model).to(compute_device()),
             photos,
             out,
             aligned or out.with_name(f"{out.stem}-aligned"),

@@ -38,6 +38,10 @@ certs_app = typer.Typer(
     help="Certificates: the federation's CA, server TLS, site keys.", no_args_is_help=True
 )
 app.add_typer(certs_app, name="certs")
+models_app = typer.Typer(
+    help="Models: rebuild every shipped model from labelled faces.", no_args_is_help=True
+)
+app.add_typer(models_app, name="models")
 
 
 @certs_app.command("init")
@@ -91,6 +95,36 @@ def certs_site(
     typer.echo(
         f"wrote {private} (stays at the site) and {public} (register at the server: [security].site_keys)"
     )
+
+
+@models_app.command("build")
+def models_build(
+    data: Annotated[Path, typer.Option(help="labelled faces, e.g. ../shared/data/utkface (labels.csv)")],
+    out: Annotated[Path, typer.Option(help="build folder (resumable: re-run the same command to continue)")],
+    recipe: Annotated[
+        Path | None, typer.Option(help="JSON of Recipe fields to override (default: the measured recipe)")
+    ] = None,
+    aligned: Annotated[Path | None, typer.Option(help="alignment cache (default OUT/aligned)")] = None,
+    workers: Annotated[int, typer.Option(help="alignment processes (0 = one per CPU)")] = 0,
+    threads: Annotated[int, typer.Option(help="torch threads (0 = torch's default)")] = 0,
+    only: Annotated[
+        str, typer.Option(help="stages to run, comma-separated (default: all, see docs/models.md)")
+    ] = "",
+) -> None:
+    """MAE encoder, age model (and its random-init twin) and survival warm start (docs/models.md)."""
+    import torch
+
+    from fahr_research.models import STAGES, ModelBuild, recipe_from_json
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        r = recipe_from_json(recipe)
+        build = ModelBuild(data, out, r, aligned, workers or None, echo=lambda s: typer.echo(s))
+        build.run(only.split(",") if only else STAGES)
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 DEMO_ENCODER = demo_faces_dir() / "encoder_vit_micro.safetensors"

@@ -22,7 +22,8 @@ from fahr_core.config import (
     dump_site_config,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# ../shared/data beside the checkout; FAHR_SHARED_DATA points elsewhere (e.g. from a git worktree)
+SHARED = Path(os.environ.get("FAHR_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 @pytest.fixture(autouse=True)

@@ -263,6 +263,16 @@ def test_pooled_hr_is_inverse_variance_weighted_on_log_scale() -> None:
     assert pooled_hr([{}]) is None
 
 
+@pytest.mark.parametrize(
+    "hr", [{"hr": 1.0, "ci_low": 0.0, "ci_high": 2.0}, {"hr": "1.0", "ci_low": 0.5, "ci_high": 2.0}]
+)
+def test_pooled_hr_skips_a_site_whose_hr_or_ci_is_not_a_positive_number(hr) -> None:
+    # a CI bound of 0 (exp of a huge negative bound underflows) has no log; a string is a damaged summary
+    good = {"hr_per_sd_adjusted": {"hr": 2.0, "ci_low": 1.0, "ci_high": 4.0}}
+    p = pooled_hr([good, {"hr_per_sd_adjusted": hr}])
+    assert p is not None and p["n_sites"] == 1 and p["hr"] == pytest.approx(2.0)
+
+
 def test_federation_report_with_no_sites(tmp_path: Path) -> None:
     g = write_federation_report(tmp_path, [], {})
     assert g["c_index_weighted_mean"] is None and g["notes"]

@@ -43,8 +43,12 @@ def aligned_faces(
 def predict_ages(model: AgeViT, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Predicted ages (years) of uint8 crops (N, 3, S, S), converted to floats one batch at a time."""
     model.eval()
+    device = next(model.parameters()).device  # the model's device: a GPU when the caller put it there
     with torch.no_grad():
-        out = [model(to_input(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+        out = [
+            model(to_input(images[i : i + batch_size]).to(device)).cpu()
+            for i in range(0, len(images), batch_size)
+        ]
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
 

@@ -33,6 +33,7 @@ from fahr_core.age.sampling import DEFAULT_CAP, balanced_epoch
 from fahr_core.faces.images import to_input
 from fahr_core.io import atomic_write_text
 from fahr_core.models.checkpoint import load_encoder_weights
+from fahr_core.models.device import compute_device
 from fahr_core.train.pretrain import lr_factor
 
 log = logging.getLogger(__name__)
@@ -146,10 +147,11 @@ def train_age_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
-    model = build_age_model(cfg, train_ages, init)
+    device = compute_device()
+    model = build_age_model(cfg, train_ages, init).to(device)
     groups = llrd_param_groups(model, cfg.layer_decay, cfg.weight_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    y = torch.as_tensor(train_ages, dtype=torch.float32)
+    y = torch.as_tensor(train_ages, dtype=torch.float32, device=device)
     base_card = {
         **(card or {}),
         "init": str(init) if init else "random",
@@ -182,8 +184,8 @@ def train_age_model(
                 lr = peak_lr * lr_factor(step, warmup, total)
                 for g in opt.param_groups:
                     g["lr"] = lr * g["lr_scale"]
-                x = to_input(train_images[idx])
-                flip = torch.as_tensor(rng.random(len(idx)) < 0.5)
+                x = to_input(train_images[idx]).to(device)
+                flip = torch.as_tensor(rng.random(len(idx)) < 0.5, device=device)
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
                 loss = (model(x) - y[idx]).abs().mean()
                 opt.zero_grad(set_to_none=True)

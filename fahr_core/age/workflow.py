@@ -25,6 +25,7 @@ from fahr_core.age.split import SEED, VALIDATION_FRACTION, decade_split
 from fahr_core.age.train import BEST_MODEL, AgeTrainConfig, train_age_model
 from fahr_core.cohort.faces import FaceRecord
 from fahr_core.io import atomic_write_text
+from fahr_core.models.device import compute_device
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def train_on_folder(
         card=card,
         echo=echo,
     )
-    model = load_age_model(out / BEST_MODEL)
+    model = load_age_model(out / BEST_MODEL).to(compute_device())
     extra = {"model": str(out / BEST_MODEL), "data": str(data), "part": "validation"}
     metrics = write_evaluation(
         out / VALIDATION_DIR,
@@ -131,7 +132,7 @@ def evaluate_on_folder(
     workers: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved age model on a part of a labelled folder; write the evaluation files to `out`."""
-    model = load_age_model(Path(model_path))
+    model = load_age_model(Path(model_path)).to(compute_device())
     faces = LabelledFaces(data, layout, aligned_dir or Path(out) / "aligned", model.img_size, workers)
     records, images, rejected = faces.part(part)
     if not records:

@@ -89,7 +89,9 @@ def align(rgb: np.ndarray, landmarks: np.ndarray, size: int = TEMPLATE_SIZE) -> 
         factor = int(1 / scale)
         image = image.reduce(factor)
         inv = inv / factor
-    out = image.transform((size, size), Image.AFFINE, tuple(inv.ravel()), resample=Image.BILINEAR)
+    out = image.transform(
+        (size, size), Image.Transform.AFFINE, tuple(inv.ravel()), resample=Image.Resampling.BILINEAR
+    )
     return np.asarray(out, dtype=np.uint8)
 
 

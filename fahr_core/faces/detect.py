@@ -23,7 +23,7 @@ import importlib.util
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -46,7 +46,8 @@ MESH_MOUTH_RIGHT = 291
 # crops): a plain border gives a tight crop the context it expects. The full-range model finds small,
 # distant faces; a mirrored border lets it see faces cut by the photo's edge as whole faces. Mirror
 # images of faces that land in the border are discarded (their centre lies outside the photo).
-DETECTION_MODELS = {
+PadMode = Literal["constant", "reflect"]
+DETECTION_MODELS: dict[str, tuple[str, int, tuple[tuple[int, int], ...], float, PadMode]] = {
     "short": ("face_detection_short_range.tflite", 128, ((16, 2), (8, 6)), 0.25, "constant"),
     "full": ("face_detection_full_range.tflite", 192, ((48, 1),), 0.15, "reflect"),
 }
@@ -183,7 +184,7 @@ class _DetectionModel:
     side: int
     anchors: np.ndarray
     pad: float
-    pad_mode: str
+    pad_mode: PadMode
     interp: Any = None
 
 
@@ -316,7 +317,7 @@ class BlazeFaceDetector:
         # shrink first, pad second: padding a 20-megapixel photo at full size would be slow
         k = s / (max(w, h) * (1 + 2 * m.pad))
         sw, sh = max(1, round(w * k)), max(1, round(h * k))
-        small = np.asarray(Image.fromarray(rgb).resize((sw, sh), Image.BILINEAR, reducing_gap=3.0))
+        small = np.asarray(Image.fromarray(rgb).resize((sw, sh), Image.Resampling.BILINEAR, reducing_gap=3.0))
         p = (
             min(round(m.pad * max(sw, sh)), sw - 1, sh - 1)
             if m.pad_mode == "reflect"
@@ -355,7 +356,9 @@ class BlazeFaceDetector:
         origin = np.array([cx, cy]) - (ux + uy) * MESH_SIDE / 2
         # PIL's affine maps output (crop) coordinates to input (image) coordinates.
         coeffs = (ux[0], uy[0], origin[0], ux[1], uy[1], origin[1])
-        crop = image.transform((MESH_SIDE, MESH_SIDE), Image.AFFINE, coeffs, resample=Image.BILINEAR)
+        crop = image.transform(
+            (MESH_SIDE, MESH_SIDE), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR
+        )
         raw, flag = _run(self._mesh, np.asarray(crop, dtype=np.float32) / 255.0)
         pts = raw.reshape(-1, 3)[:468].astype(np.float64)
         xy = origin + pts[:, :1] * ux + pts[:, 1:2] * uy

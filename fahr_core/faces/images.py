@@ -27,8 +27,8 @@ def load_face(path: Path, size: int) -> np.ndarray:
     """Decode one photo (EXIF orientation applied, any mode -> RGB) to uint8 (3, size, size)."""
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB").resize((size, size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+            rgb = ImageOps.exif_transpose(im).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise PhotoError(f"{path}: cannot read photo ({e})") from None
 

@@ -166,7 +166,7 @@ def analyse_photo(
         padded = True
     rec["n_faces"] = len(faces)
     face, why = rules.choose_face(faces, w, h, qc)
-    reasons = [why] if why else []
+    reasons: list[str | None] = [why]
     crop = None
     if face is not None:
         crop = _measure(rgb, face, qc, size, rec, reasons)
@@ -178,9 +178,9 @@ def analyse_photo(
     grey = rules.check_grayscale(rules.colourfulness(rgb), qc)
     if grey:
         (reasons if qc.reject_grayscale else notes).append(grey)
-    reasons = [r for r in reasons if r]
-    if reasons:
-        rec["reason"] = "; ".join(reasons + [f"({n})" for n in notes])
+    failed = [r for r in reasons if r]
+    if failed:
+        rec["reason"] = "; ".join(failed + [f"({n})" for n in notes])
         return rec, None
     rec["status"], rec["reason"] = "aligned", "; ".join(notes)
     return rec, crop
@@ -300,8 +300,8 @@ def align_photos(
         make_private_dir(folder)
     (out_dir / TABLE_FILE).unlink(missing_ok=True)  # until this run completes there is no table
     settings = settings_hash(detector, qc, size, image_format)
-    paths = [str(p) for p in paths]
-    total = len(paths)
+    names = [str(p) for p in paths]
+    total = len(names)
     done = 0
 
     def tick() -> None:
@@ -315,7 +315,7 @@ def align_photos(
     records: dict[str, dict[str, Any]] = {}
     todo: dict[str, str] = {}  # key -> one path with these bytes
     cached = 0
-    for p in paths:
+    for p in names:
         try:
             key = f"{_sha256_file(Path(p))}-{settings}"
         except OSError:
@@ -329,13 +329,13 @@ def align_photos(
             cached += 1
         else:
             todo[key] = p
-    for p in paths:
+    for p in names:
         if keys[p] in records:
             tick()
 
     init_args = (detector, qc, out_dir, settings, size, image_format)
     n_workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
-    waiting = {k: [p for p in paths if keys[p] == k] for k in todo}
+    waiting = {k: [p for p in names if keys[p] == k] for k in todo}
     if n_workers == 1:
         _init_worker(*init_args)
         for key, p in todo.items():
@@ -361,7 +361,7 @@ def align_photos(
             raise
         ex.shutdown()
 
-    rows = [_row(p, records[keys[p]]) for p in paths]
+    rows = [_row(p, records[keys[p]]) for p in names]
     csv_path = out_dir / TABLE_FILE
     atomic_write_bytes(csv_path, _to_csv(rows).encode(), PRIVATE_FILE_MODE)
     return AlignmentTable(rows, csv_path, computed=len(todo), cached=cached)

@@ -64,6 +64,8 @@ def prepare(model: SurvivalViT, spec: ModelConfig) -> SurvivalViT:
                 adapter = LoRALinear(getattr(parent, target), spec.lora_rank, spec.lora_alpha, generator)
                 adapter.lora_A.requires_grad_(mode == "lora")
                 setattr(parent, target, adapter)
+    # timm types both as Optional; fahr_core.models.vit builds the encoder with both
+    assert enc.pos_embed is not None and enc.cls_token is not None
     enc.pos_embed.requires_grad_(False)
     enc.cls_token.requires_grad_(False)
     return model

@@ -75,6 +75,8 @@ def build_encoder(arch: str, img_size: int = 112) -> VisionTransformer:
         # and timm's LayerNorm sent every block norm of full fine-tuning to the functorch fallback
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
     )
+    # timm types both as Optional: None only without a class token or with pos_embed="none"
+    assert enc.pos_embed is not None and enc.cls_token is not None
     with torch.no_grad():
         enc.pos_embed.copy_(sincos_pos_embed(s.dim, img_size // PATCH))
     enc.pos_embed.requires_grad_(False)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from fahr_core.io import atomic_write_json, atomic_write_text
 from fahr_core.report import figures
@@ -28,6 +29,11 @@ def weighted_c_index(summaries: list[dict[str, Any]]) -> tuple[float | None, int
     return sum(int(s["n"]) * float(s["c_index"]) for s in scored) / n, n
 
 
+def _positive(v: object) -> TypeGuard[float]:
+    """A usable HR or CI bound: a positive number (None, a string or 0 from a damaged summary is not)."""
+    return isinstance(v, int | float) and v > 0
+
+
 def pooled_hr(summaries: list[dict[str, Any]], key: str = "hr_per_sd_adjusted") -> dict[str, Any] | None:
     """Fixed-effect (inverse-variance) pooled hazard ratio from the sites' HRs and 95% CIs, with I².
 
@@ -39,7 +45,7 @@ def pooled_hr(summaries: list[dict[str, Any]], key: str = "hr_per_sd_adjusted") 
     for s in summaries:
         hr = s.get(key) or {}
         est, lo, hi = hr.get("hr"), hr.get("ci_low"), hr.get("ci_high")
-        if not all(isinstance(v, int | float) and v > 0 for v in (est, lo, hi)) or hi <= lo:
+        if not (_positive(est) and _positive(lo) and _positive(hi)) or hi <= lo:
             continue
         se = (math.log(hi) - math.log(lo)) / (2 * Z95)
         logs.append(math.log(est))
@@ -60,7 +66,7 @@ def pooled_hr(summaries: list[dict[str, Any]], key: str = "hr_per_sd_adjusted") 
     }
 
 
-def _ci_text(ci: list[float] | None) -> str:
+def _ci_text(ci: Sequence[float | None] | None) -> str:
     return f"{fmt(ci[0])}\u2013{fmt(ci[1])}" if ci else "\u2014"
 
 

@@ -195,6 +195,7 @@ def uno_tau(time: np.ndarray, event: np.ndarray, horizon: float | None) -> float
     so sites with similar follow-up share a tau and it reads plainly). ``horizon=None`` (no model) starts
     from the last follow-up time. Raises NotEstimable when not even one year qualifies.
     """
+    candidates: list[float]
     if horizon is None:
         candidates = list(range(math.floor(float(np.max(time))) if len(time) else 0, 0, -1))
     else:
@@ -408,7 +409,7 @@ def _ph_check(cph: CoxPHFitter, df: pd.DataFrame) -> tuple[dict[str, Any], list[
         warnings.simplefilter("ignore")
         result = proportional_hazard_test(cph, df, time_transform="rank")
     p = {str(k): finite(v) for k, v in result.summary["p"].items()}
-    out = {"time_transform": "rank", "p": p, "risk_score_violates": None}
+    out: dict[str, Any] = {"time_transform": "rank", "p": p, "risk_score_violates": None}
     notes = []
     risk_p = p.get("risk_per_sd")
     if risk_p is not None:

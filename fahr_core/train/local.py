@@ -94,6 +94,8 @@ def _run_steps(
     for batch in loader:
         optimizer.zero_grad(set_to_none=True)
         if batch is None:
+            # only the DP path's Poisson loader yields empty batches, and it pairs them with this optimizer
+            assert isinstance(optimizer, SecureNoiseOptimizer)
             optimizer.noise_only_step()
             continue
         x, t, e = batch

@@ -1,0 +1,372 @@
+"""Rebuild every shipped model from a folder of labelled faces: what `fahr models build` runs.
+
+The chain FAHR-Face describes, at the scale one machine affords, one stage after another, each
+skipped when its output is complete so that a killed build continues where it stopped:
+
+1. faces: the fixed decade split (`fahr_core.age.split`) of the labelled faces, every face through
+   fahr's aligner (cached by content), `split.csv`;
+2. shards: the aligned **training** faces as `fahr shards build` shards (the validation faces are
+   never seen, not even unlabelled);
+3. mae: MAE pre-training (`fahr pretrain`'s trainer, resumed from its checkpoint) and export of the
+   encoder (`fahr export-encoder`);
+4. age: `fahr age train --init` that encoder (its trainer), scored on the validation part;
+5. warm start: which encoder the survival model should start from, the MAE encoder or the age
+   model's, by the held-out C of the demo's federation (epsilon 8) over sites simulated from the
+   validation faces (`fahr_client.simulation`); the better one is `survival_encoder`;
+6. age-random: the same age recipe from random initialisation, the comparison that shows what
+   pre-training is worth.
+
+The bundled demo faces are left out of all training, so the demo's patients stay unseen. The
+shipped age model is the final epoch of the recipe (no epoch is picked on validation), so its
+validation numbers are an honest held-out estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fahr_client.simulation import FederationSetup, federate
+from fahr_core.age.evaluate import write_evaluation
+from fahr_core.age.model import load_age_model
+from fahr_core.age.predict import predict_ages
+from fahr_core.age.train import CURVE_FILE, FINAL_MODEL, AgeTrainConfig, train_age_model
+from fahr_core.age.workflow import LabelledFaces
+from fahr_core.cohort import demo_faces_dir
+from fahr_core.cohort.simulate import SimulationParams, simulate_sites
+from fahr_core.config import ModelConfig
+from fahr_core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fahr_core.models.checkpoint import save_weights
+from fahr_core.train.pretrain import CHECKPOINT, PretrainConfig, export_encoder, pretrain
+from fahr_core.train.shards import build_shards
+
+log = logging.getLogger(__name__)
+
+DONE = "done.json"
+MAE_ENCODER = "mae_encoder.safetensors"
+AGE_ENCODER = "age_encoder.safetensors"
+SURVIVAL_ENCODER = "survival_encoder.safetensors"
+SUMMARY = "summary.json"
+STAGES = ("shards", "mae", "age", "warm-start", "age-random")  # in order; each needs those before it
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the shipped models; the defaults are the measured recipe (docs/age.md)."""
+
+    arch: str = "vit_micro"
+    img_size: int = 112
+    # MAE pre-training
+    decoder_dim: int = 64
+    decoder_depth: int = 1
+    decoder_heads: int = 4
+    mae_batch: int = 64
+    mae_base_lr: float = 4e-3
+    mae_warmup: int = 100
+    mae_steps: int = 600
+    mae_workers: int = 0  # shards are memory-mapped: on a CPU a worker process costs more than reading
+    mae_compile: bool = False  # torch.compile: pays off on a GPU, not for a vit_micro on a CPU
+    # age fine-tuning (the same for both initialisations)
+    age_epochs: int = 2
+    balanced_epochs: int = 1
+    age_batch: int = 64
+    age_lr: float = 1e-3
+    balanced_lr: float = 2.5e-4
+    layer_decay: float = 0.75
+    # survival warm start: the demo's federation over sites drawn from the validation faces
+    site_sizes: tuple[int, ...] = (150, 120, 90)
+    site_mean_ages: tuple[float, ...] = (42.0, 55.0, 68.0)
+    site_rates: tuple[float, ...] = (0.02, 0.03, 0.015)
+    warm_start_seeds: tuple[int, ...] = (0, 1, 2)
+    shard_size: int = 2000
+    seed: int = 0
+
+    def pretrain_config(self) -> PretrainConfig:
+        return PretrainConfig(
+            arch=self.arch,
+            img_size=self.img_size,
+            decoder_dim=self.decoder_dim,
+            decoder_depth=self.decoder_depth,
+            decoder_heads=self.decoder_heads,
+            batch_size=self.mae_batch,
+            base_lr=self.mae_base_lr,
+            warmup_steps=self.mae_warmup,
+            total_steps=self.mae_steps,
+            checkpoint_every=max(1, min(200, self.mae_steps)),
+            log_every=max(1, min(50, self.mae_steps)),
+            num_workers=self.mae_workers,
+            compile=self.mae_compile,
+            seed=self.seed,
+        )
+
+    def age_config(self) -> AgeTrainConfig:
+        return AgeTrainConfig(
+            arch=self.arch,
+            img_size=self.img_size,
+            epochs=self.age_epochs,
+            balanced_epochs=self.balanced_epochs,
+            batch_size=self.age_batch,
+            lr=self.age_lr,
+            balanced_lr=self.balanced_lr,
+            layer_decay=self.layer_decay,
+            seed=self.seed,
+        )
+
+
+def demo_face_names() -> frozenset[str]:
+    """File names of the bundled demo faces: never trained on, so the demo's patients stay unseen."""
+    return frozenset(p.name for p in (demo_faces_dir() / "images").iterdir())
+
+
+def _done(stage_dir: Path) -> dict[str, Any] | None:
+    path = stage_dir / DONE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _finish(stage_dir: Path, result: dict[str, Any], started: float) -> dict[str, Any]:
+    result = {**result, "seconds": round(time.perf_counter() - started, 1)}
+    atomic_write_json(stage_dir / DONE, result)
+    return result
+
+
+def age_curve_png(curve_csv: Path) -> bytes:
+    """Training L1 and validation MAE (overall and mean per decade) per epoch of both stages."""
+    import csv
+
+    from matplotlib.figure import Figure
+
+    from fahr_core.report.figures import figure_png
+
+    with curve_csv.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    x = np.arange(1, len(rows) + 1)
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
+    for key, label in (
+        ("train_l1", "train L1"),
+        ("val_mae", "validation MAE"),
+        ("val_mean_decade_mae", "validation mean per-decade MAE"),
+    ):
+        ax.plot(x, [float(r[key]) for r in rows], "o-", ms=3, lw=1, label=label)
+    general = sum(r["stage"] == "general" for r in rows)
+    if general < len(rows):
+        ax.axvline(general + 0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("epoch (general, then age-balanced after the dashed line)")
+    ax.set_ylabel("years")
+    ax.legend(fontsize=8)
+    return figure_png(fig)
+
+
+class ModelBuild:
+    """One build folder: each stage's outputs under `out/<stage>/`, its `done.json` when complete."""
+
+    def __init__(
+        self,
+        data: Path,
+        out: Path,
+        recipe: Recipe,
+        aligned: Path | None = None,
+        workers: int | None = None,
+        exclude: frozenset[str] | None = None,
+        echo: Callable[[str], object] = print,
+    ) -> None:
+        self.data, self.out, self.recipe = Path(data), Path(out), recipe
+        self.aligned = Path(aligned) if aligned else self.out / "aligned"
+        self.workers = workers
+        self.exclude = demo_face_names() if exclude is None else exclude
+        self.echo = echo
+        self._faces: LabelledFaces | None = None
+
+    def faces(self) -> LabelledFaces:
+        """The split and aligned faces (alignment is cached, so a resumed build only re-hashes)."""
+        if self._faces is None:
+            self.echo(f"[faces] splitting and aligning {self.data} (cache {self.aligned})")
+            self._faces = LabelledFaces(self.data, "auto", self.aligned, self.recipe.img_size, self.workers)
+            self._faces.write_split(self.out / "split.csv")
+        return self._faces
+
+    def part(self, name: str) -> tuple[list, np.ndarray]:
+        """Aligned faces of a part; the training part without the excluded (demo) faces."""
+        records, images, _ = self.faces().part(name)  # type: ignore[arg-type]
+        if name == "train":
+            keep = [i for i, f in enumerate(records) if f.path.name not in self.exclude]
+            records, images = [records[i] for i in keep], images[keep]
+        return records, images
+
+    def run(self, only: Sequence[str] = STAGES) -> dict[str, Any]:
+        """Run the stages in `only` that are not yet complete, in order; with all of them, write
+        `summary.json`. A subset lets a second process run an independent stage (age-random needs
+        only the faces) beside the chain on the same build folder.
+        """
+        unknown = sorted(set(only) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.out / "recipe.json", asdict(self.recipe))
+        steps: dict[str, Callable[[], dict[str, Any]]] = {
+            "shards": self.shards,
+            "mae": self.mae,
+            "age": lambda: self.age("age", self.out / "mae" / MAE_ENCODER),
+            "warm-start": self.warm_start,
+            "age-random": lambda: self.age("age-random", None),
+        }
+        results = {name: steps[name]() for name in STAGES if name in only}
+        if set(only) != set(STAGES):
+            return {"stages": results}
+        summary = {"data": str(self.data), "recipe": asdict(self.recipe), "stages": results}
+        atomic_write_json(self.out / SUMMARY, summary)
+        self.echo(f"[build] done: {self.out / SUMMARY}")
+        return summary
+
+    def shards(self) -> dict[str, Any]:
+        stage = self.out / "shards"
+        if (done := _done(stage)) is not None:
+            self.echo("[shards] complete, skipped")
+            return done
+        started = time.perf_counter()
+        records, _ = self.part("train")
+        table = self.faces().table
+        crop = {str(r.path): table.crop_path(r) for r in table.aligned}
+        sources = [(f.path.name, crop[str(f.path)]) for f in records]
+        self.echo(f"[shards] {len(sources)} aligned training faces ({len(self.exclude)} demo names excluded)")
+        build_shards(sources, stage / "train", self.recipe.img_size, self.recipe.shard_size, (), 1)
+        return _finish(stage, {"train_faces": len(sources)}, started)
+
+    def mae(self) -> dict[str, Any]:
+        stage = self.out / "mae"
+        if (done := _done(stage)) is not None:
+            self.echo("[mae] complete, skipped")
+            return done
+        started = time.perf_counter()
+        cfg = self.recipe.pretrain_config()
+        summary = pretrain(
+            cfg, self.out / "shards" / "train", stage, resume=True, echo=lambda s: self.echo(f"[mae] {s}")
+        )
+        export_encoder(stage / CHECKPOINT, stage / MAE_ENCODER)
+        result = {"steps": summary["steps"], "final_loss": summary["final_loss"], "encoder": MAE_ENCODER}
+        self.echo(f"[mae] {summary['steps']} steps, loss {summary['final_loss']:.4f}: {stage / MAE_ENCODER}")
+        return _finish(stage, result, started)
+
+    def age(self, name: str, init: Path | None) -> dict[str, Any]:
+        stage = self.out / name
+        if (done := _done(stage)) is not None:
+            self.echo(f"[{name}] complete, skipped")
+            return done
+        started = time.perf_counter()
+        train, x_train = self.part("train")
+        val, x_val = self.part("validation")
+        self.echo(f"[{name}] {len(train)} training, {len(val)} validation faces; init {init or 'random'}")
+        card = {"data": str(self.data), "train_faces": str(len(train)), "validation_faces": str(len(val))}
+        run = train_age_model(
+            self.recipe.age_config(),
+            x_train,
+            np.array([f.age for f in train]),
+            x_val,
+            np.array([f.age for f in val]),
+            stage,
+            init=init,
+            card=card,
+            echo=lambda s: self.echo(f"[{name}] {s}"),
+        )
+        atomic_write_bytes(stage / "curve.png", age_curve_png(stage / CURVE_FILE))
+        model = load_age_model(stage / FINAL_MODEL)
+        extra = {"model": str(stage / FINAL_MODEL), "data": str(self.data), "part": "validation"}
+        metrics = write_evaluation(stage / "validation", val, predict_ages(model, x_val), extra)
+        self.echo(
+            f"[{name}] final model on validation: MAE {metrics['mae']:.2f} y, "
+            f"mean per-decade MAE {metrics['mean_decade_mae']:.2f} y"
+        )
+        result = {
+            "model": FINAL_MODEL,
+            "init": "mae" if init else "random",
+            "val_mae": metrics["mae"],
+            "val_mean_decade_mae": metrics["mean_decade_mae"],
+            "train_seconds": run["seconds"],
+        }
+        return _finish(stage, result, started)
+
+    def warm_start_arm(self, name: str, seed: int) -> dict[str, Any]:
+        """One arm of the warm-start comparison: the demo's federation from encoder `name` ("mae" or
+        "age") over the sites of `seed`. Cached in `warm-start/arm-<seed>-<name>.json`, so a killed
+        stage resumes by arm and arms can run in separate processes; each arm simulates its own
+        copy of the (deterministic) sites and keeps fresh site state (ledgers).
+        """
+        stage = self.out / "warm-start"
+        cached = stage / f"arm-{seed}-{name}.json"
+        if cached.is_file():
+            return json.loads(cached.read_text(encoding="utf-8"))
+        if name == "mae":
+            encoder = self.out / "mae" / MAE_ENCODER
+        else:  # the age model's encoder, in the encoder file format a server loads
+            encoder = stage / AGE_ENCODER
+            if not encoder.is_file():
+                model = load_age_model(self.out / "age" / FINAL_MODEL)
+                save_weights(encoder, model.encoder.state_dict(), {"format": "fahr-age-encoder"})
+        val, _ = self.part("validation")
+        faces = [f for f in val if f.path.name not in self.exclude]
+        r = self.recipe
+        params = SimulationParams(
+            n_sites=len(r.site_sizes),
+            site_sizes=r.site_sizes,
+            site_mean_ages=r.site_mean_ages,
+            site_baseline_rates=r.site_rates,
+        )
+        sites = simulate_sites(faces, stage / f"sites-{seed}-{name}", params, seed=seed, overwrite=True)
+        work = stage / f"state-{seed}-{name}"
+        shutil.rmtree(work, ignore_errors=True)  # fresh ledgers: a re-run starts the arm afresh
+        spec = ModelConfig(arch=r.arch, img_size=r.img_size, finetune="last:1")  # the demo's mode
+        res = {
+            "seed": seed,
+            **federate(sites, encoder, spec, FederationSetup(), work, lambda s: None, self.aligned),
+        }
+        atomic_write_json(cached, res)
+        self.echo(
+            f"[warm-start] seed {seed}, {name} encoder: mean held-out C {res['mean_c']:.3f} "
+            f"(oracle {res['mean_oracle_c']:.3f})"
+        )
+        return res
+
+    def warm_start(self) -> dict[str, Any]:
+        stage = self.out / "warm-start"
+        if (done := _done(stage)) is not None:
+            self.echo("[warm-start] complete, skipped")
+            return done
+        started = time.perf_counter()
+        arms = {
+            k: [self.warm_start_arm(k, seed) for seed in self.recipe.warm_start_seeds] for k in ("mae", "age")
+        }
+        mean = {k: float(np.mean([a["mean_c"] for a in v])) for k, v in arms.items()}
+        chosen = max(mean, key=lambda k: mean[k])
+        source = self.out / "mae" / MAE_ENCODER if chosen == "mae" else stage / AGE_ENCODER
+        shutil.copyfile(source, stage / SURVIVAL_ENCODER)
+        oracle = float(np.mean([a["mean_oracle_c"] for a in arms[chosen]]))
+        self.echo(
+            f"[warm-start] chosen: {chosen} encoder (held-out C {mean[chosen]:.3f}, oracle {oracle:.3f})"
+        )
+        result = {"chosen": chosen, "mean_c": mean, "mean_oracle_c": oracle, "arms": arms}
+        atomic_write_text(stage / "choice.txt", f"{chosen}\n")
+        return _finish(stage, result, started)
+
+
+def recipe_from_json(path: Path | None) -> Recipe:
+    """The default recipe with the fields a JSON file sets; an unknown field is an error naming it."""
+    if path is None:
+        return Recipe()
+    try:
+        fields = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    known = set(Recipe.__dataclass_fields__)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown recipe field(s) {', '.join(unknown)}")
+    tuples = {k: tuple(v) for k, v in fields.items() if isinstance(v, list)}
+    return Recipe(**{**fields, **tuples})

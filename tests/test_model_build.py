@@ -1,0 +1,155 @@
+"""`fahr models build` end to end on a few real faces with tiny steps: every stage, resume, outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fahr_client.simulation import fedavg
+from fahr_core.age.model import load_age_model
+from fahr_core.models.checkpoint import load_encoder_weights
+from fahr_core.models.vit import SurvivalViT
+from fahr_research.models import (
+    DONE,
+    SURVIVAL_ENCODER,
+    ModelBuild,
+    Recipe,
+    demo_face_names,
+    recipe_from_json,
+)
+
+TINY = Recipe(
+    decoder_dim=32,
+    decoder_depth=1,
+    decoder_heads=2,
+    mae_batch=16,
+    mae_warmup=2,
+    mae_steps=4,
+    age_epochs=1,
+    balanced_epochs=1,
+    age_batch=16,
+    site_sizes=(18, 16),
+    site_mean_ages=(40.0, 60.0),
+    site_rates=(0.5, 0.5),
+    warm_start_seeds=(0,),
+    shard_size=50,
+)
+
+
+@pytest.fixture(scope="module")
+def faces(shared_utkface: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """240 shared UTKFace faces (adults, a seeded draw) plus 10 demo faces, in the labels layout."""
+    with (shared_utkface / "labels.csv").open(newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["sex"] and 18 <= float(r["age"]) <= 90]
+    demo = demo_face_names()
+    others = [r for r in rows if Path(r["file"]).name not in demo]
+    pick = [others[i] for i in np.random.default_rng(0).permutation(len(others))[:240]]
+    pick += [r for r in rows if Path(r["file"]).name in demo][:10]
+    out = tmp_path_factory.mktemp("faces")
+    (out / "images").mkdir()
+    with (out / "labels.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "age", "sex", "race"])
+        for r in pick:
+            shutil.copyfile(shared_utkface / r["file"], out / "images" / Path(r["file"]).name)
+            w.writerow([f"images/{Path(r['file']).name}", r["age"], r["sex"], r["race"]])
+    return out
+
+
+def test_fedavg_is_the_example_weighted_mean() -> None:
+    a = {"w": torch.tensor([0.0, 3.0])}
+    b = {"w": torch.tensor([4.0, 6.0])}
+    assert torch.allclose(fedavg([a, b], [3, 1])["w"], torch.tensor([1.0, 3.75]))
+
+
+def test_recipe_json_overrides_and_rejects_unknown_fields(tmp_path: Path) -> None:
+    good = tmp_path / "r.json"
+    good.write_text(json.dumps({"mae_steps": 7, "site_sizes": [5, 6]}))
+    r = recipe_from_json(good)
+    assert (r.mae_steps, r.site_sizes, r.arch) == (7, (5, 6), Recipe().arch)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"mae_stepz": 7}))
+    with pytest.raises(ValueError, match="mae_stepz"):
+        recipe_from_json(bad)
+
+
+def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    lines: list[str] = []
+    summary = ModelBuild(faces, out, TINY, workers=1, echo=lines.append).run()
+    stages = summary["stages"]
+    # the demo faces are never trained on: neither in the MAE shards nor in the age model's faces
+    shard_names = (out / "shards" / "train" / "files.txt").read_text().split()
+    assert shard_names and not set(shard_names) & demo_face_names()
+    assert stages["shards"]["train_faces"] == len(shard_names)
+    split = list(csv.DictReader((out / "split.csv").open()))
+    validation = {Path(r["file"]).name for r in split if r["part"] == "validation"}
+    assert not validation & set(shard_names)  # pre-training never sees a validation face
+    assert int(load_age_model(out / "age" / "model_final.safetensors").age_mean) > 0
+    card = (out / "age" / "model_final.md").read_text()
+    assert f"train_faces: {stages['shards']['train_faces']}" in card
+    # both arms scored on the same validation faces, from different initialisations
+    for arm, init in (("age", "mae"), ("age-random", "random")):
+        metrics = json.loads((out / arm / "validation" / "metrics.json").read_text())
+        assert metrics["n"] == len(
+            [r for r in split if r["part"] == "validation" and r["status"] == "aligned"]
+        )
+        assert stages[arm]["init"] == init
+        assert (out / arm / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "mae" / "loss_curve.png").is_file()
+    # the warm start is one of the two candidates, picked by the higher mean held-out C
+    ws = stages["warm-start"]
+    assert ws["chosen"] == max(ws["mean_c"], key=ws["mean_c"].get)
+    assert sorted(p.name for p in (out / "warm-start").glob("arm-*.json")) == [
+        "arm-0-age.json",
+        "arm-0-mae.json",
+    ]
+    model = SurvivalViT(TINY.arch, TINY.img_size)
+    load_encoder_weights(model.encoder, out / "warm-start" / SURVIVAL_ENCODER)
+    # a re-run skips every complete stage; removing one stage's marker re-runs only that stage
+    (out / "age-random" / DONE).unlink()
+    lines.clear()
+    ModelBuild(faces, out, TINY, workers=1, echo=lines.append).run()
+    skipped = [line for line in lines if line.endswith("complete, skipped")]
+    assert len(skipped) == 4 and any(line.startswith("[age-random] 2") for line in lines)
+
+
+def test_cli_refuses_a_bad_recipe_in_one_line(faces: Path, tmp_path: Path) -> None:
+    from fahr_research.cli import app
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"mae_stepz": 1}))
+    args = ["models", "build", "--data", str(faces), "--out", str(tmp_path / "r"), "--recipe", str(recipe)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "mae_stepz" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_gpu_recipe_runs_end_to_end_on_the_cpu(faces: Path, tmp_path: Path) -> None:
+    """benchmarks/gpu_recipe.py --tiny: every part runs and writes its JSON, weights and curves."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_recipe.py"
+    spec = importlib.util.spec_from_file_location("gpu_recipe", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    result = module.main(["--tiny", "--data", str(faces), "--out", str(out), "--workers", "1"])
+    saved = json.loads((out / "gpu_recipe.json").read_text())
+    assert saved["mae_step"]["reference_eager_images_per_s"] > 0
+    assert saved["mae_step"]["gflop_per_image"] > 0
+    assert saved["input"]["images_per_s"] > 0
+    assert saved["age"]["val_mae"] == result["age"]["val_mae"]
+    assert (out / "build" / "mae" / "mae_encoder.safetensors").is_file()
+    assert (out / "build" / "age" / "model_final.safetensors").is_file()
+    assert (out / "build" / "age" / "curve.png").is_file()
