@@ -120,7 +120,7 @@ def train(msg: Message, context: Context) -> Message:
     spec, server_round, num_rounds = round_info(msg.content["config"])
     arrays = msg.content["arrays"].to_torch_state_dict()
     recorded = spend_on_record(msg.content["config"], site.cfg.name)
-    trained, metrics = site.train_round(arrays, spec, server_round, num_rounds, recorded)
+    trained, metrics = site.train_round(arrays, spec, server_round, num_rounds, recorded, msg.metadata.run_id)
     # only the trainable tensors go back, as they came (fahr_core.models.finetune)
     received, state = trainable_part(arrays, spec), to_wire(trained, spec.wire_dtype)
     secure = None
@@ -165,7 +165,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         "run_id": int(msg.metadata.run_id),
         "fahr_version": fahr_version(),
     }
-    site.admit_evaluation(meta["run_id"])
+    site.admit_evaluation(meta["run_id"], server_round)  # counted and audited before any scoring
     age_model, age = None, msg.content.array_records.get(delivery.ARRAYS_KEY)  # the federation's, if any
     if age is not None:
         sha256 = str(msg.content["config"][delivery.SHA256_KEY])

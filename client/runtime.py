@@ -27,7 +27,7 @@ from fahr_core.models.checkpoint import save_weights
 from fahr_core.models.finetune import merge, site_model, split_state
 from fahr_core.models.saliency import MIN_PATIENTS_FOR_SALIENCY, CohortSaliency, cohort_saliency
 from fahr_core.models.vit import SurvivalViT
-from fahr_core.privacy.audit import evaluations_in_run
+from fahr_core.privacy.audit import EVALUATION_ADMITTED, append_audit, evaluations_in_run
 from fahr_core.privacy.ledger import PrivacyLedger, locked
 from fahr_core.privacy.outbound import suppress_small_cells
 from fahr_core.report.wire import summary_to_metrics
@@ -65,7 +65,7 @@ def _own_photos(data: SurvivalData) -> tuple[np.ndarray, tuple[tuple[int, ...], 
 
 
 class EvaluationRefused(RuntimeError):
-    """The server asked for more evaluations in one run than the site's config allows."""
+    """The server asked for an evaluation in a run the site did not train in, or beyond its per-run cap."""
 
 
 class SiteRuntime:
@@ -135,6 +135,7 @@ class SiteRuntime:
         server_round: int,
         num_rounds: int,
         server_record: tuple[int, float] | None = None,
+        run_id: int | None = None,
     ) -> tuple[State, dict[str, float]]:
         """One round of local DP training from the global `state`; returns the trained tensors and metrics.
 
@@ -142,7 +143,8 @@ class SiteRuntime:
         returned is only the trainable tensors, in float32 (fahr_core.models.finetune).
         `server_record` is (rounds, epsilon) the server has on record for this site: a ledger
         showing less refuses the round (LedgerBehindServer). The ledger stays locked from opening
-        to recording, so concurrent trainings of this site run one after the other.
+        to recording, so concurrent trainings of this site run one after the other. The ledger records
+        the federation `run_id`: the site evaluates server weights only in runs it trained in.
         """
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
@@ -160,7 +162,7 @@ class SiteRuntime:
                 ledger,
                 rounds_left=num_rounds - server_round + 1,
                 horizon=spec.horizon_years,
-                round_info={"server_round": server_round, "num_rounds": num_rounds},
+                round_info={"server_round": server_round, "num_rounds": num_rounds, "run_id": run_id},
             )
         new_state, _ = split_state(model)
         # the loss and the time taken stay in the site's own log: with crafted global weights either
@@ -207,20 +209,30 @@ class SiteRuntime:
             return fad, None
         return fad, cohort_saliency(scorers, images)
 
-    def admit_evaluation(self, run_id: int) -> None:
-        """Refuse an evaluation beyond `[privacy].evaluations_per_run` in federation run `run_id`.
+    def admit_evaluation(self, run_id: int, server_round: int) -> None:
+        """Count an evaluation of server weights in federation run `run_id`, or refuse it.
 
         Every evaluation releases non-DP aggregates of the held-out patients for whatever weights the
-        server chose, so the site, not the server, decides how many it answers. The count comes from
-        the audit log, which records every evaluation reply and is verified against its head first.
+        server chose, so the site, not the server, decides how many it answers: only in runs it trained
+        in (its ledger records the run, so the privacy budget bounds the runs) and at most
+        `[privacy].evaluations_per_run` in each. The attempt is written to the audit log before any
+        scoring, so an evaluation that fails later still counts. The lock makes count and append one
+        step: two concurrent requests cannot both pass the count.
         """
-        done = evaluations_in_run(self.cfg.audit_path, run_id)
-        allowed = self.cfg.privacy.evaluations_per_run
-        if done >= allowed:
-            raise EvaluationRefused(
-                f"site {self.cfg.name} already answered {done} evaluation(s) in run {run_id}; its config "
-                f"allows {allowed} per run ([privacy].evaluations_per_run)"
-            )
+        with locked(self.cfg.audit_path):
+            if not any(r.get("run_id") == run_id for r in self.ledger(0).rounds):
+                raise EvaluationRefused(
+                    f"site {self.cfg.name} did not train in run {run_id}; it evaluates server weights only "
+                    "in runs it trained in"
+                )
+            done = evaluations_in_run(self.cfg.audit_path, run_id)
+            allowed = self.cfg.privacy.evaluations_per_run
+            if done >= allowed:
+                raise EvaluationRefused(
+                    f"site {self.cfg.name} already admitted {done} evaluation(s) in run {run_id}; its "
+                    f"config allows {allowed} per run ([privacy].evaluations_per_run)"
+                )
+            append_audit(self.cfg.audit_path, EVALUATION_ADMITTED, server_round, run_id, {}, {})
 
     def evaluate(
         self, state: State, spec: ModelConfig, meta: dict, age_model: DeliveredAgeModel | None = None
@@ -229,13 +241,11 @@ class SiteRuntime:
 
         With the federation's `age_model`, the report adds the face-age deviation analysis; the mean saliency
         maps of the survival model (and of the age model, if any) are drawn for 10 or more patients.
-        Returns the scalar metrics for the server and the report's summary (aggregates only).
+        Returns the scalar metrics for the server and the report's summary (aggregates only); if scoring or
+        any statistic fails, the metrics of a suppressed evaluation and an empty summary.
         """
-        from fahr_core.report.site import write_site_report  # lifelines/matplotlib: evaluation only
-
         split = self.load(spec.img_size)
         model = merge(site_model(state, spec, self.cfg.workdir))
-        risk = patient_risk(model, split.test)
         save_weights(
             self.cfg.workdir / "global_model.safetensors",
             model.state_dict(),
@@ -260,6 +270,30 @@ class SiteRuntime:
                 "train_patients": len(split.train),
             },
         }
+        # Whether scoring works depends on the held-out patients when the server chose the weights (one
+        # face's risk made non-finite), so a failure answers as a suppressed evaluation does: the same
+        # metrics, nothing data-dependent, nothing that tells the server scoring failed.
+        try:
+            summary = self._report(model, split, spec, meta, privacy, age_model)
+        except Exception:
+            log.exception("site %s: the evaluation failed; the reply carries no statistics", self.cfg.name)
+            return suppress_small_cells(summary_to_metrics({"privacy": privacy})), {}
+        atomic_write_json(self.cfg.workdir / "last_evaluation.json", {"meta": meta, "privacy": privacy})
+        return suppress_small_cells(summary_to_metrics(summary)), summary
+
+    def _report(
+        self,
+        model: SurvivalViT,
+        split: SiteSplit,
+        spec: ModelConfig,
+        meta: dict,
+        privacy: dict,
+        age_model: DeliveredAgeModel | None,
+    ) -> dict:
+        """Score the held-out patients, write the validation report, return its summary."""
+        from fahr_core.report.site import write_site_report  # lifelines/matplotlib: evaluation only
+
+        risk = patient_risk(model, split.test)  # non-finite scores raise in the metrics: model unusable
         test = split.test_cohort
         alpha = model.head.baseline.weight.detach().squeeze(-1).numpy()
         fad, saliency = self._fad_and_saliency(model, split.test, test.age, age_model)
@@ -280,6 +314,4 @@ class SiteRuntime:
             saliency=saliency,
             horizon=spec.horizon_years,
         )
-        atomic_write_json(self.cfg.workdir / "last_evaluation.json", {"meta": meta, "privacy": privacy})
-        metrics = suppress_small_cells(summary_to_metrics(summary))
-        return metrics, summary
+        return summary

@@ -25,7 +25,7 @@ from fahr_core.config import ModelConfig, load_site_config
 from fahr_core.faces.images import to_input
 from fahr_core.models.finetune import base_sha256, build, split_state
 from fahr_core.models.vit import SurvivalViT
-from fahr_core.privacy.audit import verify_audit_log
+from fahr_core.privacy.audit import EVALUATION_ADMITTED, verify_audit_log
 from fahr_core.privacy.outbound import OutboundViolation
 from fahr_core.release import fahr_version
 from fahr_core.survival.losses import discrete_hazard_nll
@@ -54,8 +54,8 @@ def _ask(kind: str, weights: dict, server_round: int = 1, num_rounds: int = 1) -
     return Message(content, dst_node_id=5, message_type=kind)
 
 
-def _send(toml: Path, kind: str, weights: dict) -> Message:
-    return client_app(_ask(kind, weights), Context(RUN, 5, {"site-config": str(toml)}, RecordDict(), {}))
+def _send(toml: Path, kind: str, weights: dict, run: int = RUN) -> Message:
+    return client_app(_ask(kind, weights), Context(run, 5, {"site-config": str(toml)}, RecordDict(), {}))
 
 
 def _initial() -> dict[str, torch.Tensor]:
@@ -141,25 +141,71 @@ def test_crafted_global_weights_learn_nothing_about_a_patient_from_the_metrics(t
     assert all(metrics == sent["early", "crafted"] for metrics in sent.values()), sent
 
 
+def _trained(tmp_path: Path) -> Path:
+    """A site of 20 patients (14 train, 6 held out) that trained one round in run RUN."""
+    toml = make_sites(tmp_path, demo_faces_dir(), (20,))[0]
+    assert not _send(toml, "train", _initial()).has_error()
+    return toml
+
+
+def _suppressed(toml: Path) -> dict:
+    """What an evaluation sends when every aggregate is suppressed: the site's DP spend only."""
+    cfg = load_site_config(toml)
+    rounds = json.loads(cfg.ledger_path.read_text())["rounds"]
+    return {"epsilon": round(rounds[-1]["epsilon_after"], 4)}
+
+
+def _audit_kinds(toml: Path) -> list[tuple[str, int]]:
+    lines = load_site_config(toml).audit_path.read_text().splitlines()
+    return [(r["kind"], r["run_id"]) for r in map(json.loads, lines)]
+
+
 def test_a_small_test_split_sends_no_outcome_statistics(tmp_path):
-    toml = make_sites(tmp_path, demo_faces_dir(), (12,))[0]
+    toml = _trained(tmp_path)
     reply = _send(toml, "evaluate", _initial())
     assert not reply.has_error()
-    assert dict(reply.content["metrics"]) == {"epsilon": 0.0}  # 4 held-out patients: all suppressed
+    assert dict(reply.content["metrics"]) == _suppressed(toml)  # 6 held-out patients: all suppressed
     record = json.loads(load_site_config(toml).audit_path.read_text().splitlines()[-1])
-    assert (record["kind"], record["run_id"], record["metrics"]) == ("evaluate", RUN, {"epsilon": 0.0})
+    assert (record["kind"], record["run_id"], record["metrics"]) == ("evaluate", RUN, _suppressed(toml))
 
 
 def test_a_site_answers_as_many_evaluations_per_run_as_its_config_allows(tmp_path):
-    toml = make_sites(tmp_path, demo_faces_dir(), (12,))[0]
+    toml = _trained(tmp_path)
     cfg = load_site_config(toml)
     assert _send(toml, "evaluate", _initial()).content["metrics"]
     with pytest.raises(SiteDeclined, match="reason is in the site's own log"):  # the server learns no more
         _send(toml, "evaluate", _initial())
-    assert verify_audit_log(cfg.audit_path) == 1  # the refused request sent nothing
+    assert verify_audit_log(cfg.audit_path) == 3  # train, admitted, evaluate: the refusal sent nothing
     toml.write_text(toml.read_text().replace("evaluations_per_run = 1", "evaluations_per_run = 2"))
     assert _send(toml, "evaluate", _initial()).content["metrics"]
     with pytest.raises(SiteDeclined):
         _send(toml, "evaluate", _initial())
-    records = [json.loads(line) for line in cfg.audit_path.read_text().splitlines()]
-    assert [(r["kind"], r["run_id"]) for r in records] == [("evaluate", RUN)] * 2
+    assert _audit_kinds(toml) == [("train", RUN)] + [(EVALUATION_ADMITTED, RUN), ("evaluate", RUN)] * 2
+
+
+def test_a_site_evaluates_only_in_runs_it_trained_in(tmp_path, monkeypatch):
+    """A server that starts a new run for every question gets no answer: the site never trained there."""
+    untrained = make_sites(tmp_path / "untrained", demo_faces_dir(), (20,))[0]
+    with pytest.raises(SiteDeclined):
+        _send(untrained, "evaluate", _initial())
+    assert not load_site_config(untrained).audit_path.exists()
+    toml = _trained(tmp_path / "trained")
+    monkeypatch.setattr(TaskIdentity, "_run_id", RUN + 1)
+    with pytest.raises(SiteDeclined):
+        _send(toml, "evaluate", _initial(), run=RUN + 1)
+    assert _audit_kinds(toml) == [("train", RUN)]
+
+
+def test_a_failed_evaluation_is_counted_and_answers_as_a_suppressed_one(tmp_path):
+    """Weights that make a held-out face's risk non-finite: the site still answers, exactly as it does
+    when its statistics are suppressed, so failing is no membership oracle, and the attempt counts."""
+    toml = _trained(tmp_path)
+    crafted = _initial()
+    crafted["head.risk.weight"] = torch.full_like(crafted["head.risk.weight"], 3e38)
+    crafted["head.risk.bias"] = torch.full_like(crafted["head.risk.bias"], 3e38)
+    reply = _send(toml, "evaluate", crafted)
+    assert not reply.has_error()
+    assert dict(reply.content["metrics"]) == _suppressed(toml)
+    with pytest.raises(SiteDeclined):  # the failed evaluation used the run's one evaluation
+        _send(toml, "evaluate", _initial())
+    assert _audit_kinds(toml) == [("train", RUN), (EVALUATION_ADMITTED, RUN), ("evaluate", RUN)]

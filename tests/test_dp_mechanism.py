@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -260,6 +262,19 @@ def test_fresh_streams_are_secret_unless_the_test_switch_is_set(monkeypatch):
     monkeypatch.setenv(TEST_RNG_ENV, "yes")
     with pytest.raises(ValueError, match="integer"):
         fresh_stream("noise")
+
+
+def test_the_test_switch_works_only_under_pytest(monkeypatch):
+    """A real site (no pytest around it) that carries the switch refuses to draw, so it cannot train."""
+    monkeypatch.setenv(TEST_RNG_ENV, "42")
+    assert np.array_equal(fresh_stream("noise").random(4), fresh_stream("noise").random(4))  # under pytest
+    monkeypatch.delenv(randomness.UNDER_TEST_ENV)
+    with pytest.raises(RuntimeError, match=TEST_RNG_ENV):
+        fresh_stream("noise")
+    draw = "from fahr_core.privacy.randomness import fresh_stream; fresh_stream('noise')"
+    child = [sys.executable, "-c", draw]
+    done = subprocess.run(child, capture_output=True, text=True, env={**os.environ, TEST_RNG_ENV: "42"})
+    assert done.returncode != 0 and f"{TEST_RNG_ENV} is set outside a test run" in done.stderr
 
 
 def test_a_real_site_refuses_to_start_with_the_test_switch(demo_site, monkeypatch):

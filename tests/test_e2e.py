@@ -67,7 +67,7 @@ arch = "vit_micro"
         summary = json.loads((site.report_dir / "summary.json").read_text())
         assert summary["site"] == site.name and summary["n"] > 0
         assert "data:image/png;base64," in (site.report_dir / "report.html").read_text()
-        assert verify_audit_log(site.audit_path) == 3  # two train replies and the final evaluation
+        assert verify_audit_log(site.audit_path) == 4  # 2 trains, the evaluation admitted, its reply
         # the operator's console: this site's update in round 2, with the epsilon its ledger holds
         spent, budget = ledger["epsilon"], site.privacy.epsilon
         left = f"epsilon {spent:.3f} spent, {budget - spent:.3f} left of {budget:g}"

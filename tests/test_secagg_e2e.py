@@ -81,7 +81,7 @@ finetune = "lora"
 
     for toml in tomls:
         site = load_site_config(toml)
-        assert verify_audit_log(site.audit_path) == 5  # train (keys), share, mask, unmask, evaluate
+        assert verify_audit_log(site.audit_path) == 6  # keys, share, mask, unmask, admitted, evaluate
         records = [json.loads(line) for line in site.audit_path.read_text().splitlines()]
         sent = {r["kind"]: {t["name"].split("/")[1] for t in r["tensors"]} for r in records}
         assert sent["train"] == {"enc-pk", "mask-pk"}  # no weights left the site

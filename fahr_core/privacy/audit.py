@@ -24,6 +24,7 @@ import torch
 from fahr_core.io import atomic_write_json
 
 GENESIS = "0" * 64
+EVALUATION_ADMITTED = "evaluate-admitted"  # written before scoring: every evaluation attempt counts
 
 
 class AuditLogTampered(ValueError):
@@ -100,9 +101,9 @@ def verify_audit_log(path: Path) -> int:
 
 
 def evaluations_in_run(path: Path, run_id: int) -> int:
-    """How many evaluation replies of federation run `run_id` the (verified) log records."""
+    """How many evaluations of federation run `run_id` the (verified) log records as admitted."""
     records, _, _ = _verified(path)
-    return sum(1 for r in records if r["kind"] == "evaluate" and r["run_id"] == run_id)
+    return sum(1 for r in records if r["kind"] == EVALUATION_ADMITTED and r["run_id"] == run_id)
 
 
 def append_audit(

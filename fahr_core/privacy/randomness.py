@@ -8,9 +8,11 @@ from os.urandom; nothing in a site's config or in what the server sends enters t
 
 Tests that must reproduce a site's training bit for bit set FAHR_INSECURE_TEST_RNG to an integer:
 the key is then derived from that integer, a loud warning is logged, and the privacy ledger
-records the round as trained with test randomness. `fahr-client start` refuses to join a
-federation with that variable set unless it runs `--insecure` on loopback (test mode), so a real
-site cannot be made reproducible by it.
+records the round as trained with test randomness. The switch works only inside a pytest run
+(PYTEST_CURRENT_TEST is in the environment; processes a test starts inherit it): anywhere else a
+set switch makes every draw raise, so a hand-started SuperNode or a unit file carrying the variable
+refuses to train instead of training with reproducible noise. `fahr-client start` also refuses to
+join a federation with it set unless it runs `--insecure` on loopback (test mode).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 log = logging.getLogger(__name__)
 
 TEST_RNG_ENV = "FAHR_INSECURE_TEST_RNG"
+UNDER_TEST_ENV = "PYTEST_CURRENT_TEST"  # pytest sets it while a test runs
 KEY_BYTES = 32
 _NONCE = bytes(16)  # each key is used for one stream only, so a fixed nonce is safe
 _TWO_POW_53 = float(2**53)
@@ -91,6 +94,11 @@ def fresh_stream(purpose: str) -> SecureStream:
     seed = _test_seed()
     if seed is None:
         return SecureStream(os.urandom(KEY_BYTES))
+    if UNDER_TEST_ENV not in os.environ:
+        raise RuntimeError(
+            f"{TEST_RNG_ENV} is set outside a test run: it would make DP noise reproducible; refusing to "
+            f"draw DP randomness. Unset {TEST_RNG_ENV} (it works only under pytest)"
+        )
     log.warning(
         "%s is set: DP randomness for %r is REPRODUCIBLE and offers NO privacy (tests only)",
         TEST_RNG_ENV,
