@@ -72,7 +72,6 @@ epsilon = 8.0
 [train]
 local_epochs = 1
 batch_size = 16
-trainable = "last:1"
 threads = 1
 
 [connection]
