@@ -21,8 +21,8 @@ podman_ image exists localhost/fahr-site:latest && podman_ image exists localhos
 run() { podman_ run --rm $PODMAN_RUN "$@"; }
 
 echo "demo folder: $demo"
-mkdir -p "$demo/server/etc/keys" "$demo/server/work" "$demo/sim"
-for s in "${sites[@]}"; do mkdir -p "$demo/$s/etc" "$demo/$s/work"; done
+mkdir -p "$demo/server/etc/keys" "$demo/server/state" "$demo/sim"
+for s in "${sites[@]}"; do mkdir -p "$demo/$s/etc" "$demo/$s/state"; done
 chown -R 10001:10001 "$demo"  # the images' unprivileged user writes only what is mounted for it
 
 # One container does the set-up (each container start copies the image under vfs storage: minutes
@@ -88,11 +88,11 @@ chown -R 10001:10001 "$demo"
 podman_ rm -f fahr-demo-coordinator "${sites[@]/#/fahr-demo-}" >/dev/null 2>&1 || true
 # shellcheck disable=SC2086
 podman_ run -d --name fahr-demo-coordinator $PODMAN_RUN \
-    -v "$demo/server/etc:/etc/fahr:ro" -v "$demo/server/work:/var/lib/fahr" localhost/fahr-coordinator
+    -v "$demo/server/etc:/etc/fahr:ro" -v "$demo/server/state:/var/lib/fahr" localhost/fahr-coordinator
 for s in "${sites[@]}"; do
     # shellcheck disable=SC2086
     podman_ run -d --name "fahr-demo-$s" $PODMAN_RUN \
-        -v "$demo/$s/etc:/etc/fahr:ro" -v "$demo/sim/$s:/data:ro" -v "$demo/$s/work:/var/lib/fahr" \
+        -v "$demo/$s/etc:/etc/fahr:ro" -v "$demo/sim/$s:/data:ro" -v "$demo/$s/state:/var/lib/fahr" \
         localhost/fahr-site start --site "$s" --config /etc/fahr/site.toml
 done
 # the coordinator's console, as an operator would watch it, until the federation ends
@@ -107,10 +107,10 @@ for s in "${sites[@]}"; do  # each site's own view, from its still running conta
 done
 podman_ rm -f fahr-demo-coordinator >/dev/null
 echo "--- fahr-server status"
-run -v "$demo/server/etc:/etc/fahr:ro" -v "$demo/server/work:/var/lib/fahr:ro" localhost/fahr-coordinator \
+run -v "$demo/server/etc:/etc/fahr:ro" -v "$demo/server/state:/var/lib/fahr:ro" localhost/fahr-coordinator \
     status --config /etc/fahr/server.toml || true
 ok=0
-[ "$code" = 0 ] && [ -f "$demo/server/work/run.json" ] || ok=1
-for s in "${sites[@]}"; do [ -f "$demo/$s/work/report/report.html" ] || ok=1; done
-echo "coordinator exit code $code; $(( $(date +%s) - started )) s; federation report: $demo/server/work/report/report.html"
+[ "$code" = 0 ] && [ -f "$demo/server/state/run.json" ] || ok=1
+for s in "${sites[@]}"; do [ -f "$demo/$s/state/report/report.html" ] || ok=1; done
+echo "coordinator exit code $code; $(( $(date +%s) - started )) s; federation report: $demo/server/state/report/report.html"
 exit $ok
