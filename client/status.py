@@ -87,4 +87,4 @@ def _audit_line(cfg: SiteConfig) -> str:
         n = verify_audit_log(cfg.audit_path)
     except ValueError as e:
         return f"outbound audit log: BROKEN: {e}"
-    return f"outbound audit log: chain intact, {n} message(s) sent ({cfg.audit_path})"
+    return f"outbound audit log: chain intact, {n} record(s) ({cfg.audit_path})"

@@ -125,7 +125,7 @@ def test_site_status_shows_the_ledger_per_run_and_round_and_checks_the_audit_cha
     assert "3 round(s) trained" in out and "round 2/2: noise multiplier 1.000, 4 steps" in out
     assert f"run 11: rounds 1, 2; epsilon +{after_run_11:.3f} -> {after_run_11:.3f}" in out
     assert f"run 12: rounds 1; epsilon +{total - after_run_11:.3f} -> {total:.3f}" in out
-    assert "outbound audit log: chain intact, 3 message(s) sent" in out
+    assert "outbound audit log: chain intact, 3 record(s)" in out
 
     lines = cfg.audit_path.read_text().splitlines()
     cfg.audit_path.write_text("\n".join([lines[0], lines[2]]) + "\n")  # a line removed
