@@ -118,7 +118,7 @@ def test_the_site_operator_guide_works_as_written(tmp_path: Path) -> None:
     tls = create_server_tls(tmp_path / "certs", ["127.0.0.1"])
     (site_dir / "site.toml").write_text(
         '[site]\nname = "maastro"\ndata = "."\nworkdir = ".fahr"\n'
-        '[train]\nbatch_size = 16\nthreads = 1\n[alignment]\nworkers = 1\n'
+        "[train]\nbatch_size = 16\nthreads = 1\n[alignment]\nworkers = 1\n"
         f'[connection]\nsuperlink = "127.0.0.1:{port}"\nroot_certificates = "{tls.ca_cert}"\n'
         'auth_key = "maastro.key"\n'
     )
@@ -128,7 +128,8 @@ def test_the_site_operator_guide_works_as_written(tmp_path: Path) -> None:
     server = tmp_path / "server.toml"
     server.write_text(
         f'[federation]\nrounds = 1\nmin_sites = 1\nport = {port}\nworkdir = "server"\n'
-        f'join_timeout_s = 300\n[model]\narch = "vit_micro"\nfinetune = "last:1"\n[security]\nca_cert = "{tls.ca_cert}"\n'
+        f'join_timeout_s = 300\n[model]\narch = "vit_micro"\nfinetune = "last:1"\n'
+        f'[security]\nca_cert = "{tls.ca_cert}"\n'
         f'server_cert = "{tls.cert}"\nserver_key = "{tls.key}"\nsite_keys = ["{site_dir / "maastro.pub"}"]\n'
     )
     coordinator = Managed(
