@@ -15,7 +15,7 @@ from fahr_core.config import ConnectionConfig, load_server_config, load_site_con
 from fahr_core.workdir import ServerWorkdir
 from fahr_ops.certs import create_server_tls, create_site_keys
 from fahr_ops.flower import console_script
-from fahr_ops.processes import Managed
+from fahr_ops.processes import Managed, free_local_port
 
 
 def local_credentials(
@@ -56,11 +56,6 @@ def start_site(toml: Path, superlink: str, runtime_port: int, insecure: bool = F
     ]
     cmd += ["--insecure"] if insecure else []
     return Managed(f"site {site.name}", cmd, site.workdir.parent / f"{site.name}-client.log")
-
-
-def site_runtime_port(server_port: int, index: int) -> int:
-    """The local SuperNode runtime port of the `index`-th site of a local federation."""
-    return server_port + 100 + index
 
 
 def _echo_lines(path: Path, echo: Callable[[str], object], done: threading.Event) -> None:
@@ -109,8 +104,8 @@ def run_local_federation(
         while server.running and not clients:
             if ready.exists():
                 clients = [
-                    start_site(toml, f"{cfg.address}:{cfg.port}", site_runtime_port(cfg.port, i), insecure)
-                    for i, toml in enumerate(site_tomls)
+                    start_site(toml, f"{cfg.address}:{cfg.port}", free_local_port(), insecure)
+                    for toml in site_tomls
                 ]
             time.sleep(0.2)
         code = server.proc.wait()

@@ -28,8 +28,8 @@ from fahr_core.privacy.ledger import PrivacyLedger
 from fahr_core.privacy.randomness import TEST_RNG_ENV
 from fahr_core.release import fahr_version
 from fahr_ops.flower import console_script
-from fahr_ops.processes import Managed
-from fahr_research.local import local_credentials, run_local_federation, site_runtime_port, start_site
+from fahr_ops.processes import Managed, free_local_port
+from fahr_research.local import local_credentials, run_local_federation, start_site
 from fahr_server.app import global_start
 from fahr_server.cli import run_federation
 from fahr_server.state import (
@@ -361,9 +361,7 @@ def test_server_crash_after_round_1_resumes_like_an_uninterrupted_run(tmp_path, 
         [console_script("fahr-server"), "run", "--config", str(toml), "--insecure"],
         crash / "cli.log",
     )
-    clients = [
-        start_site(t, f"127.0.0.1:{port}", site_runtime_port(port, i), True) for i, t in enumerate(sites)
-    ]
+    clients = [start_site(t, f"127.0.0.1:{port}", free_local_port(), True) for t in sites]
     try:
         wait_for(lambda: (s := read_state(work)) is not None and s.last_round == 1, 600, "round 1", server)
         # the CLI, SuperLink and `flwr run` name the folder; Flower's SuperExec and ServerApp (in a
