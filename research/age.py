@@ -48,6 +48,7 @@ def train_command(
     layer_decay: Annotated[float, typer.Option(help="Layer-wise lr decay per block (1 = none).")] = 0.75,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.05,
     cap: Annotated[float, typer.Option(help="Largest oversampling factor of a decade in stage 2.")] = 20.0,
+    shift: Annotated[int, typer.Option(help="Largest random shift of a training face, pixels.")] = 0,
     select: Annotated[str, typer.Option(help="Best epoch by validation 'mae' or 'decade' MAE.")] = "mae",
     seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
     layout: Layout = "auto",
@@ -73,6 +74,7 @@ def train_command(
             layer_decay=layer_decay,
             weight_decay=weight_decay,
             cap=cap,
+            shift=shift,
             select=select,  # type: ignore[arg-type]  # checked by the config
             seed=seed,
         )

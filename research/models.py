@@ -68,19 +68,20 @@ class Recipe:
     decoder_dim: int = 64
     decoder_depth: int = 1
     decoder_heads: int = 4
-    mae_batch: int = 64
+    mae_batch: int = 128
     mae_base_lr: float = 4e-3
-    mae_warmup: int = 100
-    mae_steps: int = 600
+    mae_warmup: int = 300
+    mae_steps: int = 4800
     mae_workers: int = 0  # shards are memory-mapped: on a CPU a worker process costs more than reading
     mae_compile: bool = False  # torch.compile: pays off on a GPU, not for a vit_micro on a CPU
     # age fine-tuning (the same for both initialisations)
-    age_epochs: int = 2
-    balanced_epochs: int = 1
+    age_epochs: int = 24
+    balanced_epochs: int = 4
     age_batch: int = 64
     age_lr: float = 1e-3
     balanced_lr: float = 2.5e-4
     layer_decay: float = 0.75
+    age_shift: int = 6
     # survival warm start: the demo's federation over sites drawn from the validation faces
     site_sizes: tuple[int, ...] = (150, 120, 90)
     site_mean_ages: tuple[float, ...] = (42.0, 55.0, 68.0)
@@ -117,6 +118,7 @@ class Recipe:
             lr=self.age_lr,
             balanced_lr=self.balanced_lr,
             layer_decay=self.layer_decay,
+            shift=self.age_shift,
             seed=self.seed,
         )
 

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from fahr_core.age.model import AgeViT, load_age_model
-from fahr_core.age.train import AgeTrainConfig, llrd_param_groups
+from fahr_core.age.train import AgeTrainConfig, llrd_param_groups, random_shift
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_research.cli import DEMO_ENCODER
 from fahr_research.cli import app as fahr_app
@@ -35,7 +35,22 @@ def test_layer_wise_lr_decay_groups() -> None:
     assert scale["encoder.patch_embed.proj.weight"] == (0.5**5, 0.05)
 
 
+def test_random_shift_moves_each_image_within_the_bound() -> None:
+    # a single bright pixel in the centre of each image: its new position is the image's shift
+    x = torch.zeros(200, 1, 21, 21)
+    x[:, 0, 10, 10] = 1.0
+    out = random_shift(x, 3, np.random.default_rng(0))
+    assert out.shape == x.shape
+    pos = np.array([np.unravel_index(int(o[0].argmax()), (21, 21)) for o in out]) - 10
+    assert np.abs(pos).max() == 3  # the bound is reached, never exceeded
+    assert len({tuple(p) for p in pos}) > 30  # each image draws its own shift (49 possible)
+    assert torch.equal(out.sum(dim=(1, 2, 3)), torch.ones(200))  # moved, not smeared or lost
+    assert random_shift(x, 0, np.random.default_rng(0)) is x
+
+
 def test_config_refuses_nonsense() -> None:
+    with pytest.raises(ValueError, match="shift"):
+        AgeTrainConfig(shift=56)
     with pytest.raises(ValueError, match="at least one epoch"):
         AgeTrainConfig(epochs=0, balanced_epochs=0)
     with pytest.raises(ValueError, match="layer_decay"):
