@@ -7,7 +7,7 @@ does) and splits each round, per site, into
   - after the slowest site: the round's wall time minus the slowest site's part (scheduling,
     serialisation, transport, aggregation, checkpointing),
 and reports the bytes of weights each site sends. Sites do not send their timings (how long a site
-took depends on its data: fahr_core.privacy.outbound), so the site part is read from each site's
+took depends on its data: fahr_core.protocol.outbound), so the site part is read from each site's
 own audit log, which this benchmark can open because every site runs on this machine. The split of
 the site's part (start-up, DP training) is in each site's own log. Prints a Markdown table for
 docs/performance.md.

@@ -26,7 +26,7 @@ from fahr_core.config import ModelConfig, SiteConfig, load_site_config
 from fahr_core.models.finetune import from_wire, to_wire, trainable_part
 from fahr_core.privacy.audit import append_audit
 from fahr_core.privacy.ledger import spend_on_record
-from fahr_core.privacy.outbound import check_outbound, check_secagg_outbound
+from fahr_core.protocol.outbound import check_outbound, check_secagg_outbound
 from fahr_core.release import fahr_version
 from fahr_ops.processes import seconds_since_process_start
 
@@ -130,7 +130,7 @@ def train(msg: Message, context: Context) -> Message:
         secure = secagg.begin(context, site.cfg, start, trained, n, server_round)
     sent = secure.payload.values() if secure is not None else state.values()
     metrics = {**metrics, "bytes-sent": float(sum(v.nbytes for v in sent))}
-    # timings stay in the site's log: how long a round took depends on the data (fahr_core.privacy.outbound)
+    # timings stay in the site's log: how long a round took depends on the data (fahr_core.protocol.outbound)
     seconds = time.perf_counter() - started
     log.info("round %d: process start-up %.1f s, handler %.1f s", server_round, startup, seconds)
     if secure is not None:

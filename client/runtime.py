@@ -29,8 +29,8 @@ from fahr_core.models.saliency import MIN_PATIENTS_FOR_SALIENCY, CohortSaliency,
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.audit import EVALUATION_ADMITTED, append_audit, evaluations_in_run
 from fahr_core.privacy.ledger import PrivacyLedger, locked
-from fahr_core.privacy.outbound import suppress_small_cells
-from fahr_core.report.wire import summary_to_metrics
+from fahr_core.protocol.outbound import suppress_small_cells
+from fahr_core.protocol.wire import summary_to_metrics
 from fahr_core.survival.predict import survival_at
 from fahr_core.train.local import SurvivalData, patient_risk, train_dp
 
@@ -166,7 +166,7 @@ class SiteRuntime:
             )
         new_state, _ = split_state(model)
         # the loss and the time taken stay in the site's own log: with crafted global weights either
-        # would tell the server whether a patient is in the data (fahr_core.privacy.outbound)
+        # would tell the server whether a patient is in the data (fahr_core.protocol.outbound)
         metrics = {
             "num-examples": stats.n,
             "epsilon": stats.epsilon,

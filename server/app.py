@@ -20,9 +20,9 @@ from fahr_core.io import atomic_write_json
 from fahr_core.models.checkpoint import load_encoder_weights, load_weights
 from fahr_core.models.finetune import GlobalModel, prepare
 from fahr_core.models.vit import SurvivalViT
+from fahr_core.protocol.wire import metrics_to_summary
 from fahr_core.release import fahr_version
 from fahr_core.report.federation import write_federation_report
-from fahr_core.report.wire import metrics_to_summary
 from fahr_server.events import emit
 from fahr_server.secagg import SecureSum
 from fahr_server.state import FederationState, model_record, resume_point

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fahr_core.privacy.outbound import weights_mismatch
+from fahr_core.protocol.outbound import weights_mismatch
 
 State = Mapping[str, torch.Tensor]
 

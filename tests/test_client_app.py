@@ -26,7 +26,7 @@ from fahr_core.faces.images import to_input
 from fahr_core.models.finetune import base_sha256, build, split_state
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.audit import EVALUATION_ADMITTED, verify_audit_log
-from fahr_core.privacy.outbound import OutboundViolation
+from fahr_core.protocol.outbound import OutboundViolation
 from fahr_core.release import fahr_version
 from fahr_core.survival.losses import discrete_hazard_nll
 from tests.support import make_sites

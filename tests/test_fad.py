@@ -28,9 +28,9 @@ from fahr_core.cohort.simulate import SimulationParams, sample_outcomes
 from fahr_core.config import ConfigError, ModelConfig, load_server_config, load_site_config
 from fahr_core.models.finetune import GlobalModel, prepare
 from fahr_core.models.vit import SurvivalViT
-from fahr_core.privacy.outbound import check_outbound
+from fahr_core.protocol.outbound import check_outbound
+from fahr_core.protocol.wire import metrics_to_summary, summary_to_metrics
 from fahr_core.report.site import write_site_report
-from fahr_core.report.wire import metrics_to_summary, summary_to_metrics
 from fahr_core.survival.fad import REDUNDANCY_ALARM, fad_statistics
 
 

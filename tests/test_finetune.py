@@ -29,7 +29,7 @@ from fahr_core.models.finetune import (
 )
 from fahr_core.models.lora import LoRALinear
 from fahr_core.models.vit import SurvivalViT
-from fahr_core.privacy.outbound import OutboundViolation, check_outbound
+from fahr_core.protocol.outbound import OutboundViolation, check_outbound
 from fahr_core.survival.losses import discrete_hazard_nll
 
 SPEC = ModelConfig(arch="vit_micro")

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from fahr_core.privacy.outbound import (
+from fahr_core.protocol.outbound import (
     ALLOW_LIST,
     MIN_EVENTS,
     MIN_PATIENTS,
@@ -19,7 +19,7 @@ from fahr_core.privacy.outbound import (
     check_outbound,
     suppress_small_cells,
 )
-from fahr_core.report.wire import summary_to_metrics
+from fahr_core.protocol.wire import summary_to_metrics
 
 PINNED = {
     "num-examples": "aggregate",

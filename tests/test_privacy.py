@@ -11,7 +11,7 @@ from opacus.accountants import RDPAccountant
 
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.ledger import BudgetExceeded, PrivacyLedger
-from fahr_core.privacy.outbound import OutboundViolation, check_outbound
+from fahr_core.protocol.outbound import OutboundViolation, check_outbound
 from fahr_core.survival.losses import discrete_hazard_nll
 
 

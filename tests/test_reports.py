@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fahr_core.protocol.wire import metrics_to_summary
 from fahr_core.report.federation import pooled_hr, write_federation_report
 from fahr_core.report.site import write_site_report
-from fahr_core.report.wire import metrics_to_summary
 from tests.support import DEGENERATE, META, PRIVACY, QC, cohort, full_site_report, images
 
 KM_ALT = "Kaplan-Meier survival curves by risk quartile"

@@ -10,8 +10,8 @@ from scipy import stats
 from fahr_core.config import ConfigError, server_config_from_dict
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy import secagg
-from fahr_core.privacy.outbound import OutboundViolation, check_secagg_outbound
 from fahr_core.privacy.secagg import Quantiser, SecAggError, SiteSecrets
+from fahr_core.protocol.outbound import OutboundViolation, check_secagg_outbound
 
 CONTEXT = b"run 1 round 1"
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fahr_core.privacy.outbound import check_outbound
-from fahr_core.report.wire import metrics_to_summary, summary_to_metrics
+from fahr_core.protocol.outbound import check_outbound
+from fahr_core.protocol.wire import metrics_to_summary, summary_to_metrics
 
 
 def test_summary_round_trips_through_metrics():
