@@ -109,7 +109,7 @@ arch = "{a.arch}"
     replied = {  # (site, round) -> when the site's audit log recorded its train reply
         (name, r["round"]): r["time"]
         for name, toml in zip(names, tomls, strict=True)
-        for r in map(json.loads, load_site_config(toml).audit_path.read_text().splitlines())
+        for r in map(json.loads, load_site_config(toml).paths.audit.read_text().splitlines())
         if r["kind"] == "train"
     }
     previous = started

@@ -32,6 +32,7 @@ from fahr_core.protocol.outbound import check_outbound
 from fahr_core.protocol.wire import metrics_to_summary, summary_to_metrics
 from fahr_core.report.site import write_site_report
 from fahr_core.survival.fad import REDUNDANCY_ALARM, fad_statistics
+from fahr_core.workdir import REPORT_PAGE
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def test_report_shows_fad_with_cis_and_sends_only_scalars(cohort, tmp_path):
     assert summary["fad"]["correlation"]["pearson_ci"] == pytest.approx(expected["correlation"]["pearson_ci"])
     assert summary["fad"]["age_model"]["sha256"] == "ab" * 32
     assert json.loads((tmp_path / "summary.json").read_text())["fad"] == summary["fad"]
-    html = (tmp_path / "report.html").read_text()
+    html = (tmp_path / REPORT_PAGE).read_text()
     assert "Hazard ratio per decade of FAD, adjusted for age and sex" in html
     assert f"{hr['hr']:.2f} (95% CI {hr['ci_low']:.2f}\u2013{hr['ci_high']:.2f})" in html
     assert "ab" * 32 in html
@@ -163,7 +164,7 @@ def test_without_an_age_model_the_report_says_fad_was_not_computed(cohort, tmp_p
     c = cohort
     summary = write_site_report(tmp_path, "s", c.time, c.event, c.risk, {}, {}, n_boot=20, age=c.age)
     assert summary["fad"] is None and "fad-hr-decade" not in summary_to_metrics(summary)
-    assert "Face-age deviation (FAD) was not computed" in (tmp_path / "report.html").read_text()
+    assert "Face-age deviation (FAD) was not computed" in (tmp_path / REPORT_PAGE).read_text()
 
 
 def _age_model(path: Path, seed: int = 0) -> Path:
@@ -221,10 +222,10 @@ def test_site_evaluation_reports_fad_and_saliency_with_the_received_model(demo_s
     assert summary["saliency"]["models"] == ["Survival risk score", "Predicted age"]
     assert -1 <= summary["saliency"]["similarity"] < 1
     assert {"fad-mean", "fad-risk-r", "saliency-similarity"} <= set(metrics)
-    html = (site.cfg.report_dir / "report.html").read_text()
+    html = site.cfg.paths.report_page.read_text()
     assert "Where the models look" in html and html.count("data:image/png") >= 2
 
 
 def _kept_sha256(site: SiteRuntime) -> str:
     """The digest of the file the site kept: what it used is what it reports."""
-    return hashlib.sha256((site.cfg.workdir / "age_model.safetensors").read_bytes()).hexdigest()
+    return hashlib.sha256(site.cfg.paths.age_model.read_bytes()).hexdigest()

@@ -28,13 +28,12 @@ import numpy as np
 
 from fahr_core.cohort.faces import FaceRecord
 from fahr_core.cohort.schema import COHORT_FILE
-from fahr_core.config import SiteConfig, dump_site_config
+from fahr_core.config import SITE_CONFIG_FILE, SiteConfig, dump_site_config
 from fahr_core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from fahr_core.survival.metrics import harrell_c
 
 TRUTH_FILE = "truth.csv"
 TRUTH_SUMMARY_FILE = "truth_summary.json"
-SITE_CONFIG_FILE = "site.toml"
 PHOTO_DIR = "photos"
 # Besides photos/, the files a simulated site folder is made of; overwrite=True replaces only these.
 _OWNED_FILES = (COHORT_FILE, TRUTH_FILE, TRUTH_SUMMARY_FILE, SITE_CONFIG_FILE)
