@@ -35,6 +35,7 @@ from fahr_core.config import ModelConfig, PrivacyConfig, SiteConfig, TrainConfig
 from fahr_core.models.checkpoint import load_encoder_weights
 from fahr_core.models.finetune import GlobalModel, merge, prepare, site_model, split_state, to_wire
 from fahr_core.models.vit import SurvivalViT
+from fahr_core.protocol import keys
 from fahr_core.survival.metrics import bootstrap_ci, harrell_c
 from fahr_core.train.local import patient_risk, train_nonprivate
 
@@ -65,7 +66,7 @@ def run(spec: ModelConfig, sites: list[SiteRuntime], rounds: int, dp: bool) -> d
         for site in sites:
             if dp:
                 state, metrics = site.train_round(sent, gm.spec, r, rounds)
-                n = int(metrics["num-examples"])
+                n = int(metrics[keys.NUM_EXAMPLES])
             else:
                 split = site.load(spec.img_size)
                 local = site_model(sent, gm.spec, site.cfg.paths.frozen_base)

@@ -2,8 +2,8 @@
 
 A status view that reads a file under an old name shows nothing, and a `--resume` that looks for a
 renamed state file starts over; so this parses the server, the site, the researcher CLI, the process
-launcher and the tests, and fails on any string equal to a name that ServerWorkdir or SiteWorkdir
-gives out.
+launcher, the tests and the benchmarks, and fails on any string equal to a name that ServerWorkdir or
+SiteWorkdir gives out.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from fahr_core.workdir import REPORT_PAGE, ServerWorkdir, SiteWorkdir
 from tests.test_protocol_keys import ROOT, spelled_keys
 
-SCANNED = ("server", "client", "research", "ops", "tests")
+SCANNED = ("server", "client", "research", "ops", "tests", "benchmarks")
 # Folder names that are plain words, also used for other folders (an alignment run's output, a report
 # written to a chosen folder): the workdir's own go through the classes, but a match proves nothing.
 PLAIN_WORDS = {"report", "aligned", "cache", "app"}
