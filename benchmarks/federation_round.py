@@ -31,7 +31,7 @@ from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import PrivacyConfig, SiteConfig, TrainConfig, dump_site_config, load_site_config
 from fahr_core.io import atomic_write_text
 from fahr_core.protocol import keys
-from fahr_core.workdir import ServerWorkdir
+from fahr_core.workdir import SITE_WORKDIR, ServerWorkdir
 from fahr_research.local import run_local_federation
 
 
@@ -71,7 +71,7 @@ def main() -> None:
             SiteConfig(
                 name=name,
                 data=Path("."),
-                workdir=Path(".fahr"),
+                workdir=Path(SITE_WORKDIR),
                 privacy=PrivacyConfig(epsilon=8.0),
                 train=TrainConfig(local_epochs=a.epochs, batch_size=16, threads=1),
             ),

@@ -38,6 +38,7 @@ from fahr_core.models.vit import SurvivalViT
 from fahr_core.protocol import keys
 from fahr_core.survival.metrics import bootstrap_ci, harrell_c
 from fahr_core.train.local import patient_risk, train_nonprivate
+from fahr_core.workdir import SITE_WORKDIR
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface"
 ENCODER = demo_faces_dir() / "encoder_vit_micro.safetensors"
@@ -134,7 +135,7 @@ def main() -> None:
                 SiteConfig(
                     name=name,
                     data=d,
-                    workdir=d / ".fahr",
+                    workdir=d / SITE_WORKDIR,
                     split_seed=seed,
                     privacy=PrivacyConfig(epsilon=a.epsilon),
                     train=train,

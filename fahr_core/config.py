@@ -16,7 +16,7 @@ from typing import Any
 from fahr_core.io import atomic_write_text
 from fahr_core.models.archs import ARCHS, FAHR_FACE_ARCH
 from fahr_core.survival.losses import require_dp_valid
-from fahr_core.workdir import ServerWorkdir, SiteWorkdir
+from fahr_core.workdir import SITE_WORKDIR, ServerWorkdir, SiteWorkdir
 
 SITE_CONFIG_FILE = "site.toml"  # a site's config, by default in the site's folder beside cohort.csv
 
@@ -291,7 +291,7 @@ def site_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> SiteC
     site = dict(raw.get("site", {}))
     _check("name" in site, f"{source}: [site] needs 'name'")
     _check("data" in site, f"{source}: [site] needs 'data' (the folder with cohort.csv)")
-    site.setdefault("workdir", str(Path(site["data"]) / ".fahr"))
+    site.setdefault("workdir", str(Path(site["data"]) / SITE_WORKDIR))
     defaults = {"split_seed": 0, "test_fraction": 0.3}
     for key in ("name", "data", "workdir"):
         _check(isinstance(site[key], str) and site[key], f"{source}: [site].{key} must be a non-empty string")

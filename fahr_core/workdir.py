@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPORT_PAGE = "report.html"  # in a report folder, beside summary.json (fahr_core.report)
+SITE_WORKDIR = ".fahr"  # a site's workdir unless site.toml names one: inside the site's data folder
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from fahr_core.config import (
     load_site_config,
 )
 from fahr_core.io import atomic_write_text
-from fahr_core.workdir import ServerWorkdir
+from fahr_core.workdir import SITE_WORKDIR, ServerWorkdir
 from fahr_ops.certs import create_server_tls, create_site_keys, renew_server_tls
 from fahr_ops.cli import new_app
 from fahr_research.age import app as age_app
@@ -208,12 +208,12 @@ def demo(
             connection=connections[name],
             name=name,
             data=Path("."),
-            workdir=Path(".fahr"),
+            workdir=Path(SITE_WORKDIR),
             privacy=PrivacyConfig(epsilon=8.0, max_grad_norm=1.0),
             train=TrainConfig(local_epochs=3, batch_size=16, lr=2e-3, threads=1),
         )
         dump_site_config(cfg, sites_dir / name / SITE_CONFIG_FILE)
-        shutil.rmtree(sites_dir / name / ".fahr", ignore_errors=True)
+        shutil.rmtree(sites_dir / name / SITE_WORKDIR, ignore_errors=True)
     server_toml = out / "server.toml"
     atomic_write_text(
         server_toml,

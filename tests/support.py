@@ -31,6 +31,7 @@ from fahr_core.config import (
     dump_site_config,
 )
 from fahr_core.report.site import write_site_report
+from fahr_core.workdir import SITE_WORKDIR
 from fahr_server.state import FederationState
 from fahr_server.strategy import FahrFedAvg
 
@@ -71,7 +72,7 @@ def make_sites(
         cfg = SiteConfig(
             name=name,
             data=Path("."),
-            workdir=Path(".fahr"),
+            workdir=Path(SITE_WORKDIR),
             privacy=PrivacyConfig(epsilon=epsilon),
             train=TrainConfig(local_epochs=1, batch_size=16, lr=1e-3, threads=1),
             connection=(connections or {}).get(name, ConnectionConfig()),

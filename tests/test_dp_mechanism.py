@@ -31,7 +31,7 @@ from fahr_core.privacy.randomness import TEST_RNG_ENV, SecureStream, fresh_strea
 from fahr_core.privacy.secagg import Quantiser
 from fahr_core.train import local
 from fahr_core.train.local import SurvivalData, train_dp
-from fahr_core.workdir import SiteWorkdir
+from fahr_core.workdir import SITE_WORKDIR, SiteWorkdir
 
 IMG = 32
 HORIZON = 10.0
@@ -282,7 +282,7 @@ def test_a_real_site_refuses_to_start_with_the_test_switch(demo_site, monkeypatc
     monkeypatch.setenv(TEST_RNG_ENV, "1")
     result = CliRunner().invoke(client_app, ["start", "--site", "site1", "--config", str(demo_site)])
     assert result.exit_code == 2 and TEST_RNG_ENV in result.output
-    assert not SiteWorkdir(demo_site.parent / ".fahr").supernode_log.exists()
+    assert not SiteWorkdir(demo_site.parent / SITE_WORKDIR).supernode_log.exists()
 
 
 def test_secagg_rounding_from_a_secure_stream_is_unbiased():

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from fahr_client.cli import app as client_app
 from fahr_core.config import ConfigError, load_server_config
-from fahr_core.workdir import ServerWorkdir, SiteWorkdir
+from fahr_core.workdir import SITE_WORKDIR, ServerWorkdir, SiteWorkdir
 from fahr_server.cli import app as server_app
 from tests.support import free_port
 
@@ -77,4 +77,4 @@ def test_a_site_without_the_ca_or_its_key_refuses_to_join(demo_site, connection,
     result = _start(demo_site)
     assert result.exit_code == 2
     assert f"[connection] needs {missing} (the federation's ca.crt" in result.output
-    assert not SiteWorkdir(demo_site.parent / ".fahr").supernode_log.exists()
+    assert not SiteWorkdir(demo_site.parent / SITE_WORKDIR).supernode_log.exists()

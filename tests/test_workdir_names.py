@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fahr_core.workdir import REPORT_PAGE, ServerWorkdir, SiteWorkdir
+from fahr_core.workdir import REPORT_PAGE, SITE_WORKDIR, ServerWorkdir, SiteWorkdir
 from tests.test_protocol_keys import ROOT, spelled_keys
 
 SCANNED = ("server", "client", "research", "ops", "tests", "benchmarks")
@@ -23,7 +23,7 @@ OWN_NAMES = {"test_workdir_names.py", "test_reports.py", "test_report_browser.py
 
 def workdir_names() -> dict[str, str]:
     """file or folder name -> the path it is given out as."""
-    names = {REPORT_PAGE: "REPORT_PAGE"}
+    names = {REPORT_PAGE: "REPORT_PAGE", SITE_WORKDIR: "SITE_WORKDIR"}
     for cls in (ServerWorkdir, SiteWorkdir):
         root = cls(Path("/w"))
         for attr in dir(cls):
