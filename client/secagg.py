@@ -173,8 +173,5 @@ def unmask(msg: Message, context: Context, cfg: SiteConfig, server_round: int) -
     return SecAggReply(payload, tuple(sorted(inbox)), 0, {})
 
 
-STAGES = {
-    keys.SECAGG_SHARE: share,
-    keys.SECAGG_MASK: mask,
-    keys.SECAGG_UNMASK: unmask,
-}  # Flower train actions
+# the stages after training, as Flower train actions
+STAGES = {keys.SECAGG_SHARE: share, keys.SECAGG_MASK: mask, keys.SECAGG_UNMASK: unmask}
