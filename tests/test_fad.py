@@ -132,6 +132,12 @@ def test_report_shows_fad_with_cis_and_sends_only_scalars(cohort, tmp_path):
     assert summary.fad.correlation.pearson_ci == pytest.approx(expected.correlation.pearson_ci)
     summary = summary.to_json()
     assert summary["fad"]["age_model"]["sha256"] == "ab" * 32
+    # summary.json's shape, which readers of the file rely on: a term of the joint model has no n, no
+    # covariate list and no SD of its own; the notes are in the summary's one list, not in the section
+    hr_keys = {"hr", "ci_low", "ci_high", "p"}
+    assert set(summary["fad"]["hr_per_decade"]) == hr_keys | {"n", "adjusted_for"}
+    assert set(summary["fad"]["joint"]["risk_per_sd"]) == hr_keys and "notes" not in summary["fad"]
+    assert summary["fad"]["joint"]["adjusted_for"] == ["risk_per_sd", "age", "male"]
     assert json.loads((tmp_path / "summary.json").read_text())["fad"] == summary["fad"]
     html = (tmp_path / "report.html").read_text()
     assert "Hazard ratio per decade of FAD, adjusted for age and sex" in html
