@@ -78,7 +78,7 @@ def test_a_site_whose_hr_or_ci_is_not_usable_is_left_out(damaged) -> None:
 
 
 def test_weighted_c_index_counts_every_patient_of_the_sites_that_have_one() -> None:
-    sites = [(120, 0.7), (300, 0.62), (40, None), (0, 0.9), (55, 0.5)]
+    sites = [(120, 0.7), (300, 0.62), (40, None), (0, 0.9), (-10, 0.9), (55, 0.5)]  # -10: damaged
     got = weighted_c_index(sites)
     patients = np.concatenate([np.full(n, c) for n, c in sites if c is not None and n > 0])
     assert got.mean == pytest.approx(patients.mean()) and got.n == len(patients) == 475

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 
 from fahr_core.models.saliency import CohortSaliency
 from fahr_core.protocol.outbound import ALLOW_LIST, check_outbound
-from fahr_core.protocol.wire import FIELDS, KEYS, metrics_to_summary, privacy_metrics, summary_to_metrics
+from fahr_core.protocol.wire import (
+    FIELDS,
+    KEYS,
+    metrics_to_summary,
+    privacy_metrics,
+    summary_to_metrics,
+    wire_fields,
+)
 from fahr_core.report.site import site_summary
 from fahr_core.report.summary import PatientScores, SiteContext, SiteSummary
+from fahr_core.survival.results import wire
 from tests.support import simulate
 
 
@@ -44,6 +53,8 @@ def test_missing_statistics_stay_missing():
     back = metrics_to_summary("b", summary_to_metrics({"n": 4, "events": 0, "c_index": None}))
     assert back["c_index"] is None and back["c_index_ci"] is None and back["hr_per_sd_adjusted"] is None
     assert back["n"] == 4
+    nothing = metrics_to_summary("c", {})  # a suppressed evaluation: no counts at all
+    assert nothing["n"] == 0 and nothing["events"] == 0
 
 
 # The scalars a site sends only with a training reply (or secure aggregation's mask stage), never
@@ -72,11 +83,13 @@ def test_a_computed_summary_sends_every_evaluation_key_and_the_server_rebuilds_i
     summary = _fad_summary()
     metrics = summary_to_metrics(summary)
     assert set(metrics) == KEYS  # every statistic could be computed here, so every key goes
+    assert isinstance(metrics["num-examples"], int)  # the count Flower's FedAvg weighs replies by
     check_outbound({}, {}, metrics)
     doc = json.loads(json.dumps(summary.to_json()))  # as summary.json holds it
     assert summary_to_metrics(doc) == metrics
     back = metrics_to_summary("a", metrics)
-    assert back["n"] == 300 and isinstance(back["n"], int) and back["events"] == summary.evaluation.events
+    assert back["n"] == 300 and back["events"] == summary.evaluation.events  # counts, as ints
+    assert isinstance(back["n"], int) and isinstance(back["events"], int)
     for f in FIELDS:  # each sent value lands where it came from
         sent, rebuilt = doc, back
         for key in f.path:
@@ -90,3 +103,14 @@ def test_a_computed_summary_sends_every_evaluation_key_and_the_server_rebuilds_i
 
 def test_an_evaluation_without_statistics_sends_its_privacy_account_only():
     assert privacy_metrics({"epsilon": 1.5, "delta": 1e-5}) == {"epsilon": 1.5, "num-examples": 0}
+
+
+@dataclass(frozen=True)
+class _Listed:
+    names: tuple[str, ...] = field(metadata=wire("names"))
+    notes: list[str] = field(metadata=wire("notes"))
+
+
+def test_a_field_that_is_not_numbers_cannot_be_marked_for_the_wire():
+    with pytest.raises(TypeError, match=r"_Listed.notes: a list\[str\] cannot be sent"):
+        wire_fields(_Listed)
