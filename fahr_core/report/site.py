@@ -392,10 +392,10 @@ def site_summary(
 ) -> SiteSummary:
     """All statistics of one site's held-out patients with the site's description: the summary.
 
-    Raises ValueError on malformed inputs (see ``evaluate``), on FAD without age or an age model, and on
-    caller metadata holding arrays (which would be per-patient data).
+    Raises ValueError on malformed inputs (see ``evaluate``) and on FAD without age or an age model,
+    TypeError on caller metadata holding arrays (which would be per-patient data).
     """
-    p = scores
+    p = scores  # short: read nine times below
     time, event, risk = as_arrays(p.time, p.event, p.risk)
     ev = evaluate(
         time,
