@@ -96,8 +96,9 @@ class SecureNoiseOptimizer(DPOptimizer):
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            noise = torch.from_numpy(self.stream.normal(tuple(p.summed_grad.shape)) * std)
-            p.grad = (p.summed_grad + noise.to(p.summed_grad)).view_as(p)
+            g = p.summed_grad
+            noise = self.stream.normal(tuple(g.shape), std=std, device=g.device, dtype=g.dtype)
+            p.grad = (g + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
 
     def noise_only_step(self) -> None:
