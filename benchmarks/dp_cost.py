@@ -123,7 +123,7 @@ def main() -> None:
         f"torch {torch.__version__}, {a.arch}, 112 px, batch {len(x)}, float32, median of {a.steps} "
         f"round-robin steps; load average before {load}\n"
     )
-    noise = noise_ms_per_million(device)
+    noise = noise_ms_per_million(device, n=1_000_000 if a.tiny else 8_000_000)
     print(f"Noise (ChaCha20 keystream to float32 normals on {a.device}): {noise:.1f} ms per M parameters\n")
     print(
         "| mode | trainable params | plain images/s | DP hooks | DP ghost | hooks / plain | ghost / plain |"
