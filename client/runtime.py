@@ -30,7 +30,8 @@ from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.audit import EVALUATION_ADMITTED, append_audit, evaluations_in_run
 from fahr_core.privacy.ledger import PrivacyLedger, locked
 from fahr_core.protocol.outbound import suppress_small_cells
-from fahr_core.protocol.wire import summary_to_metrics
+from fahr_core.protocol.wire import privacy_metrics, summary_to_metrics
+from fahr_core.report.summary import PatientScores, SiteContext, SiteSummary
 from fahr_core.survival.predict import survival_at
 from fahr_core.train.local import SurvivalData, patient_risk, train_dp
 
@@ -279,9 +280,9 @@ class SiteRuntime:
             summary = self._report(model, split, spec, meta, privacy, age_model)
         except Exception:
             log.exception("site %s: the evaluation failed; the reply carries no statistics", self.cfg.name)
-            return suppress_small_cells(summary_to_metrics({"privacy": privacy})), {}
+            return suppress_small_cells(privacy_metrics(privacy)), {}
         atomic_write_json(self.cfg.workdir / "last_evaluation.json", {"meta": meta, "privacy": privacy})
-        return suppress_small_cells(summary_to_metrics(summary)), summary
+        return suppress_small_cells(summary_to_metrics(summary)), summary.to_json()
 
     def _report(
         self,
@@ -291,7 +292,7 @@ class SiteRuntime:
         meta: dict,
         privacy: dict,
         age_model: DeliveredAgeModel | None,
-    ) -> dict:
+    ) -> SiteSummary:
         """Score the held-out patients, write the validation report, return its summary."""
         from fahr_core.report.site import write_site_report  # lifelines/matplotlib: evaluation only
 
@@ -299,21 +300,21 @@ class SiteRuntime:
         test = split.test_cohort
         alpha = model.head.baseline.weight.detach().squeeze(-1).numpy()
         fad, saliency = self._fad_and_saliency(model, split.test, test.age, age_model)
-        summary = write_site_report(
-            self.cfg.report_dir,
-            self.cfg.name,
+        scores = PatientScores(
             split.test.time,
             split.test.event,
             risk,
-            privacy,
-            meta,
             age=test.age,
             male=test.is_male.astype(float),
             surv_pred=survival_at(risk, alpha, spec.horizon_years, (1.0, 2.0, 5.0)),
-            qc=split.qc,
             fad=fad,
-            age_model=None if age_model is None else age_model.describe(),
-            saliency=saliency,
-            horizon=spec.horizon_years,
         )
-        return summary
+        context = SiteContext(
+            self.cfg.name,
+            privacy,
+            meta,
+            horizon=spec.horizon_years,
+            qc=split.qc,
+            age_model=None if age_model is None else age_model.describe(),
+        )
+        return write_site_report(self.cfg.report_dir, scores, context, saliency)

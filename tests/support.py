@@ -31,6 +31,7 @@ from fahr_core.config import (
     dump_site_config,
 )
 from fahr_core.report.site import write_site_report
+from fahr_core.report.summary import PatientScores, SiteContext
 from fahr_server.state import FederationState
 from fahr_server.strategy import FahrFedAvg
 
@@ -214,20 +215,10 @@ def images(html: str) -> dict[str, bytes]:
 def full_site_report(out: Path, n: int = 400, n_boot: int = 50) -> dict:
     """A site report with every optional input, on a cohort simulated with known age/sex/risk effects."""
     d = simulate(n=n, seed=31)
+    scores = PatientScores(d["time"], d["event"], d["risk"], d["age"], d["male"], true_surv(d["lam"]))
     return write_site_report(
-        out,
-        "hospital-full",
-        d["time"],
-        d["event"],
-        d["risk"],
-        PRIVACY,
-        META,
-        n_boot,
-        age=d["age"],
-        male=d["male"],
-        surv_pred=true_surv(d["lam"]),
-        qc=QC,
-    )
+        out, scores, SiteContext("hospital-full", PRIVACY, META, qc=QC), n_boot=n_boot
+    ).to_json()
 
 
 # --- the server strategy, driven with messages as the ServerApp receives them -------------------------

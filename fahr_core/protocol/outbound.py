@@ -65,7 +65,7 @@ ALLOW_LIST: dict[str, tuple[Release, str]] = {
     "bytes-sent": (_PUBLIC, "bytes of weights or protocol fields sent: fixed by model and protocol"),
     # secure aggregation's mask stage (fahr_client.secagg.mask)
     "secagg-clipped": (_DP, "values of the DP-noised update clipped by the quantiser: post-processing"),
-    # held-out evaluation (fahr_core.protocol.wire.SCALARS, INTERVALS, RATIOS)
+    # held-out evaluation (the result fields marked wire(key), fahr_core.protocol.wire.FIELDS)
     "events": (_AGG, "events among the held-out patients"),
     "c-index": (_AGG, "Harrell's C of the global model on the held-out patients"),
     "c-index-low": (_AGG, "its 95% CI"),
