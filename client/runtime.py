@@ -179,12 +179,14 @@ class SiteRuntime:
             keys.SAMPLE_RATE: stats.sample_rate,
             keys.STEPS: stats.steps,
         }
-        log.info(
-            "site %s round %d: loss %.4f, %.1f s, epsilon %.3f / %g",
+        log.info(  # DP training speed (images/s, setup included) is for the site's operator only
+            "site %s round %d: loss %.4f, %.1f s, %.1f images/s (DP-SGD, %s clipping), epsilon %.3f / %g",
             self.cfg.name,
             server_round,
             stats.loss,
             stats.seconds,
+            stats.images / max(stats.seconds, 1e-9),
+            self.cfg.train.clipping,
             stats.epsilon,
             ledger.budget,
         )

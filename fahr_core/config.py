@@ -51,6 +51,7 @@ class ModelConfig:
 FINETUNE_MODES = ("full", "head", "lora", "ffa-lora")  # and "last:N"
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
+CLIPPING_METHODS = ("hooks", "ghost")  # Opacus' per-sample gradients, or ghost clipping (train/local.py)
 
 
 def finetune_problem(m: ModelConfig) -> str | None:
@@ -89,6 +90,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     loss: str = "discrete_hazard"  # sites train under DP, so only per-patient losses are accepted
+    clipping: str = "hooks"  # DP per-patient clipping: "hooks" or "ghost" (same update; train/local.py)
 
 
 @dataclass(frozen=True)
@@ -335,6 +337,10 @@ def site_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> SiteC
     _check(0.0 < cfg.test_fraction < 1.0, f"{source}: [site].test_fraction must be in (0, 1)")
     _check(cfg.train.local_epochs >= 1, f"{source}: [train].local_epochs must be >= 1")
     _check(cfg.train.batch_size >= 1, f"{source}: [train].batch_size must be >= 1")
+    _check(
+        cfg.train.clipping in CLIPPING_METHODS,
+        f"{source}: [train].clipping is {cfg.train.clipping!r}; use one of {', '.join(CLIPPING_METHODS)}",
+    )
     _check_site_values(cfg, source)
     try:
         require_dp_valid(cfg.train.loss)

@@ -187,6 +187,7 @@ def test_unreadable_cohort_and_photo_folder_are_named(tmp_path):
         # what trains is the server's choice ([model].finetune): a site cannot set it
         ('[site]\nname = "s"\ndata = "."\n[train]\ntrainable = "all"\n', "unknown key(s) trainable"),
         ('[site]\nname = "s"\ndata = "."\n[train]\nthreads = -4\n', "[train].threads"),
+        ('[site]\nname = "s"\ndata = "."\n[train]\nclipping = "fast"\n', "[train].clipping is 'fast'"),
         ('[site]\nname = "s"\ndata = "."\n[alignment]\nworkers = -1\n', "[alignment].workers"),
         ('[site]\nname = "s"\ndata = "."\n[connection]\nsuperlink = "fahr.example.org"\n', "superlink"),
         ('[site]\nname = "s"\ndata = "."\n[connection]\nsuperlink = "h:99999"\n', "superlink"),
