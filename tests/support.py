@@ -5,6 +5,7 @@ be renamed or be run alone."""
 
 from __future__ import annotations
 
+import ast
 import base64
 import os
 import re
@@ -256,3 +257,23 @@ def fahr_strategy(work: Path, last_round: int = 0, aggregator: FedAvg | None = N
     state = FederationState(last_round, 3, "", "", "test", {})
     strategy = FahrFedAvg(work, 3, 2, 1.0, {}, state, join_timeout_s=1, aggregator=aggregator)
     return sent_round(strategy, {"w": torch.zeros(4)}, (1, 2, 3))
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, nodes) and n.body and isinstance(n.body[0], ast.Expr)
+    }
+
+
+def spelled_keys(source: str, wanted: set[str]) -> list[tuple[int, str]]:
+    """(line, key) for every string constant in `source`, other than a docstring, equal to a wanted key."""
+    tree = ast.parse(source)
+    docs = _docstrings(tree)
+    return sorted(
+        (n.lineno, n.value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and n.value in wanted and id(n) not in docs
+    )

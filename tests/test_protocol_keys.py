@@ -7,11 +7,11 @@ launcher and fails on any string equal to a key of `fahr_core.protocol.keys` or 
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 from fahr_core.protocol import keys
 from fahr_core.protocol.spec import SPEC_KEYS
+from tests.support import spelled_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 SCANNED = ("server", "client", "research", "ops")
@@ -28,26 +28,6 @@ def protocol_keys() -> dict[str, str]:
     found = {v: f"keys.{k}" for k, v in vars(keys).items() if k.isupper() and isinstance(v, str)}
     found.update({v: f"spec.SPEC_KEYS[{k!r}]" for k, v in SPEC_KEYS.items()})
     return found
-
-
-def _docstrings(tree: ast.AST) -> set[int]:
-    nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-    return {
-        id(n.body[0].value)
-        for n in ast.walk(tree)
-        if isinstance(n, nodes) and n.body and isinstance(n.body[0], ast.Expr)
-    }
-
-
-def spelled_keys(source: str, wanted: set[str]) -> list[tuple[int, str]]:
-    """(line, key) for every string constant in `source`, other than a docstring, equal to a wanted key."""
-    tree = ast.parse(source)
-    docs = _docstrings(tree)
-    return sorted(
-        (n.lineno, n.value)
-        for n in ast.walk(tree)
-        if isinstance(n, ast.Constant) and n.value in wanted and id(n) not in docs
-    )
 
 
 def test_the_plain_words_left_out_are_protocol_keys():

@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fahr_core.workdir import REPORT_PAGE, SITE_WORKDIR, ServerWorkdir, SiteWorkdir
-from tests.test_protocol_keys import ROOT, spelled_keys
+from tests.support import spelled_keys
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SCANNED = ("server", "client", "research", "ops", "tests", "benchmarks")
 # Folder names that are plain words, also used for other folders (an alignment run's output, a report
