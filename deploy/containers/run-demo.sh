@@ -27,8 +27,10 @@ chown -R 10001:10001 "$demo"  # the image's unprivileged user writes only what i
 
 # One container does the set-up (each container start copies the image under vfs storage: minutes
 # here): the coordinator's CA and TLS certificate for the name the sites dial, each site's key pair,
-# and two semi-synthetic sites from the faces bundled in the image.
-setup="fahr certs init --out /demo/server/etc/certs --host localhost"
+# and two semi-synthetic sites from the faces bundled in the image. The certificate also names
+# 127.0.0.1: a SuperLink bound to 0.0.0.0 starts its ServerApp runtime (Flower's SuperExec) against
+# 127.0.0.1, checking the certificate for that address.
+setup="fahr certs init --out /demo/server/etc/certs --host localhost --host 127.0.0.1"
 for s in "${sites[@]}"; do setup="$setup && fahr certs site --out /demo/$s/etc --site $s"; done
 setup="$setup && fahr cohort simulate --out /demo/sim --sizes 60,60 --mean-ages 50,65 --rates 0.03,0.03"
 setup="$setup --names $(IFS=,; echo "${sites[*]}")"
