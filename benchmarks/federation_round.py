@@ -30,6 +30,8 @@ from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import PrivacyConfig, SiteConfig, TrainConfig, dump_site_config, load_site_config
 from fahr_core.io import atomic_write_text
+from fahr_core.protocol import keys
+from fahr_core.workdir import SITE_WORKDIR, ServerWorkdir
 from fahr_research.local import run_local_federation
 
 
@@ -69,7 +71,7 @@ def main() -> None:
             SiteConfig(
                 name=name,
                 data=Path("."),
-                workdir=Path(".fahr"),
+                workdir=Path(SITE_WORKDIR),
                 privacy=PrivacyConfig(epsilon=8.0),
                 train=TrainConfig(local_epochs=a.epochs, batch_size=16, threads=1),
             ),
@@ -92,7 +94,7 @@ arch = "{a.arch}"
     code = run_local_federation(work / "server.toml", tomls, echo=lambda _line: None)
     if code:
         sys.exit(f"federation failed (exit {code}); logs under {work}")
-    rounds = [json.loads(x) for x in (work / "server" / "rounds.jsonl").read_text().splitlines()]
+    rounds = [json.loads(x) for x in ServerWorkdir(work / "server").rounds_log.read_text().splitlines()]
 
     machine = platform.processor() or platform.machine()
     print(
@@ -109,7 +111,7 @@ arch = "{a.arch}"
     replied = {  # (site, round) -> when the site's audit log recorded its train reply
         (name, r["round"]): r["time"]
         for name, toml in zip(names, tomls, strict=True)
-        for r in map(json.loads, load_site_config(toml).audit_path.read_text().splitlines())
+        for r in map(json.loads, load_site_config(toml).paths.audit.read_text().splitlines())
         if r["kind"] == "train"
     }
     previous = started
@@ -124,7 +126,7 @@ arch = "{a.arch}"
                 site,
                 f"{at_site[site]:.1f}",
                 f"{wall - max(at_site.values()):.1f}",
-                f"{m['bytes-sent'] / 1e6:.2f}",
+                f"{m[keys.BYTES_SENT] / 1e6:.2f}",
             ]
             print("| " + " | ".join(map(str, cells)) + " |")
     print("\nRound 1's wall time includes SuperLink start-up and waiting for the sites to connect.")

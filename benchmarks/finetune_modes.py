@@ -33,10 +33,12 @@ from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import ModelConfig, PrivacyConfig, SiteConfig, TrainConfig
 from fahr_core.models.checkpoint import load_encoder_weights
-from fahr_core.models.finetune import BASE_FILE, GlobalModel, merge, prepare, site_model, split_state, to_wire
+from fahr_core.models.finetune import GlobalModel, merge, prepare, site_model, split_state, to_wire
 from fahr_core.models.vit import SurvivalViT
+from fahr_core.protocol import keys
 from fahr_core.survival.metrics import bootstrap_ci, harrell_c
 from fahr_core.train.local import patient_risk, train_nonprivate
+from fahr_core.workdir import SITE_WORKDIR
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface"
 ENCODER = demo_faces_dir() / "encoder_vit_micro.safetensors"
@@ -55,8 +57,8 @@ def run(spec: ModelConfig, sites: list[SiteRuntime], rounds: int, dp: bool) -> d
     load_encoder_weights(model.encoder, ENCODER)
     gm, trainable = GlobalModel.start(prepare(model, spec), spec)
     for site in sites:  # a fresh federation: no spend, no kept base
-        site.cfg.ledger_path.unlink(missing_ok=True)
-        (site.cfg.workdir / BASE_FILE).unlink(missing_ok=True)
+        site.cfg.paths.ledger.unlink(missing_ok=True)
+        site.cfg.paths.frozen_base.unlink(missing_ok=True)
     sent_bytes, seconds = [], []
     for r in range(1, rounds + 1):
         started = time.perf_counter()
@@ -65,10 +67,10 @@ def run(spec: ModelConfig, sites: list[SiteRuntime], rounds: int, dp: bool) -> d
         for site in sites:
             if dp:
                 state, metrics = site.train_round(sent, gm.spec, r, rounds)
-                n = int(metrics["num-examples"])
+                n = int(metrics[keys.NUM_EXAMPLES])
             else:
                 split = site.load(spec.img_size)
-                local = site_model(sent, gm.spec, site.cfg.workdir)
+                local = site_model(sent, gm.spec, site.cfg.paths.frozen_base)
                 train_nonprivate(local, split.train, site.cfg.train, spec.horizon_years, seed=r)
                 state, n = split_state(local)[0], len(split.train)
             states.append(state)
@@ -76,7 +78,9 @@ def run(spec: ModelConfig, sites: list[SiteRuntime], rounds: int, dp: bool) -> d
             sent_bytes.append(sum(v.nbytes for v in to_wire(state, spec.wire_dtype).values()))
         trainable = fedavg(states, sizes)
         seconds.append(time.perf_counter() - started)
-    final = merge(site_model(gm.outgoing(trainable, with_base=False), gm.spec, sites[0].cfg.workdir))
+    final = merge(
+        site_model(gm.outgoing(trainable, with_base=False), gm.spec, sites[0].cfg.paths.frozen_base)
+    )
     t, e, risk = [], [], []
     for site in sites:
         test = site.load(spec.img_size).test
@@ -131,7 +135,7 @@ def main() -> None:
                 SiteConfig(
                     name=name,
                     data=d,
-                    workdir=d / ".fahr",
+                    workdir=d / SITE_WORKDIR,
                     split_seed=seed,
                     privacy=PrivacyConfig(epsilon=a.epsilon),
                     train=train,

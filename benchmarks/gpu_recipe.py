@@ -36,7 +36,7 @@ from fahr_core.io import atomic_write_json
 from fahr_core.models.mae import MAE
 from fahr_core.train.pretrain import FaceStream, mask_noise, param_groups
 from fahr_core.train.shards import ShardReader
-from fahr_research.models import MAE_ENCODER, ModelBuild, Recipe
+from fahr_research.models import MAE_ENCODER, ModelBuild, Recipe, smoke_recipe
 
 H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA's H200 SXM datasheet, dense (no sparsity)
 
@@ -59,22 +59,7 @@ GPU_RECIPE = Recipe(
     balanced_lr=5e-4,
     layer_decay=0.75,
 )
-TINY_RECIPE = replace(
-    GPU_RECIPE,
-    arch="vit_micro",
-    decoder_dim=32,
-    decoder_depth=1,
-    decoder_heads=2,
-    mae_batch=16,
-    mae_warmup=2,
-    mae_steps=4,
-    age_epochs=1,
-    balanced_epochs=1,
-    age_batch=16,
-    shard_size=50,
-    mae_workers=0,
-    mae_compile=False,
-)
+TINY_RECIPE = replace(smoke_recipe(GPU_RECIPE), arch="vit_micro", mae_workers=0, mae_compile=False)
 
 
 def _sync(device: torch.device) -> None:

@@ -56,6 +56,7 @@ from fahr_core.models.vit import PATCH, SurvivalViT
 from fahr_core.privacy.ledger import PrivacyLedger
 from fahr_core.survival.losses import LOSSES
 from fahr_core.train.local import SurvivalData, train_dp
+from fahr_core.workdir import SiteWorkdir
 
 HORIZON = 10.0  # years; the canaries die in the first interval of it
 CANARY_TIME = 0.05
@@ -290,7 +291,7 @@ def release(
 
     Returns (claimed epsilon, delta) as the site's ledger records them; `model` is trained in place.
     """
-    ledger = PrivacyLedger.open(workdir / "privacy_ledger.json", privacy.epsilon, privacy.delta, len(data))
+    ledger = PrivacyLedger.open(SiteWorkdir(workdir).ledger, privacy.epsilon, privacy.delta, len(data))
     stats_ = train_dp(model, data, train, privacy, ledger, 1, HORIZON, {"audit": True})
     return stats_.epsilon, stats_.delta
 

@@ -21,12 +21,13 @@ from flwr.clientapp import ClientApp
 
 from fahr_client import secagg
 from fahr_client.runtime import SiteRuntime
-from fahr_core.age import delivery
 from fahr_core.config import ModelConfig, SiteConfig, load_site_config
 from fahr_core.models.finetune import from_wire, to_wire, trainable_part
 from fahr_core.privacy.audit import append_audit
 from fahr_core.privacy.ledger import spend_on_record
+from fahr_core.protocol import keys
 from fahr_core.protocol.outbound import check_outbound, check_secagg_outbound
+from fahr_core.protocol.spec import spec_from_record
 from fahr_core.release import fahr_version
 from fahr_ops.processes import seconds_since_process_start
 
@@ -39,20 +40,22 @@ class VersionMismatch(RuntimeError):
 
 
 def _runtime(context: Context) -> SiteRuntime:
-    path = context.node_config.get("site-config")
+    path = context.node_config.get(keys.SITE_CONFIG)
     if not path:
-        raise RuntimeError("SuperNode was started without node config 'site-config'; use `fahr-client start`")
+        raise RuntimeError(
+            f"SuperNode was started without node config '{keys.SITE_CONFIG}'; use `fahr-client start`"
+        )
     return SiteRuntime(load_site_config(str(path)))
 
 
 def round_info(config: Mapping) -> tuple[ModelConfig, int, int]:
     """Model settings, round and planned rounds from the server's config; refuses another fahr version."""
-    ours, theirs = fahr_version(), str(config.get("fahr-version", "unknown"))
+    ours, theirs = fahr_version(), str(config.get(keys.FAHR_VERSION, "unknown"))
     if theirs != ours:
         raise VersionMismatch(
             f"the server runs fahr {theirs}, this site runs fahr {ours}; refusing the round"
         )
-    return ModelConfig.from_record(config), int(config["server-round"]), int(config["num-rounds"])
+    return spec_from_record(config), int(config[keys.SERVER_ROUND]), int(config[keys.NUM_ROUNDS])
 
 
 Handler = Callable[[Message, Context], Message]
@@ -97,18 +100,18 @@ def _reply(
     if secure is not None:
         check_secagg_outbound(payload, secure.participants, secure.n_params)
     append_audit(
-        site.cfg.audit_path,
+        site.cfg.paths.audit,
         msg.metadata.message_type,
         server_round,
         int(msg.metadata.run_id),
-        {**arrays, **{f"secagg/{k}": torch.from_numpy(v) for k, v in payload.items()}},
+        {**arrays, **{f"{keys.SECAGG}/{k}": torch.from_numpy(v) for k, v in payload.items()}},
         metrics,
     )
-    content = {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": site.cfg.name})}
+    content = {keys.METRICS: MetricRecord(metrics), keys.SITE: ConfigRecord({keys.SITE_NAME: site.cfg.name})}
     if state is not None:
-        content["arrays"] = ArrayRecord(state)
+        content[keys.ARRAYS] = ArrayRecord(state)
     if payload:
-        content["secagg"] = ArrayRecord({k: Array(v) for k, v in payload.items()})
+        content[keys.SECAGG] = ArrayRecord({k: Array(v) for k, v in payload.items()})
     return Message(RecordDict(content), reply_to=msg)
 
 
@@ -117,19 +120,19 @@ def _reply(
 def train(msg: Message, context: Context) -> Message:
     startup, started = seconds_since_process_start(), time.perf_counter()
     site = _runtime(context)
-    spec, server_round, num_rounds = round_info(msg.content["config"])
-    arrays = msg.content["arrays"].to_torch_state_dict()
-    recorded = spend_on_record(msg.content["config"], site.cfg.name)
+    spec, server_round, num_rounds = round_info(msg.content[keys.CONFIG])
+    arrays = msg.content[keys.ARRAYS].to_torch_state_dict()
+    recorded = spend_on_record(msg.content[keys.CONFIG], site.cfg.name)
     trained, metrics = site.train_round(arrays, spec, server_round, num_rounds, recorded, msg.metadata.run_id)
     # only the trainable tensors go back, as they came (fahr_core.models.finetune)
     received, state = trainable_part(arrays, spec), to_wire(trained, spec.wire_dtype)
     secure = None
-    if msg.content["config"].get("secure-aggregation", False):  # the weights wait here; keys go instead
+    if msg.content[keys.CONFIG].get(keys.SECURE_AGGREGATION, False):  # the weights wait here; keys go instead
         start = from_wire(received, spec.wire_dtype)
-        n = int(metrics["num-examples"])
+        n = int(metrics[keys.NUM_EXAMPLES])
         secure = secagg.begin(context, site.cfg, start, trained, n, server_round)
     sent = secure.payload.values() if secure is not None else state.values()
-    metrics = {**metrics, "bytes-sent": float(sum(v.nbytes for v in sent))}
+    metrics = {**metrics, keys.BYTES_SENT: float(sum(v.nbytes for v in sent))}
     # timings stay in the site's log: how long a round took depends on the data (fahr_core.protocol.outbound)
     seconds = time.perf_counter() - started
     log.info("round %d: process start-up %.1f s, handler %.1f s", server_round, startup, seconds)
@@ -143,7 +146,7 @@ def _secagg_stage(stage: Callable[[Message, Context, SiteConfig, int], secagg.Se
 
     def handler(msg: Message, context: Context) -> Message:
         site = _runtime(context)
-        _, server_round, _ = round_info(msg.content["config"])
+        _, server_round, _ = round_info(msg.content[keys.CONFIG])
         secure = stage(msg, context, site.cfg, server_round)
         return _reply(msg, site, server_round, secure.metrics, secure=secure)
 
@@ -158,7 +161,7 @@ for _action, _stage in secagg.STAGES.items():
 @_keep_reasons_local
 def evaluate(msg: Message, context: Context) -> Message:
     site = _runtime(context)
-    spec, server_round, num_rounds = round_info(msg.content["config"])
+    spec, server_round, num_rounds = round_info(msg.content[keys.CONFIG])
     meta = {
         "server_round": server_round,
         "num_rounds": num_rounds,
@@ -166,9 +169,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         "fahr_version": fahr_version(),
     }
     site.admit_evaluation(meta["run_id"], server_round)  # counted and audited before any scoring
-    age_model, age = None, msg.content.array_records.get(delivery.ARRAYS_KEY)  # the federation's, if any
+    age_model, age = None, msg.content.array_records.get(keys.AGE_MODEL)  # the federation's, if any
     if age is not None:
-        sha256 = str(msg.content["config"][delivery.SHA256_KEY])
+        sha256 = str(msg.content[keys.CONFIG][keys.AGE_MODEL_SHA256])
         age_model = site.receive_age_model(age.to_numpy_ndarrays()[0], sha256)
-    metrics, _ = site.evaluate(msg.content["arrays"].to_torch_state_dict(), spec, meta, age_model)
+    metrics, _ = site.evaluate(msg.content[keys.ARRAYS].to_torch_state_dict(), spec, meta, age_model)
     return _reply(msg, site, server_round, metrics)

@@ -15,8 +15,10 @@ import typer
 from fahr_client.status import site_status
 from fahr_core.cohort import Cohort
 from fahr_core.cohort.check import check_site
-from fahr_core.config import ConfigError, SiteConfig, is_set, load_site_config
+from fahr_core.cohort.schema import COHORT_FILE
+from fahr_core.config import SITE_CONFIG_FILE, ConfigError, SiteConfig, is_set, load_site_config
 from fahr_core.privacy.randomness import refuse_test_rng
+from fahr_core.protocol import keys
 from fahr_ops.cli import VersionOption, new_app
 from fahr_ops.flower import flower_env, start_supernode
 from fahr_ops.processes import free_local_port, is_loopback, port_free
@@ -83,7 +85,7 @@ def _stop_on_signals() -> None:
 
 
 def _load(site: str, config: Path | None) -> tuple[SiteConfig, Path]:
-    path = (config or Path(site) / "site.toml").resolve()
+    path = (config or Path(site) / SITE_CONFIG_FILE).resolve()
     try:
         cfg = load_site_config(path)
     except ConfigError as e:
@@ -111,7 +113,7 @@ def check(site: SiteOpt, config: ConfigOpt = None) -> None:
     cfg, path = _load(site, config)
     cohort = _checked(cfg, path, f"site {site} is not ready: fix these, then run check again.")
     n = sum(len(p.photos) for p in cohort.patients)
-    typer.echo(f"site {cfg.name}: {len(cohort)} patients, {n} photos in {cfg.data / 'cohort.csv'}: OK")
+    typer.echo(f"site {cfg.name}: {len(cohort)} patients, {n} photos in {cfg.data / COHORT_FILE}: OK")
 
 
 def _align(cfg: SiteConfig, cohort: Cohort) -> None:
@@ -215,14 +217,14 @@ def start(
         )
         raise typer.Exit(2)
     _align(cfg, cohort)
-    log_path = cfg.workdir / "supernode.log"
+    log_path = cfg.paths.supernode_log
     with _one_line_errors(f"starting site {cfg.name}'s SuperNode"):
         node = start_supernode(
             address,
-            {"site": cfg.name, "site-config": str(path)},
+            {keys.NODE_SITE: cfg.name, keys.SITE_CONFIG: str(path)},
             runtime_port,
             log_path,
-            flower_env(cfg.workdir / "flwr-home"),
+            flower_env(cfg.paths.flwr_home),
             connection,
         )
     typer.echo(f"site {cfg.name}: {len(cohort)} patients; SuperNode joining {address} (logs: {log_path})")

@@ -29,8 +29,11 @@ from fahr_core.models.saliency import MIN_PATIENTS_FOR_SALIENCY, CohortSaliency,
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.audit import EVALUATION_ADMITTED, append_audit, evaluations_in_run
 from fahr_core.privacy.ledger import PrivacyLedger, locked
+from fahr_core.protocol import keys
 from fahr_core.protocol.outbound import suppress_small_cells
-from fahr_core.protocol.wire import summary_to_metrics
+from fahr_core.protocol.spec import spec_to_record
+from fahr_core.protocol.wire import privacy_metrics, summary_to_metrics
+from fahr_core.report.summary import PatientScores, SiteContext, SiteSummary
 from fahr_core.survival.predict import survival_at
 from fahr_core.train.local import SurvivalData, patient_risk, train_dp
 
@@ -88,7 +91,7 @@ class SiteRuntime:
             workers = self.cfg.alignment.workers or None
         return align_photos(
             photos,
-            self.cfg.workdir / "aligned",
+            self.cfg.paths.aligned,
             self.detector(),
             QCConfig(),
             workers=workers,
@@ -119,14 +122,14 @@ class SiteRuntime:
         )
         kept = train.patients + test.patients
         photos = sorted({p for pt in kept for p in pt.photos})
-        images = load_faces([crops[p] for p in photos], img_size, self.cfg.workdir / "cache")
+        images = load_faces([crops[p] for p in photos], img_size, self.cfg.paths.face_cache)
         index = {p: i for i, p in enumerate(photos)}
         qc = alignment_summary(table, len(cohort) - len(kept))
         return SiteSplit(_as_data(train, images, index), _as_data(test, images, index), train, test, qc)
 
     def ledger(self, n_train: int) -> PrivacyLedger:
         p = self.cfg.privacy
-        return PrivacyLedger.open(self.cfg.ledger_path, p.epsilon, p.delta, n_train)
+        return PrivacyLedger.open(self.cfg.paths.ledger, p.epsilon, p.delta, n_train)
 
     def train_round(
         self,
@@ -149,8 +152,8 @@ class SiteRuntime:
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
         split = self.load(spec.img_size)
-        model = site_model(state, spec, self.cfg.workdir)
-        with locked(self.cfg.ledger_path):
+        model = site_model(state, spec, self.cfg.paths.frozen_base)
+        with locked(self.cfg.paths.ledger):
             ledger = self.ledger(len(split.train))
             if server_record is not None:
                 ledger.require_server_record(*server_record)
@@ -168,20 +171,22 @@ class SiteRuntime:
         # the loss and the time taken stay in the site's own log: with crafted global weights either
         # would tell the server whether a patient is in the data (fahr_core.protocol.outbound)
         metrics = {
-            "num-examples": stats.n,
-            "epsilon": stats.epsilon,
-            "delta": stats.delta,
-            "epsilon-budget": ledger.budget,
-            "noise-multiplier": stats.noise_multiplier,
-            "sample-rate": stats.sample_rate,
-            "steps": stats.steps,
+            keys.NUM_EXAMPLES: stats.n,
+            keys.EPSILON: stats.epsilon,
+            keys.DELTA: stats.delta,
+            keys.EPSILON_BUDGET: ledger.budget,
+            keys.NOISE_MULTIPLIER: stats.noise_multiplier,
+            keys.SAMPLE_RATE: stats.sample_rate,
+            keys.STEPS: stats.steps,
         }
-        log.info(
-            "site %s round %d: loss %.4f, %.1f s, epsilon %.3f / %g",
+        log.info(  # DP training speed (images/s, setup included) is for the site's operator only
+            "site %s round %d: loss %.4f, %.1f s, %.1f images/s (DP-SGD, %s clipping), epsilon %.3f / %g",
             self.cfg.name,
             server_round,
             stats.loss,
             stats.seconds,
+            stats.images / max(stats.seconds, 1e-9),
+            self.cfg.train.clipping,
             stats.epsilon,
             ledger.budget,
         )
@@ -189,7 +194,7 @@ class SiteRuntime:
 
     def receive_age_model(self, payload: np.ndarray, sha256: str) -> DeliveredAgeModel:
         """Check and keep the federation's age model the server sent (see fahr_core.age.delivery)."""
-        return receive_age_model(payload, sha256, self.cfg.workdir / "age_model.safetensors")
+        return receive_age_model(payload, sha256, self.cfg.paths.age_model)
 
     def _fad_and_saliency(
         self, model: SurvivalViT, test: SurvivalData, age: np.ndarray, age_model: DeliveredAgeModel | None
@@ -219,20 +224,20 @@ class SiteRuntime:
         scoring, so an evaluation that fails later still counts. The lock makes count and append one
         step: two concurrent requests cannot both pass the count.
         """
-        with locked(self.cfg.audit_path):
+        with locked(self.cfg.paths.audit):
             if not any(r.get("run_id") == run_id for r in self.ledger(0).rounds):
                 raise EvaluationRefused(
                     f"site {self.cfg.name} did not train in run {run_id}; it evaluates server weights only "
                     "in runs it trained in"
                 )
-            done = evaluations_in_run(self.cfg.audit_path, run_id)
+            done = evaluations_in_run(self.cfg.paths.audit, run_id)
             allowed = self.cfg.privacy.evaluations_per_run
             if done >= allowed:
                 raise EvaluationRefused(
                     f"site {self.cfg.name} already admitted {done} evaluation(s) in run {run_id}; its "
                     f"config allows {allowed} per run ([privacy].evaluations_per_run)"
                 )
-            append_audit(self.cfg.audit_path, EVALUATION_ADMITTED, server_round, run_id, {}, {})
+            append_audit(self.cfg.paths.audit, EVALUATION_ADMITTED, server_round, run_id, {}, {})
 
     def evaluate(
         self, state: State, spec: ModelConfig, meta: dict, age_model: DeliveredAgeModel | None = None
@@ -245,9 +250,9 @@ class SiteRuntime:
         any statistic fails, the metrics of a suppressed evaluation and an empty summary.
         """
         split = self.load(spec.img_size)
-        model = merge(site_model(state, spec, self.cfg.workdir))
+        model = merge(site_model(state, spec, self.cfg.paths.frozen_base))
         save_weights(
-            self.cfg.workdir / "global_model.safetensors",
+            self.cfg.paths.global_model,
             model.state_dict(),
             {"arch": spec.arch, "img_size": str(spec.img_size)},
         )
@@ -263,7 +268,7 @@ class SiteRuntime:
         }
         meta = {
             **meta,
-            "model": spec.to_record(),
+            "model": spec_to_record(spec),
             "site_config": {
                 "split_seed": self.cfg.split_seed,
                 "test_fraction": self.cfg.test_fraction,
@@ -277,9 +282,9 @@ class SiteRuntime:
             summary = self._report(model, split, spec, meta, privacy, age_model)
         except Exception:
             log.exception("site %s: the evaluation failed; the reply carries no statistics", self.cfg.name)
-            return suppress_small_cells(summary_to_metrics({"privacy": privacy})), {}
-        atomic_write_json(self.cfg.workdir / "last_evaluation.json", {"meta": meta, "privacy": privacy})
-        return suppress_small_cells(summary_to_metrics(summary)), summary
+            return suppress_small_cells(privacy_metrics(privacy)), {}
+        atomic_write_json(self.cfg.paths.last_evaluation, {"meta": meta, "privacy": privacy})
+        return suppress_small_cells(summary_to_metrics(summary)), summary.to_json()
 
     def _report(
         self,
@@ -289,7 +294,7 @@ class SiteRuntime:
         meta: dict,
         privacy: dict,
         age_model: DeliveredAgeModel | None,
-    ) -> dict:
+    ) -> SiteSummary:
         """Score the held-out patients, write the validation report, return its summary."""
         from fahr_core.report.site import write_site_report  # lifelines/matplotlib: evaluation only
 
@@ -297,21 +302,21 @@ class SiteRuntime:
         test = split.test_cohort
         alpha = model.head.baseline.weight.detach().squeeze(-1).numpy()
         fad, saliency = self._fad_and_saliency(model, split.test, test.age, age_model)
-        summary = write_site_report(
-            self.cfg.report_dir,
-            self.cfg.name,
+        scores = PatientScores(
             split.test.time,
             split.test.event,
             risk,
-            privacy,
-            meta,
             age=test.age,
             male=test.is_male.astype(float),
             surv_pred=survival_at(risk, alpha, spec.horizon_years, (1.0, 2.0, 5.0)),
-            qc=split.qc,
             fad=fad,
-            age_model=None if age_model is None else age_model.describe(),
-            saliency=saliency,
-            horizon=spec.horizon_years,
         )
-        return summary
+        context = SiteContext(
+            self.cfg.name,
+            privacy,
+            meta,
+            horizon=spec.horizon_years,
+            qc=split.qc,
+            age_model=None if age_model is None else age_model.describe(),
+        )
+        return write_site_report(self.cfg.paths.report, scores, context, saliency)

@@ -28,6 +28,7 @@ from fahr_core.io import atomic_write_bytes
 from fahr_core.privacy import secagg
 from fahr_core.privacy.randomness import fresh_stream
 from fahr_core.privacy.secagg import Quantiser, SecAggError, SiteSecrets
+from fahr_core.protocol import keys
 
 STATE = "fahr-secagg"
 
@@ -46,10 +47,6 @@ def protocol_context(run_id: int, server_round: int) -> bytes:
     return f"fahr-secagg run {run_id} round {server_round}".encode()
 
 
-def _update_path(cfg: SiteConfig):
-    return cfg.workdir / "secagg_update.npy"
-
-
 def _bytes(b: bytes) -> np.ndarray:
     return np.frombuffer(b, dtype=np.uint8).copy()
 
@@ -66,19 +63,19 @@ def begin(
     update = secagg.flat_update(trained, received)
     buf = io.BytesIO()
     np.save(buf, update)
-    atomic_write_bytes(_update_path(cfg), buf.getvalue())
+    atomic_write_bytes(cfg.paths.secagg_update, buf.getvalue())
     secrets = SiteSecrets.new()
     context.state[STATE] = ConfigRecord(
         {
             "round": server_round,
-            "num-examples": num_examples,
+            keys.NUM_EXAMPLES: num_examples,
             "enc-key": secrets.enc_key,
             "mask-key": secrets.mask_key,
             "seed": secrets.seed,
         }
     )
     enc, mask = secrets.public_keys()
-    return SecAggReply({"enc-pk": _bytes(enc), "mask-pk": _bytes(mask)}, (), update.size, {})
+    return SecAggReply({keys.ENC_PK: _bytes(enc), keys.MASK_PK: _bytes(mask)}, (), update.size, {})
 
 
 def _state(context: Context, server_round: int) -> tuple[ConfigRecord, SiteSecrets]:
@@ -92,28 +89,28 @@ def _state(context: Context, server_round: int) -> tuple[ConfigRecord, SiteSecre
 
 
 def _arrays(msg: Message) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in msg.content["secagg"].items()}
+    return {k: v.numpy() for k, v in msg.content[keys.SECAGG].items()}
 
 
 def share(msg: Message, context: Context, cfg: SiteConfig, server_round: int) -> SecAggReply:
     """Encrypt, for every participant, its shares of our self-mask seed and mask key."""
     st, secrets = _state(context, server_round)
-    me, config, arrays = context.node_id, msg.content["config"], _arrays(msg)
-    enc_keys = secagg.arrays_to_blobs(arrays, "enc-pk")
-    mask_keys = secagg.arrays_to_blobs(arrays, "mask-pk")
+    me, config, arrays = context.node_id, msg.content[keys.CONFIG], _arrays(msg)
+    enc_keys = secagg.arrays_to_blobs(arrays, keys.ENC_PK)
+    mask_keys = secagg.arrays_to_blobs(arrays, keys.MASK_PK)
     if (enc_keys.get(me), mask_keys.get(me)) != secrets.public_keys():
         raise SecAggError("the server did not forward this site's own public keys unchanged")
     if set(enc_keys) != set(mask_keys):
         raise SecAggError("the server sent encryption and mask keys for different sites")
-    threshold = int(config["secagg-threshold"])
+    threshold = int(config[keys.SECAGG_THRESHOLD])
     ciphertexts = secagg.encrypt_shares(
         secrets, me, enc_keys, threshold, protocol_context(msg.metadata.run_id, server_round)
     )
     st["threshold"] = threshold
     for node in enc_keys:
-        st[f"enc-pk/{node}"], st[f"mask-pk/{node}"] = enc_keys[node], mask_keys[node]
+        st[f"{keys.ENC_PK}/{node}"], st[f"{keys.MASK_PK}/{node}"] = enc_keys[node], mask_keys[node]
     participants = tuple(sorted(enc_keys))
-    return SecAggReply(secagg.blobs_to_arrays("share-to", ciphertexts), participants, 0, {})
+    return SecAggReply(secagg.blobs_to_arrays(keys.SHARE_TO, ciphertexts), participants, 0, {})
 
 
 def _keys(st: ConfigRecord, prefix: str) -> dict[int, bytes]:
@@ -123,52 +120,58 @@ def _keys(st: ConfigRecord, prefix: str) -> dict[int, bytes]:
 def mask(msg: Message, context: Context, cfg: SiteConfig, server_round: int) -> SecAggReply:
     """Quantise our example-weighted update and add the self mask and the pairwise masks."""
     st, secrets = _state(context, server_round)
-    me, config = context.node_id, msg.content["config"]
-    inbox = secagg.arrays_to_blobs(_arrays(msg), "share-from")
-    mask_keys = _keys(st, "mask-pk")
+    me, config = context.node_id, msg.content[keys.CONFIG]
+    inbox = secagg.arrays_to_blobs(_arrays(msg), keys.SHARE_FROM)
+    mask_keys = _keys(st, keys.MASK_PK)
     threshold = int(st["threshold"])
     if me not in inbox or not set(inbox) <= set(mask_keys) or len(inbox) < threshold:
         raise SecAggError(
             f"the server forwarded shares from {sorted(inbox)}; expected at least {threshold} of the "
             f"participants {sorted(mask_keys)}, this site included"
         )
-    quantiser = Quantiser(float(config["secagg-clip"]), int(config["secagg-levels"]))
+    quantiser = Quantiser(float(config[keys.SECAGG_CLIP]), int(config[keys.SECAGG_LEVELS]))
     if not quantiser.fits(len(inbox)):
         raise SecAggError(f"{quantiser.levels} levels for {len(inbox)} sites would wrap around the modulus")
     for node, blob in inbox.items():
         st[f"inbox/{node}"] = blob
-    weight = int(st["num-examples"]) / float(config["secagg-total-examples"])
+    weight = int(st[keys.NUM_EXAMPLES]) / float(config[keys.SECAGG_TOTAL_EXAMPLES])
     if not 0 < weight <= 1:
         raise SecAggError(
-            f"the server's total of {config['secagg-total-examples']} examples is below this site's "
-            f"{st['num-examples']}"
+            f"the server's total of {config[keys.SECAGG_TOTAL_EXAMPLES]} examples is below this site's "
+            f"{st[keys.NUM_EXAMPLES]}"
         )
-    update = np.load(_update_path(cfg))
+    update = np.load(cfg.paths.secagg_update)
     quantised, clipped = quantiser.quantise(weight * update, fresh_stream("secagg stochastic rounding"))
     masked = secagg.mask_input(quantised, secrets, me, {u: mask_keys[u] for u in inbox})
-    _update_path(cfg).unlink()
-    return SecAggReply({"masked": masked}, tuple(sorted(inbox)), update.size, {"secagg-clipped": clipped})
+    cfg.paths.secagg_update.unlink()
+    return SecAggReply(
+        {keys.MASKED: masked}, tuple(sorted(inbox)), update.size, {keys.SECAGG_CLIPPED: clipped}
+    )
 
 
 def unmask(msg: Message, context: Context, cfg: SiteConfig, server_round: int) -> SecAggReply:
     """Reveal seed shares of the survivors and mask-key shares of the dropped sites, never both."""
     st, secrets = _state(context, server_round)
-    me, config = context.node_id, msg.content["config"]
+    me, config = context.node_id, msg.content[keys.CONFIG]
     inbox = _keys(st, "inbox")
     opened = secagg.decrypt_shares(
-        secrets, me, _keys(st, "enc-pk"), inbox, protocol_context(msg.metadata.run_id, server_round)
+        secrets, me, _keys(st, keys.ENC_PK), inbox, protocol_context(msg.metadata.run_id, server_round)
     )
-    seeds, keys = secagg.reveal_shares(
+    seeds, revealed = secagg.reveal_shares(
         opened,
         me,
         sorted(inbox),
-        [int(v) for v in config["secagg-survivors"]],
-        [int(v) for v in config["secagg-dropped"]],
+        [int(v) for v in config[keys.SECAGG_SURVIVORS]],
+        [int(v) for v in config[keys.SECAGG_DROPPED]],
         int(st["threshold"]),
     )
     del context.state[STATE]  # the round is over for this site: its secrets are not needed again
-    payload = {**secagg.blobs_to_arrays("seed-share", seeds), **secagg.blobs_to_arrays("key-share", keys)}
+    payload = {
+        **secagg.blobs_to_arrays(keys.SEED_SHARE, seeds),
+        **secagg.blobs_to_arrays(keys.KEY_SHARE, revealed),
+    }
     return SecAggReply(payload, tuple(sorted(inbox)), 0, {})
 
 
-STAGES = {secagg.SHARE: share, secagg.MASK: mask, secagg.UNMASK: unmask}  # Flower train actions
+# the stages after training, as Flower train actions
+STAGES = {keys.SECAGG_SHARE: share, keys.SECAGG_MASK: mask, keys.SECAGG_UNMASK: unmask}

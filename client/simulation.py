@@ -31,8 +31,10 @@ from fahr_core.faces.pipeline import ALIGNED_DIR, RESULTS_DIR
 from fahr_core.models.checkpoint import load_encoder_weights
 from fahr_core.models.finetune import GlobalModel, build, from_wire
 from fahr_core.models.vit import SurvivalViT
+from fahr_core.protocol import keys
 from fahr_core.survival.metrics import harrell_c
 from fahr_core.train.local import patient_risk, train_nonprivate
+from fahr_core.workdir import SiteWorkdir
 
 State = dict[str, torch.Tensor]
 
@@ -94,7 +96,7 @@ def federate(
     sites = []
     for d in site_dirs:
         if alignment_cache is not None:
-            own = Path(workdir) / Path(d).name / "aligned"
+            own = SiteWorkdir(Path(workdir) / Path(d).name).aligned
             own.mkdir(parents=True, exist_ok=True)
             for sub in (RESULTS_DIR, ALIGNED_DIR):
                 (own / sub).symlink_to(Path(alignment_cache).resolve() / sub, target_is_directory=True)
@@ -113,7 +115,7 @@ def federate(
         for site in sites:
             if setup.private:
                 new, metrics = site.train_round(sent, global_model.spec, r, setup.rounds)
-                n = metrics["num-examples"]
+                n = metrics[keys.NUM_EXAMPLES]
             else:
                 split = site.load(spec.img_size)
                 model = build(spec)

@@ -11,6 +11,7 @@ import json
 
 from fahr_core.config import SiteConfig
 from fahr_core.privacy.audit import verify_audit_log
+from fahr_core.protocol import keys
 
 
 def site_status(cfg: SiteConfig, last: int = 5) -> list[str]:
@@ -19,18 +20,18 @@ def site_status(cfg: SiteConfig, last: int = 5) -> list[str]:
     lines += _ledger_lines(cfg, last)
     lines += _runs_lines(cfg)
     lines.append(_audit_line(cfg))
-    evaluation = cfg.workdir / "last_evaluation.json"
+    evaluation = cfg.paths.last_evaluation
     if evaluation.exists():
         meta = json.loads(evaluation.read_text())["meta"]
         lines.append(
             f"last evaluation: round {meta.get('server_round')} of run {meta.get('run_id')}; "
-            f"report: {cfg.report_dir / 'report.html'}"
+            f"report: {cfg.paths.report_page}"
         )
     return lines
 
 
 def _ledger_lines(cfg: SiteConfig, last: int) -> list[str]:
-    path = cfg.ledger_path
+    path = cfg.paths.ledger
     if not path.exists():
         return [f"privacy: nothing spent yet (no ledger at {path}); budget {cfg.privacy.epsilon:g}"]
     try:
@@ -58,7 +59,7 @@ def _ledger_lines(cfg: SiteConfig, last: int) -> list[str]:
 
 def _runs_lines(cfg: SiteConfig) -> list[str]:
     """Epsilon reached at the end of each federation run, from the train replies in the audit log."""
-    path = cfg.audit_path
+    path = cfg.paths.audit
     if not path.exists():
         return []
     reached: dict[int, tuple[list[int], float]] = {}
@@ -68,9 +69,9 @@ def _runs_lines(cfg: SiteConfig) -> list[str]:
         except ValueError:
             continue  # the chain check below names the broken line
         metrics = record.get("metrics", {})
-        if "epsilon" in metrics:
+        if keys.EPSILON in metrics:
             rounds, _ = reached.get(record["run_id"], ([], 0.0))
-            reached[record["run_id"]] = ([*rounds, record["round"]], float(metrics["epsilon"]))
+            reached[record["run_id"]] = ([*rounds, record["round"]], float(metrics[keys.EPSILON]))
     lines = ["epsilon per federation run (cumulative at the run's last update sent):"] if reached else []
     previous = 0.0
     for run_id, (rounds, epsilon) in reached.items():
@@ -84,7 +85,7 @@ def _runs_lines(cfg: SiteConfig) -> list[str]:
 
 def _audit_line(cfg: SiteConfig) -> str:
     try:
-        n = verify_audit_log(cfg.audit_path)
+        n = verify_audit_log(cfg.paths.audit)
     except ValueError as e:
         return f"outbound audit log: BROKEN: {e}"
-    return f"outbound audit log: chain intact, {n} record(s) ({cfg.audit_path})"
+    return f"outbound audit log: chain intact, {n} record(s) ({cfg.paths.audit})"

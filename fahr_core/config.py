@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from fahr_core.io import atomic_write_text
+from fahr_core.models.archs import ARCHS, FAHR_FACE_ARCH
 from fahr_core.survival.losses import require_dp_valid
+from fahr_core.workdir import SITE_WORKDIR, ServerWorkdir, SiteWorkdir
+
+SITE_CONFIG_FILE = "site.toml"  # a site's config, by default in the site's folder beside cohort.csv
 
 
 class ConfigError(ValueError):
@@ -25,7 +29,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Which ViT to build: `vit_base` is FAHR-Face's ViT-B/16; `vit_small`/`vit_tiny` suit CPUs."""
 
-    arch: str = "vit_base"
+    arch: str = FAHR_FACE_ARCH
     img_size: int = 112
     encoder_checkpoint: str = ""  # safetensors file of MAE-pretrained encoder weights; "" = random init
     # the federation's one age model (fahr_core.age.model format), sent to every site with the final
@@ -43,49 +47,11 @@ class ModelConfig:
     wire_dtype: str = "float32"  # trainable tensors travel as float32, float16 or bfloat16
     base_sha256: str = ""  # the frozen base's hash; the server computes it, a config file never sets it
 
-    def to_record(self) -> dict[str, str | int | float]:
-        """What the server tells every site each round, so all sites build the same model."""
-        return {
-            "arch": self.arch,
-            "img-size": self.img_size,
-            "n-intervals": self.n_intervals,
-            "horizon-years": self.horizon_years,
-            "finetune": self.finetune,
-            "lora-rank": self.lora_rank,
-            "lora-alpha": self.lora_alpha,
-            "lora-targets": self.lora_targets,
-            "lora-seed": self.lora_seed,
-            "wire-dtype": self.wire_dtype,
-            "base-sha256": self.base_sha256,
-        }
-
-    @classmethod
-    def from_record(cls, record: dict) -> ModelConfig:
-        try:
-            spec = cls(
-                arch=str(record["arch"]),
-                img_size=int(record["img-size"]),
-                n_intervals=int(record["n-intervals"]),
-                horizon_years=float(record["horizon-years"]),
-                finetune=str(record["finetune"]),
-                lora_rank=int(record["lora-rank"]),
-                lora_alpha=float(record["lora-alpha"]),
-                lora_targets=str(record["lora-targets"]),
-                lora_seed=int(record["lora-seed"]),
-                wire_dtype=str(record["wire-dtype"]),
-                base_sha256=str(record["base-sha256"]),
-            )
-        except KeyError as e:
-            raise ValueError(f"server message lacks model setting {e}") from None
-        problem = finetune_problem(spec)
-        if problem:
-            raise ValueError(f"server message: {problem}")
-        return spec
-
 
 FINETUNE_MODES = ("full", "head", "lora", "ffa-lora")  # and "last:N"
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
+CLIPPING_METHODS = ("hooks", "ghost")  # Opacus' per-sample gradients, or ghost clipping (train/local.py)
 
 
 def finetune_problem(m: ModelConfig) -> str | None:
@@ -124,6 +90,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     loss: str = "discrete_hazard"  # sites train under DP, so only per-patient losses are accepted
+    clipping: str = "hooks"  # DP per-patient clipping: "hooks" or "ghost" (same update; train/local.py)
 
 
 @dataclass(frozen=True)
@@ -173,16 +140,9 @@ class SiteConfig:
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
 
     @property
-    def ledger_path(self) -> Path:
-        return self.workdir / "privacy_ledger.json"
-
-    @property
-    def report_dir(self) -> Path:
-        return self.workdir / "report"
-
-    @property
-    def audit_path(self) -> Path:
-        return self.workdir / "outbound_audit.jsonl"
+    def paths(self) -> SiteWorkdir:
+        """Every file the site keeps in its workdir."""
+        return SiteWorkdir(self.workdir)
 
 
 @dataclass(frozen=True)
@@ -210,6 +170,11 @@ class ServerConfig:
     krum_malicious: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     security: SecurityConfig | None = None  # None: no [security] table; only --insecure runs
+
+    @property
+    def paths(self) -> ServerWorkdir:
+        """Every file the federation keeps in its workdir."""
+        return ServerWorkdir(self.workdir)
 
 
 def is_set(path: Path) -> bool:
@@ -328,7 +293,7 @@ def site_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> SiteC
     site = dict(raw.get("site", {}))
     _check("name" in site, f"{source}: [site] needs 'name'")
     _check("data" in site, f"{source}: [site] needs 'data' (the folder with cohort.csv)")
-    site.setdefault("workdir", str(Path(site["data"]) / ".fahr"))
+    site.setdefault("workdir", str(Path(site["data"]) / SITE_WORKDIR))
     defaults = {"split_seed": 0, "test_fraction": 0.3}
     for key in ("name", "data", "workdir"):
         _check(isinstance(site[key], str) and site[key], f"{source}: [site].{key} must be a non-empty string")
@@ -372,6 +337,10 @@ def site_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> SiteC
     _check(0.0 < cfg.test_fraction < 1.0, f"{source}: [site].test_fraction must be in (0, 1)")
     _check(cfg.train.local_epochs >= 1, f"{source}: [train].local_epochs must be >= 1")
     _check(cfg.train.batch_size >= 1, f"{source}: [train].batch_size must be >= 1")
+    _check(
+        cfg.train.clipping in CLIPPING_METHODS,
+        f"{source}: [train].clipping is {cfg.train.clipping!r}; use one of {', '.join(CLIPPING_METHODS)}",
+    )
     _check_site_values(cfg, source)
     try:
         require_dp_valid(cfg.train.loss)
@@ -434,7 +403,6 @@ def server_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> Ser
     return cfg
 
 
-ARCHS = ("vit_base", "vit_small", "vit_tiny", "vit_micro")
 AGGREGATIONS = ("fedavg", "median", "trimmed_mean", "krum")
 
 

@@ -20,13 +20,13 @@ from cryptography import x509
 
 from fahr_core.config import ConnectionConfig, SecurityConfig
 from fahr_core.io import atomic_write_json, atomic_write_text
+from fahr_core.protocol import keys
 from fahr_core.release import release
+from fahr_core.workdir import ServerWorkdir
 from fahr_ops.processes import Managed, is_loopback, wait_for_port
 
 APP_NAME = "fahr-federation"
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
-# site public key (sha256 of the .pub file) -> {"key": path, "node": SuperNode id}, beside superlink.db
-REGISTERED_SITES = "registered_sites.json"
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
@@ -82,8 +82,8 @@ serverapp = "fahr_server.app:app"
 clientapp = "fahr_client.app:app"
 
 [tool.flwr.app.config]
-config-path = "{config_path.resolve()}"
-resume = {str(resume).lower()}
+{keys.CONFIG_PATH} = "{config_path.resolve()}"
+{keys.RESUME} = {str(resume).lower()}
 """,
     )
     return app_dir
@@ -173,7 +173,7 @@ def register_sites(
     (registered_sites.json) and unregisters the ones whose key left `[security].site_keys`, or
     whose .pub file now holds another key (a rotated key): a removed site can no longer join.
     """
-    registry = Path(workdir) / REGISTERED_SITES
+    registry = ServerWorkdir(Path(workdir)).registered_sites
     known: dict[str, dict] = json.loads(registry.read_text()) if registry.exists() else {}
     wanted = {}
     for key in site_keys:

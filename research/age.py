@@ -7,23 +7,21 @@ from typing import Annotated
 
 import typer
 
+from fahr_core.models.archs import FAHR_FACE_ARCH
 from fahr_ops.cli import new_app
+from fahr_research.options import (
+    AlignmentCache,
+    AlignmentWorkers,
+    Arch,
+    ImgSize,
+    Threads,
+    WeightDecay,
+    set_threads,
+)
 
 app = new_app("FAHR-FaceAge: train, evaluate and apply the age model.")
 
 Layout = Annotated[str, typer.Option(help="labels (labels.csv), utkface, agedb, appa, or auto.")]
-Aligned = Annotated[
-    Path | None, typer.Option(help="Alignment cache (content-addressed; share it between runs).")
-]
-Workers = Annotated[int, typer.Option(help="Alignment processes (0 = one per CPU).")]
-Threads = Annotated[int, typer.Option(help="torch threads (0 = torch's default).")]
-
-
-def _threads(n: int) -> None:
-    import torch
-
-    if n:
-        torch.set_num_threads(n)
 
 
 def _fail(e: Exception) -> typer.Exit:
@@ -38,22 +36,22 @@ def train_command(
     init: Annotated[
         Path | None, typer.Option(help="MAE encoder (fahr export-encoder); default: random init.")
     ] = None,
-    arch: Annotated[str, typer.Option(help="vit_base, vit_small, vit_tiny or vit_micro.")] = "vit_base",
-    img_size: Annotated[int, typer.Option(help="Input size in pixels (multiple of 16).")] = 112,
+    arch: Arch = FAHR_FACE_ARCH,
+    img_size: ImgSize = 112,
     epochs: Annotated[int, typer.Option(help="Stage 1 (general) epochs.")] = 10,
     balanced_epochs: Annotated[int, typer.Option(help="Stage 2 (age-balanced) epochs.")] = 5,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Stage 1 peak learning rate (head; lower layers decay).")] = 1e-3,
     balanced_lr: Annotated[float, typer.Option(help="Stage 2 peak learning rate.")] = 2.5e-4,
     layer_decay: Annotated[float, typer.Option(help="Layer-wise lr decay per block (1 = none).")] = 0.75,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.05,
+    weight_decay: WeightDecay = 0.05,
     cap: Annotated[float, typer.Option(help="Largest oversampling factor of a decade in stage 2.")] = 20.0,
     shift: Annotated[int, typer.Option(help="Largest random shift of a training face, pixels.")] = 0,
     select: Annotated[str, typer.Option(help="Best epoch by validation 'mae' or 'decade' MAE.")] = "mae",
     seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
     layout: Layout = "auto",
-    aligned: Aligned = None,
-    workers: Workers = 0,
+    aligned: AlignmentCache = None,
+    workers: AlignmentWorkers = 0,
     threads: Threads = 0,
 ) -> None:
     """Fine-tune the ViT for age (L1): a general stage, then an age-balanced one, in one run."""
@@ -61,7 +59,7 @@ def train_command(
     from fahr_core.age.workflow import train_on_folder
     from fahr_core.cohort.faces import FaceLabelError
 
-    _threads(threads)
+    set_threads(threads)
     try:
         cfg = AgeTrainConfig(
             arch=arch,
@@ -91,15 +89,15 @@ def eval_command(
     out: Annotated[Path, typer.Option(help="Folder for metrics.json, groups.csv, predictions.csv, plot.")],
     part: Annotated[str, typer.Option(help="all, or the fixed split's train or validation part.")] = "all",
     layout: Layout = "auto",
-    aligned: Aligned = None,
-    workers: Workers = 0,
+    aligned: AlignmentCache = None,
+    workers: AlignmentWorkers = 0,
     threads: Threads = 0,
 ) -> None:
     """MAE overall, per decade and their mean, by sex and race, and an error-vs-age plot."""
     from fahr_core.age.workflow import evaluate_on_folder, summary_line
     from fahr_core.cohort.faces import FaceLabelError
 
-    _threads(threads)
+    set_threads(threads)
     try:
         metrics = evaluate_on_folder(model, data, out, part, layout, aligned, workers or None)  # type: ignore[arg-type]
     except (FaceLabelError, FileNotFoundError, ValueError) as e:
@@ -112,8 +110,8 @@ def predict_command(
     model: Annotated[Path, typer.Option(help="An age model (.safetensors from fahr age train).")],
     photos: Annotated[Path, typer.Option(help="Folder of photos (any depth); each is aligned first.")],
     out: Annotated[Path, typer.Option(help="CSV to write: file,predicted_age,status,reason.")],
-    aligned: Aligned = None,
-    workers: Workers = 0,
+    aligned: AlignmentCache = None,
+    workers: AlignmentWorkers = 0,
     threads: Threads = 0,
 ) -> None:
     """Predict the age of every photo in a folder; photos QC rejects are listed with the reason."""
@@ -121,7 +119,7 @@ def predict_command(
     from fahr_core.age.predict import predict_folder
     from fahr_core.models.device import compute_device
 
-    _threads(threads)
+    set_threads(threads)
     try:
         table = predict_folder(
             load_age_model(model).to(compute_device()),

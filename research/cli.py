@@ -12,6 +12,7 @@ import typer
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import (
+    SITE_CONFIG_FILE,
     PrivacyConfig,
     SiteConfig,
     TrainConfig,
@@ -19,10 +20,12 @@ from fahr_core.config import (
     load_site_config,
 )
 from fahr_core.io import atomic_write_text
+from fahr_core.workdir import SITE_WORKDIR, ServerWorkdir
 from fahr_ops.certs import create_server_tls, create_site_keys, renew_server_tls
 from fahr_ops.cli import new_app
 from fahr_research.age import app as age_app
 from fahr_research.local import local_credentials, run_local_federation
+from fahr_research.options import AlignmentWorkers, Threads, set_threads
 from fahr_research.pretrain import export_encoder_command, pretrain_command, shards_app
 
 app = new_app("fahr research tools.")
@@ -105,19 +108,16 @@ def models_build(
         Path | None, typer.Option(help="JSON of Recipe fields to override (default: the measured recipe)")
     ] = None,
     aligned: Annotated[Path | None, typer.Option(help="alignment cache (default OUT/aligned)")] = None,
-    workers: Annotated[int, typer.Option(help="alignment processes (0 = one per CPU)")] = 0,
-    threads: Annotated[int, typer.Option(help="torch threads (0 = torch's default)")] = 0,
+    workers: AlignmentWorkers = 0,
+    threads: Threads = 0,
     only: Annotated[
         str, typer.Option(help="stages to run, comma-separated (default: all, see docs/models.md)")
     ] = "",
 ) -> None:
     """MAE encoder, age model (and its random-init twin) and survival warm start (docs/models.md)."""
-    import torch
-
     from fahr_research.models import STAGES, ModelBuild, recipe_from_json
 
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     try:
         r = recipe_from_json(recipe)
         build = ModelBuild(data, out, r, aligned, workers or None, echo=lambda s: typer.echo(s))
@@ -208,12 +208,12 @@ def demo(
             connection=connections[name],
             name=name,
             data=Path("."),
-            workdir=Path(".fahr"),
+            workdir=Path(SITE_WORKDIR),
             privacy=PrivacyConfig(epsilon=8.0, max_grad_norm=1.0),
             train=TrainConfig(local_epochs=3, batch_size=16, lr=2e-3, threads=1),
         )
-        dump_site_config(cfg, sites_dir / name / "site.toml")
-        shutil.rmtree(sites_dir / name / ".fahr", ignore_errors=True)
+        dump_site_config(cfg, sites_dir / name / SITE_CONFIG_FILE)
+        shutil.rmtree(sites_dir / name / SITE_WORKDIR, ignore_errors=True)
     server_toml = out / "server.toml"
     atomic_write_text(
         server_toml,
@@ -232,14 +232,16 @@ age_checkpoint = "{DEMO_AGE_MODEL}"
 {security}""",
     )
     shutil.rmtree(out / "server", ignore_errors=True)
-    code = run_local_federation(server_toml, [sites_dir / n / "site.toml" for n in names], echo=typer.echo)
+    code = run_local_federation(
+        server_toml, [sites_dir / n / SITE_CONFIG_FILE for n in names], echo=typer.echo
+    )
     if code:
         raise typer.Exit(code)
     typer.echo(f"\ndemo finished in {time.monotonic() - started:.0f} s. Reports:")
     for name in names:
-        report = load_site_config(sites_dir / name / "site.toml").report_dir / "report.html"
+        report = load_site_config(sites_dir / name / SITE_CONFIG_FILE).paths.report_page
         typer.echo(f"  site {name}: {report}")
-    typer.echo(f"  federation: {out / 'server' / 'report' / 'report.html'}")
+    typer.echo(f"  federation: {ServerWorkdir(out / 'server').report_page}")
 
 
 if __name__ == "__main__":

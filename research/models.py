@@ -28,7 +28,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -356,6 +356,23 @@ class ModelBuild:
         result = {"chosen": chosen, "mean_c": mean, "mean_oracle_c": oracle, "arms": arms}
         atomic_write_text(stage / "choice.txt", f"{chosen}\n")
         return _finish(stage, result, started)
+
+
+def smoke_recipe(recipe: Recipe) -> Recipe:
+    """`recipe` cut to the fewest, smallest steps that still run every stage: for tests and CPU smoke runs."""
+    return replace(
+        recipe,
+        decoder_dim=32,
+        decoder_depth=1,
+        decoder_heads=2,
+        mae_batch=16,
+        mae_warmup=2,
+        mae_steps=4,
+        age_epochs=1,
+        balanced_epochs=1,
+        age_batch=16,
+        shard_size=50,
+    )
 
 
 def recipe_from_json(path: Path | None) -> Recipe:

@@ -12,7 +12,9 @@ from typing import Annotated
 
 import typer
 
+from fahr_core.models.archs import FAHR_FACE_ARCH
 from fahr_ops.cli import new_app
+from fahr_research.options import Arch, ImgSize, WeightDecay
 
 app = new_app("MAE pre-training of the FAHR-Face encoder.")
 shards_app = typer.Typer(
@@ -33,10 +35,8 @@ def pretrain_command(
     ],
     out: Annotated[Path, typer.Option(help="Run folder: checkpoint.pt, loss_curve.csv/.png, files.txt.")],
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt if it exists.")] = False,
-    arch: Annotated[
-        str, typer.Option(help="Encoder: vit_base, vit_small, vit_tiny, vit_micro.")
-    ] = "vit_base",
-    img_size: Annotated[int, typer.Option(help="Input size in pixels (multiple of 16).")] = 112,
+    arch: Arch = FAHR_FACE_ARCH,
+    img_size: ImgSize = 112,
     mask_ratio: Annotated[float, typer.Option(help="Fraction of patches masked.")] = 0.75,
     decoder_dim: Annotated[int, typer.Option(help="MAE decoder width.")] = 512,
     decoder_depth: Annotated[int, typer.Option(help="MAE decoder blocks.")] = 8,
@@ -45,7 +45,7 @@ def pretrain_command(
     batch_size: Annotated[int, typer.Option(help="Images per process per micro-step.")] = 256,
     accum_steps: Annotated[int, typer.Option(help="Micro-steps per optimiser step.")] = 1,
     base_lr: Annotated[float, typer.Option(help="lr = base_lr * global batch / 256.")] = 1.5e-4,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.05,
+    weight_decay: WeightDecay = 0.05,
     warmup_steps: Annotated[int, typer.Option(help="Linear lr warm-up steps.")] = 2000,
     total_steps: Annotated[int, typer.Option(help="Steps of the cosine lr schedule.")] = 100_000,
     stop_at: Annotated[int | None, typer.Option(help="Checkpoint and stop after this step.")] = None,

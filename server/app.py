@@ -20,6 +20,8 @@ from fahr_core.io import atomic_write_json
 from fahr_core.models.checkpoint import load_encoder_weights, load_weights
 from fahr_core.models.finetune import GlobalModel, prepare
 from fahr_core.models.vit import SurvivalViT
+from fahr_core.protocol import keys
+from fahr_core.protocol.spec import spec_to_record
 from fahr_core.protocol.wire import metrics_to_summary
 from fahr_core.release import fahr_version
 from fahr_core.report.federation import write_federation_report
@@ -59,7 +61,7 @@ def global_start(
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = load_server_config(str(context.run_config["config-path"]))
+    cfg = load_server_config(str(context.run_config[keys.CONFIG_PATH]))
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     meta = {
         "fahr_version": fahr_version(),
@@ -67,7 +69,7 @@ def main(grid: Grid, context: Context) -> None:
         "img_size": str(cfg.model.img_size),
         "finetune": cfg.model.finetune,
     }
-    if context.run_config.get("resume"):
+    if context.run_config.get(keys.RESUME):
         state = resume_point(cfg)
         weights = load_weights(cfg.workdir / state.checkpoint)  # base and trainable tensors, unmerged
         log.info("resuming after round %d of %d from %s", state.last_round, state.rounds, state.checkpoint)
@@ -84,10 +86,10 @@ def main(grid: Grid, context: Context) -> None:
     )
     round_config = ConfigRecord(
         {
-            **global_model.spec.to_record(),
-            "num-rounds": cfg.rounds,
-            "fahr-version": fahr_version(),
-            "secure-aggregation": cfg.secure_aggregation,
+            **spec_to_record(global_model.spec),
+            keys.NUM_ROUNDS: cfg.rounds,
+            keys.FAHR_VERSION: fahr_version(),
+            keys.SECURE_AGGREGATION: cfg.secure_aggregation,
         }
     )
     secure_sum = (
@@ -125,7 +127,7 @@ def main(grid: Grid, context: Context) -> None:
         raise
     summaries = [metrics_to_summary(e["site"], e) for e in strategy.site_evaluations]
     report = write_federation_report(
-        cfg.workdir / "report",
+        cfg.paths.report,
         summaries,
         {
             **meta,
@@ -135,7 +137,7 @@ def main(grid: Grid, context: Context) -> None:
         },
     )
     atomic_write_json(
-        cfg.workdir / "run.json",
+        cfg.paths.run_summary,
         {
             "rounds": cfg.rounds,
             "completed_rounds": list(range(1, strategy.state.last_round + 1)),
@@ -143,5 +145,5 @@ def main(grid: Grid, context: Context) -> None:
             "c_index_weighted_mean": report["c_index_weighted_mean"],
         },
     )
-    log.info("federation report: %s", cfg.workdir / "report" / "report.html")
-    emit(cfg.workdir, "report_written", path=str(cfg.workdir / "report" / "report.html"))
+    log.info("federation report: %s", cfg.paths.report_page)
+    emit(cfg.workdir, "report_written", path=str(cfg.paths.report_page))

@@ -16,7 +16,6 @@ import typer
 
 from fahr_core.config import ConfigError, ServerConfig, load_server_config
 from fahr_core.io import atomic_write_text
-from fahr_core.workdir import ServerWorkdir
 from fahr_ops.cli import new_app
 from fahr_ops.flower import (
     console_script,
@@ -62,8 +61,8 @@ def run_federation(
     first = _first_round(cfg, resume, echo)
     if first is None:
         return 2
-    for stale in ("run.json",):
-        (work / stale).unlink(missing_ok=True)
+    paths = cfg.paths
+    paths.run_summary.unlink(missing_ok=True)
     if not port_free(cfg.address, cfg.port):
         echo(f"error: {cfg.address}:{cfg.port} is in use (another SuperLink?); set [federation].port")
         return 2
@@ -74,13 +73,13 @@ def run_federation(
             "`fahr certs init` and `fahr certs site`, or pass --insecure for a loopback test"
         )
         return 2
-    env = flower_env(work / "flwr-home")
-    app_dir = write_app(work / "app", config_path, resume)
-    write_cli_connection(work / "flwr-home", local_address(cfg.address, cfg.port, security), security)
+    env = flower_env(paths.flwr_home)
+    app_dir = write_app(paths.app, config_path, resume)
+    write_cli_connection(paths.flwr_home, local_address(cfg.address, cfg.port, security), security)
     mode = "plain HTTP (--insecure)" if security is None else "TLS + SuperNode authentication"
-    log_path = work / "superlink.log"
+    log_path = paths.superlink_log
     echo(f"starting SuperLink on {cfg.address}:{cfg.port}, {mode} (logs: {log_path})")
-    link = start_superlink(cfg.address, cfg.port, work / "superlink.db", log_path, env, security)
+    link = start_superlink(cfg.address, cfg.port, paths.superlink_db, log_path, env, security)
     runner = None
     console = _Console(work, echo)
 
@@ -92,7 +91,7 @@ def run_federation(
         if security is not None:
             register_sites(security.site_keys, env, work, log_path, echo)
             echo(f"registered {len(security.site_keys)} site key(s); unregistered sites are refused")
-        atomic_write_text(ServerWorkdir(work).ready, f"{cfg.address}:{cfg.port}\n")
+        atomic_write_text(paths.ready, f"{cfg.address}:{cfg.port}\n")
         if on_ready is not None:
             on_ready()
         echo(
@@ -100,7 +99,7 @@ def run_federation(
             f"model {cfg.model.arch}"
         )
         console.start()
-        with (work / "run.log").open("ab") as log:  # Flower's own log: the file, not the console
+        with paths.run_log.open("ab") as log:  # Flower's own log: the file, not the console
             runner = subprocess.Popen(
                 [console_script("flwr"), "run", str(app_dir), "fahr", "--stream"],
                 stdout=subprocess.PIPE,
@@ -114,27 +113,27 @@ def run_federation(
                 log.flush()
             code = runner.wait()
         console.stop()
-        summary = work / "run.json"
+        summary = paths.run_summary
         if not summary.exists():
             echo(
-                f"error: the run ended without finishing (flwr exit code {code}); see {work / 'run.log'} "
-                f"and {work / 'superlink.log'}"
+                f"error: the run ended without finishing (flwr exit code {code}); see {paths.run_log} "
+                f"and {paths.superlink_log}"
             )
-            echo(f"--- last lines of {work / 'run.log'}\n{tail(work / 'run.log')}")
+            echo(f"--- last lines of {paths.run_log}\n{tail(paths.run_log)}")
             return code or 1
         done = json.loads(summary.read_text())
         echo(
             f"federation finished: {len(done['completed_rounds'])} rounds, sites reporting: "
             f"{', '.join(done['sites_reporting']) or 'none'}"
         )
-        echo(f"global weights: {work / 'global_model.safetensors'}")
-        echo(f"federation report: {work / 'report' / 'report.html'}")
+        echo(f"global weights: {paths.global_model}")
+        echo(f"federation report: {paths.report_page}")
         return 0
     except KeyboardInterrupt:
         echo("interrupted: stopping the federation")
         return 130
     finally:
-        ServerWorkdir(work).ready.unlink(missing_ok=True)
+        paths.ready.unlink(missing_ok=True)
         signal.signal(signal.SIGTERM, previous)
         console.stop()
         if runner is not None and runner.poll() is None:

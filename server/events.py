@@ -14,19 +14,20 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-EVENTS_LOG = "events.jsonl"
+from fahr_core.protocol import keys
+from fahr_core.workdir import ServerWorkdir
 
 
 def emit(workdir: Path, kind: str, **fields) -> None:
     """Append one event. A single short write to a file opened for appending lands whole."""
     line = json.dumps({"at": time.time(), "kind": kind, **fields}, sort_keys=True) + "\n"
-    with (Path(workdir) / EVENTS_LOG).open("a") as f:
+    with ServerWorkdir(Path(workdir)).events_log.open("a") as f:
         f.write(line)
 
 
 def read_events(workdir: Path) -> list[dict]:
     """Every whole event in the workdir (a line half-written by a dying server is skipped)."""
-    path = Path(workdir) / EVENTS_LOG
+    path = ServerWorkdir(Path(workdir)).events_log
     if not path.exists():
         return []
     return [e for line in path.read_text().splitlines() if (e := _parse(line)) is not None]
@@ -34,14 +35,14 @@ def read_events(workdir: Path) -> list[dict]:
 
 def end_of_log(workdir: Path) -> int:
     """Where the next event will be written: `follow` from here shows only events still to come."""
-    path = Path(workdir) / EVENTS_LOG
+    path = ServerWorkdir(Path(workdir)).events_log
     return path.stat().st_size if path.exists() else 0
 
 
 def follow(workdir: Path, offset: int, stop: Callable[[], bool]) -> Iterator[dict]:
     """Yield the events appended after byte `offset` as they land, until `stop()` is true (then
     drain what is left)."""
-    path = Path(workdir) / EVENTS_LOG
+    path = ServerWorkdir(Path(workdir)).events_log
     while True:
         done = stop()
         if path.exists():
@@ -74,7 +75,7 @@ def emit_round(workdir: Path, record: dict, seen: set[str]) -> None:
         if site not in seen:
             seen.add(site)
             emit(workdir, "site_joined", site=site)
-        privacy = {k: metrics[k] for k in ("epsilon", "epsilon-budget") if k in metrics}
+        privacy = {k: metrics[k] for k in (keys.EPSILON, keys.EPSILON_BUDGET) if k in metrics}
         emit(workdir, "update_received", round=server_round, site=site, metrics=privacy)
     for site, reason in record["rejected"].items():
         emit(workdir, "update_rejected", round=server_round, site=site, reason=reason)
@@ -84,40 +85,41 @@ def emit_round(workdir: Path, record: dict, seen: set[str]) -> None:
 
 def privacy_spend(update: dict) -> str:
     """`epsilon 1.23 spent, 6.77 left of 8` for one site's update, from what the site reported."""
-    if "epsilon" not in update:
+    if keys.EPSILON not in update:
         return "no privacy figures (secure aggregation sends them with the masked update)"
-    spent = float(update["epsilon"])
-    if "epsilon-budget" not in update:
+    spent = float(update[keys.EPSILON])
+    if keys.EPSILON_BUDGET not in update:
         return f"epsilon {spent:.3f} spent"
-    budget = float(update["epsilon-budget"])
+    budget = float(update[keys.EPSILON_BUDGET])
     return f"epsilon {spent:.3f} spent, {max(budget - spent, 0.0):.3f} left of {budget:g}"
+
+
+# kind -> the event's text; an event of a kind not listed (from a newer version) prints its fields
+_TEXTS: dict[str, Callable[[dict], str]] = {
+    "round_started": lambda e: (
+        f"round {e['round']}/{e['rounds']} started: {e['connected']} site(s) connected"
+    ),
+    "site_joined": lambda e: f"site {e['site']} joined (its first update arrived)",
+    "update_received": lambda e: (
+        f"round {e['round']}: update from {e['site']}: {privacy_spend(e['metrics'])}"
+    ),
+    "update_rejected": lambda e: f"round {e['round']}: update from {e['site']} REJECTED: {e['reason']}",
+    "site_failed": lambda e: f"round {e['round']}: site {e['site']} FAILED: {e['reason']}",
+    "round_done": lambda e: (
+        f"round {e['round']}/{e['rounds']} done in {e['seconds']:.1f} s: {e['sites']} update(s) aggregated"
+    ),
+    "checkpoint_written": lambda e: f"round {e['round']}: checkpoint {e['path']}",
+    "evaluation_received": lambda e: f"final evaluation from {e['site']}",
+    "report_written": lambda e: f"report written: {e['path']}",
+    "run_failed": lambda e: f"federation STOPPED: {e['reason']}",
+}
+
+
+def _fields(e: dict) -> str:
+    return f"{e['kind']}: {json.dumps({k: v for k, v in e.items() if k not in ('at', 'kind')})}"
 
 
 def describe(event: dict) -> str:
     """The event as the one line the console prints, time first."""
     at = time.strftime("%H:%M:%S", time.localtime(float(event.get("at", 0))))
-    kind, e = event["kind"], event
-    if kind == "round_started":
-        text = f"round {e['round']}/{e['rounds']} started: {e['connected']} site(s) connected"
-    elif kind == "site_joined":
-        text = f"site {e['site']} joined (its first update arrived)"
-    elif kind == "update_received":
-        text = f"round {e['round']}: update from {e['site']}: {privacy_spend(e['metrics'])}"
-    elif kind == "update_rejected":
-        text = f"round {e['round']}: update from {e['site']} REJECTED: {e['reason']}"
-    elif kind == "site_failed":
-        text = f"round {e['round']}: site {e['site']} FAILED: {e['reason']}"
-    elif kind == "round_done":
-        took = f"{e['seconds']:.1f} s"
-        text = f"round {e['round']}/{e['rounds']} done in {took}: {e['sites']} update(s) aggregated"
-    elif kind == "checkpoint_written":
-        text = f"round {e['round']}: checkpoint {e['path']}"
-    elif kind == "evaluation_received":
-        text = f"final evaluation from {e['site']}"
-    elif kind == "report_written":
-        text = f"report written: {e['path']}"
-    elif kind == "run_failed":
-        text = f"federation STOPPED: {e['reason']}"
-    else:
-        text = f"{kind}: {json.dumps({k: v for k, v in e.items() if k not in ('at', 'kind')})}"
-    return f"{at}  {text}"
+    return f"{at}  {_TEXTS.get(event['kind'], _fields)(event)}"

@@ -22,14 +22,17 @@ from flwr.serverapp import Grid
 
 from fahr_core.privacy import secagg
 from fahr_core.privacy.secagg import Quantiser, SecAggError
+from fahr_core.protocol import keys
 
 log = logging.getLogger("fahr_server")
 
-SHARE, MASK, UNMASK = (f"train.{stage}" for stage in (secagg.SHARE, secagg.MASK, secagg.UNMASK))
+SHARE, MASK, UNMASK = (
+    f"train.{stage}" for stage in (keys.SECAGG_SHARE, keys.SECAGG_MASK, keys.SECAGG_UNMASK)
+)
 
 
 def _arrays(msg: Message) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in msg.content["secagg"].items()}
+    return {k: v.numpy() for k, v in msg.content[keys.SECAGG].items()}
 
 
 class SecureSum:
@@ -50,8 +53,10 @@ class SecureSum:
             Message(
                 content=RecordDict(
                     {
-                        "config": ConfigRecord({**self.round_config, "server-round": server_round, **config}),
-                        "secagg": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                        keys.CONFIG: ConfigRecord(
+                            {**self.round_config, keys.SERVER_ROUND: server_round, **config}
+                        ),
+                        keys.SECAGG: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                     }
                 ),
                 message_type=stage,
@@ -84,27 +89,29 @@ class SecureSum:
                 f"round {server_round}: {len(setup)} site(s) trained; secure aggregation needs 2"
             )
         threshold = secagg.min_threshold(len(setup))
-        keys = {
-            f"{kind}/{node}": _arrays(m)[kind] for node, m in setup.items() for kind in ("enc-pk", "mask-pk")
+        public_keys = {
+            f"{kind}/{node}": _arrays(m)[kind]
+            for node, m in setup.items()
+            for kind in (keys.ENC_PK, keys.MASK_PK)
         }
         shared, bad = self._exchange(
-            SHARE, server_round, {node: ({"secagg-threshold": threshold}, keys) for node in setup}
+            SHARE, server_round, {node: ({keys.SECAGG_THRESHOLD: threshold}, public_keys) for node in setup}
         )
         failed += bad
         _require(len(shared), threshold, server_round, "shared their keys")
-        outboxes = {u: secagg.arrays_to_blobs(_arrays(m), "share-to") for u, m in shared.items()}
-        total = sum(int(setup[u].content["metrics"]["num-examples"]) for u in shared)
+        outboxes = {u: secagg.arrays_to_blobs(_arrays(m), keys.SHARE_TO) for u, m in shared.items()}
+        total = sum(int(setup[u].content[keys.METRICS][keys.NUM_EXAMPLES]) for u in shared)
         quantiser = Quantiser.for_sites(self.clip, len(shared))
         mask_config = {
-            "secagg-total-examples": total,
-            "secagg-clip": quantiser.clip,
-            "secagg-levels": quantiser.levels,
+            keys.SECAGG_TOTAL_EXAMPLES: total,
+            keys.SECAGG_CLIP: quantiser.clip,
+            keys.SECAGG_LEVELS: quantiser.levels,
         }
         masked_replies, bad = self._exchange(
             MASK,
             server_round,
             {
-                v: (mask_config, secagg.blobs_to_arrays("share-from", {u: outboxes[u][v] for u in shared}))
+                v: (mask_config, secagg.blobs_to_arrays(keys.SHARE_FROM, {u: outboxes[u][v] for u in shared}))
                 for v in shared
             },
         )
@@ -114,7 +121,7 @@ class SecureSum:
         unmasking, bad = self._exchange(
             UNMASK,
             server_round,
-            {v: ({"secagg-survivors": survivors, "secagg-dropped": dropped}, {}) for v in survivors},
+            {v: ({keys.SECAGG_SURVIVORS: survivors, keys.SECAGG_DROPPED: dropped}, {}) for v in survivors},
         )
         failed += bad
         _require(len(unmasking), threshold, server_round, "revealed their shares")
@@ -122,19 +129,19 @@ class SecureSum:
         key_shares: dict[int, dict[int, bytes]] = {}
         for v, m in unmasking.items():
             index = secagg.share_index(list(setup), v)  # sites number shares over all who trained
-            for prefix, held in (("seed-share", seed_shares), ("key-share", key_shares)):
+            for prefix, held in ((keys.SEED_SHARE, seed_shares), (keys.KEY_SHARE, key_shares)):
                 for u, share in secagg.arrays_to_blobs(_arrays(m), prefix).items():
                     held.setdefault(u, {})[index] = share
-        mask_keys = {u: secagg.arrays_to_blobs(keys, "mask-pk")[u] for u in shared}
+        mask_keys = {u: secagg.arrays_to_blobs(public_keys, keys.MASK_PK)[u] for u in shared}
         summed = secagg.unmask_sum(
-            {v: _arrays(masked_replies[v])["masked"] for v in survivors},
+            {v: _arrays(masked_replies[v])[keys.MASKED] for v in survivors},
             mask_keys,
             seed_shares,
             key_shares,
             list(shared),
             threshold,
         )
-        kept = sum(int(setup[v].content["metrics"]["num-examples"]) for v in survivors)
+        kept = sum(int(setup[v].content[keys.METRICS][keys.NUM_EXAMPLES]) for v in survivors)
         update = quantiser.dequantise(summed) * (total / kept)
         self.last = {
             "sites": len(survivors),
@@ -142,7 +149,7 @@ class SecureSum:
             "threshold": threshold,
             "max_abs_error": quantiser.sum_error_bound(len(survivors)) * total / kept,
             "clipped_values": sum(
-                int(masked_replies[v].content["metrics"]["secagg-clipped"]) for v in survivors
+                int(masked_replies[v].content[keys.METRICS][keys.SECAGG_CLIPPED]) for v in survivors
             ),
         }
         log.info("round %d: secure sum of %d sites (%s)", server_round, len(survivors), self.last)

@@ -25,13 +25,7 @@ from pathlib import Path
 from fahr_core.config import ServerConfig
 from fahr_core.io import atomic_write_json, atomic_write_text
 from fahr_core.release import fahr_version
-from fahr_server.events import EVENTS_LOG
-
-STATE_FILE = "state.json"
-ROUNDS_LOG = "rounds.jsonl"
-REJECTIONS_LOG = "rejections.jsonl"
-# What a federation leaves in its workdir; a fresh run refuses to mix its results with these.
-RUN_RECORDS = (STATE_FILE, ROUNDS_LOG, REJECTIONS_LOG, "checkpoints", "global_model.safetensors")
+from fahr_core.workdir import ServerWorkdir
 
 
 class ResumeError(RuntimeError):
@@ -102,12 +96,14 @@ def _mac(key: bytes, fields: dict) -> str:
 
 def write_state(workdir: Path, state: FederationState) -> None:
     fields = json.loads(json.dumps(asdict(state)))  # as it will read back
-    atomic_write_json(Path(workdir) / STATE_FILE, {**fields, "hmac": _mac(_state_key(create=True), fields)})
+    atomic_write_json(
+        ServerWorkdir(Path(workdir)).state, {**fields, "hmac": _mac(_state_key(create=True), fields)}
+    )
 
 
 def read_state(workdir: Path) -> FederationState | None:
     """The committed state, or None if there is none; ResumeError if it is unreadable or fails its HMAC."""
-    path = Path(workdir) / STATE_FILE
+    path = ServerWorkdir(Path(workdir)).state
     if not path.exists():
         return None
     try:
@@ -127,7 +123,7 @@ def read_state(workdir: Path) -> FederationState | None:
 def resume_point(cfg: ServerConfig) -> FederationState:
     """The state to continue from; raises ResumeError saying why the run cannot be resumed."""
     state = read_state(cfg.workdir)
-    where = cfg.workdir / STATE_FILE
+    where = cfg.paths.state
     if state is None:
         raise ResumeError(
             f"nothing to resume: {where} does not exist (no round of a run there completed); "
@@ -162,7 +158,7 @@ def resume_point(cfg: ServerConfig) -> FederationState:
 
 def earlier_run_records(workdir: Path) -> list[str]:
     """Names of an earlier federation's records in `workdir` (a fresh run must not mix with them)."""
-    return [name for name in RUN_RECORDS if (Path(workdir) / name).exists()]
+    return [path.name for path in ServerWorkdir(Path(workdir)).run_records if path.exists()]
 
 
 def set_aside_uncommitted(workdir: Path) -> Path | None:
@@ -172,16 +168,16 @@ def set_aside_uncommitted(workdir: Path) -> Path | None:
     attempt's logs (rounds.jsonl naming the sites that failed, rejections, events) are evidence
     the operator may need: a fresh run keeps them aside instead of refusing the workdir.
     """
-    workdir = Path(workdir)
-    if (workdir / STATE_FILE).exists():
+    paths = ServerWorkdir(Path(workdir))
+    if paths.state.exists():
         return None
-    found = [name for name in (*RUN_RECORDS, EVENTS_LOG) if (workdir / name).exists()]
+    found = [path for path in (*paths.run_records, paths.events_log) if path.exists()]
     if not found:
         return None
-    aside = workdir / f"uncommitted-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside = paths.set_aside(time.strftime("%Y%m%d-%H%M%S"))
     aside.mkdir()
-    for name in found:
-        (workdir / name).rename(aside / name)
+    for path in found:
+        path.rename(aside / path.name)
     return aside
 
 
@@ -195,8 +191,8 @@ def _round_of(line: str) -> int | None:
 def trim_rounds_log(workdir: Path, last_round: int) -> None:
     """Drop rounds.jsonl and rejections.jsonl lines of rounds after `last_round` (and half-written
     ones): a crash may have logged a round it never committed, and the resumed run logs it again."""
-    for name in (ROUNDS_LOG, REJECTIONS_LOG):
-        path = Path(workdir) / name
+    paths = ServerWorkdir(Path(workdir))
+    for path in (paths.rounds_log, paths.rejections_log):
         if path.exists():
             lines = path.read_text().splitlines()
             kept = [line for line in lines if (r := _round_of(line)) is not None and r <= last_round]

@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 
 from fahr_core.config import ServerConfig
+from fahr_core.workdir import ServerWorkdir
 from fahr_server.events import describe, privacy_spend, read_events
 from fahr_server.state import ResumeError, read_state
-
-RUN_SUMMARY = "run.json"
 
 
 def federation_status(cfg: ServerConfig) -> list[str]:
@@ -32,8 +31,9 @@ def federation_status(cfg: ServerConfig) -> list[str]:
 
 
 def _standing(work: Path, planned: int, events: list[dict]) -> str:
-    if (work / RUN_SUMMARY).exists():
-        done = json.loads((work / RUN_SUMMARY).read_text())
+    summary = ServerWorkdir(work).run_summary
+    if summary.exists():
+        done = json.loads(summary.read_text())
         return f"finished: {len(done['completed_rounds'])} of {done['rounds']} rounds completed"
     try:
         state = read_state(work)

@@ -22,25 +22,28 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from fahr_core.age import delivery
 from fahr_core.models.checkpoint import save_weights
 from fahr_core.models.finetune import GlobalModel, from_wire
-from fahr_core.privacy.ledger import SPEND_ON_RECORD_KEY, encode_spend_on_record
+from fahr_core.privacy.ledger import encode_spend_on_record
+from fahr_core.protocol import keys
+from fahr_core.workdir import ServerWorkdir
 from fahr_server.events import emit, emit_round
 from fahr_server.screening import screen_updates
 from fahr_server.secagg import SecureSum
-from fahr_server.state import REJECTIONS_LOG, ROUNDS_LOG, FederationState, file_sha256, write_state
+from fahr_server.state import FederationState, file_sha256, write_state
 
 log = logging.getLogger("fahr_server")
 
 
 def site_of(msg: Message) -> str:
-    site = msg.content.config_records.get("site")
-    return str(site["name"]) if site is not None and "name" in site else f"node-{msg.metadata.src_node_id}"
+    site = msg.content.config_records.get(keys.SITE)
+    if site is not None and keys.SITE_NAME in site:
+        return str(site[keys.SITE_NAME])
+    return f"node-{msg.metadata.src_node_id}"
 
 
 # Each site's own privacy parameters: a mean of them describes no site (rounds.jsonl keeps them per site).
-PER_SITE_METRICS = ("epsilon", "epsilon-budget", "delta", "noise-multiplier", "sample-rate")
+PER_SITE_METRICS = (keys.EPSILON, keys.EPSILON_BUDGET, keys.DELTA, keys.NOISE_MULTIPLIER, keys.SAMPLE_RATE)
 
 
 def ambiguous_replies(replies: list[Message]) -> dict[int, tuple[str, str]]:
@@ -63,6 +66,14 @@ def ambiguous_replies(replies: list[Message]) -> dict[int, tuple[str, str]]:
     return found
 
 
+# Flower's strategies build and read messages under these names: the protocol's, not Flower's defaults
+RECORD_KEYS = {
+    "weighted_by_key": keys.NUM_EXAMPLES,
+    "arrayrecord_key": keys.ARRAYS,
+    "configrecord_key": keys.CONFIG,
+}
+
+
 def aggregate_train_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
     """Example-weighted means, as FedAvg does, except each site's privacy parameters.
 
@@ -72,7 +83,7 @@ def aggregate_train_metrics(contents: list[RecordDict], weight_key: str) -> Metr
     for key in PER_SITE_METRICS:
         if key in agg:
             del agg[key]
-    spent = [float(c["metrics"]["epsilon"]) for c in contents if "epsilon" in c["metrics"]]
+    spent = [float(c[keys.METRICS][keys.EPSILON]) for c in contents if keys.EPSILON in c[keys.METRICS]]
     if spent:
         agg["epsilon-max"] = max(spent)
     return agg
@@ -84,7 +95,7 @@ def robust_aggregator(name: str, trim_fraction: float, krum_malicious: int) -> F
     Screening rejects broken and grossly outlying updates; these rules also bound what a site whose
     poisoned update passes screening can do, at the cost of ignoring how many patients each site has.
     """
-    common = {"train_metrics_aggr_fn": aggregate_train_metrics}
+    common = {**RECORD_KEYS, "train_metrics_aggr_fn": aggregate_train_metrics}
     if name == "median":
         return FedMedian(**common)
     if name == "trimmed_mean":
@@ -129,8 +140,10 @@ class FahrFedAvg(FedAvg):
             min_evaluate_nodes=min_sites,
             min_available_nodes=min_sites,
             train_metrics_aggr_fn=aggregate_train_metrics,
+            **RECORD_KEYS,
         )
         self.workdir = workdir
+        self.paths = ServerWorkdir(workdir)
         self.num_rounds = num_rounds
         self.metadata = metadata
         self.site_evaluations: list[dict] = []
@@ -178,7 +191,7 @@ class FahrFedAvg(FedAvg):
         )
         weights = arrays.to_torch_state_dict()
         # each site refuses to train if its ledger shows less than this (a reset or lost ledger)
-        config[SPEND_ON_RECORD_KEY] = encode_spend_on_record(self.state.site_rounds, self.state.site_epsilon)
+        config[keys.SPEND_ON_RECORD] = encode_spend_on_record(self.state.site_rounds, self.state.site_epsilon)
         outgoing = self.outgoing(arrays)
         sent = list(super().configure_train(server_round + self.offset, outgoing, config, grid))
         self.remember_round(weights, sent)
@@ -202,10 +215,10 @@ class FahrFedAvg(FedAvg):
 
     def _decoded(self, reply: Message) -> Message:
         """A site's reply with its trainable tensors back in float32, as the global model holds them."""
-        if self.model is None or reply.has_error() or "arrays" not in reply.content.array_records:
+        if self.model is None or reply.has_error() or keys.ARRAYS not in reply.content.array_records:
             return reply
-        state = from_wire(reply.content["arrays"].to_torch_state_dict(), self.model.spec.wire_dtype)
-        reply.content["arrays"] = ArrayRecord(state)
+        state = from_wire(reply.content[keys.ARRAYS].to_torch_state_dict(), self.model.spec.wire_dtype)
+        reply.content[keys.ARRAYS] = ArrayRecord(state)
         return reply
 
     def _screen(self, server_round: int, replies: list[Message]) -> tuple[list[Message], dict[str, str]]:
@@ -219,12 +232,12 @@ class FahrFedAvg(FedAvg):
         ok = [m for m in replies if not m.has_error()]
         rejected = ambiguous_replies(ok)
         unique = {site_of(m): m for m in ok if m.metadata.src_node_id not in rejected}
-        updates = {name: m.content["arrays"].to_torch_state_dict() for name, m in unique.items()}
+        updates = {name: m.content[keys.ARRAYS].to_torch_state_dict() for name, m in unique.items()}
         for name, reason in screen_updates(updates, self._global or {}).items():
             rejected[unique[name].metadata.src_node_id] = (name, reason)
         for site, reason in rejected.values():
             log.warning("round %d: update from site %s rejected: %s", server_round, site, reason)
-            with (self.workdir / REJECTIONS_LOG).open("a") as f:
+            with self.paths.rejections_log.open("a") as f:
                 f.write(
                     json.dumps({"round": server_round, "site": site, "reason": reason, "at": time.time()})
                     + "\n"
@@ -242,10 +255,10 @@ class FahrFedAvg(FedAvg):
         if self.age_model is None:
             return super().configure_evaluate(server_round, arrays, config, grid)
         payload, sha256 = self.age_model
-        config[delivery.SHA256_KEY] = sha256
+        config[keys.AGE_MODEL_SHA256] = sha256
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         for m in messages:
-            m.content[delivery.ARRAYS_KEY] = ArrayRecord([payload])
+            m.content[keys.AGE_MODEL] = ArrayRecord([payload])
         return messages
 
     def _failures(self, replies: list[Message]) -> dict[str, str]:
@@ -282,12 +295,12 @@ class FahrFedAvg(FedAvg):
             "round": server_round,
             "finished_at": time.time(),
             "rejected": rejected,
-            "sites": {site_of(m): dict(m.content["metrics"]) for m in replies if not m.has_error()},
+            "sites": {site_of(m): dict(m.content[keys.METRICS]) for m in replies if not m.has_error()},
             "failures": failures,
         }
         if self.secure_sum is not None:
             record["secure_aggregation"] = self.secure_sum.last
-        with (self.workdir / ROUNDS_LOG).open("a") as f:
+        with self.paths.rounds_log.open("a") as f:
             f.write(json.dumps(record) + "\n")
         emit_round(self.workdir, record, self._seen)
         if len(record["sites"]) < self.min_train_nodes:
@@ -298,10 +311,10 @@ class FahrFedAvg(FedAvg):
             )
         state = arrays.to_torch_state_dict()
         meta = {**self.metadata, "round": str(server_round)}
-        checkpoint = self.workdir / "checkpoints" / f"global_round_{server_round:03d}.safetensors"
+        checkpoint = self.paths.checkpoint(server_round)
         save_weights(checkpoint, state if self.model is None else self.model.full(state), meta)
         plain = state if self.model is None else self.model.plain(state)
-        save_weights(self.workdir / "global_model.safetensors", plain, meta)
+        save_weights(self.paths.global_model, plain, meta)
         self._commit(server_round, checkpoint, record)
         took = round(time.monotonic() - self._round_started, 1)
         emit(self.workdir, "checkpoint_written", round=server_round, path=str(checkpoint))
@@ -318,7 +331,7 @@ class FahrFedAvg(FedAvg):
 
     def _commit(self, server_round: int, checkpoint: Path, record: dict) -> None:
         """Write state.json: from now on a crash resumes after this round."""
-        spent = {site: float(m["epsilon"]) for site, m in record["sites"].items() if "epsilon" in m}
+        spent = {site: float(m[keys.EPSILON]) for site, m in record["sites"].items() if keys.EPSILON in m}
         rejections = dict(self.state.rejections)
         for site in record["rejected"]:
             rejections[site] = rejections.get(site, 0) + 1
@@ -349,6 +362,6 @@ class FahrFedAvg(FedAvg):
             log.warning("evaluation from site %s dropped: %s", site, reason)
         for m in ok:
             if m.metadata.src_node_id not in ambiguous:
-                self.site_evaluations.append({"site": site_of(m), **dict(m.content["metrics"])})
+                self.site_evaluations.append({"site": site_of(m), **dict(m.content[keys.METRICS])})
                 emit(self.workdir, "evaluation_received", site=site_of(m))
         return None

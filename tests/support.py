@@ -5,6 +5,7 @@ be renamed or be run alone."""
 
 from __future__ import annotations
 
+import ast
 import base64
 import os
 import re
@@ -31,6 +32,8 @@ from fahr_core.config import (
     dump_site_config,
 )
 from fahr_core.report.site import write_site_report
+from fahr_core.report.summary import PatientScores, SiteContext
+from fahr_core.workdir import SITE_WORKDIR
 from fahr_server.state import FederationState
 from fahr_server.strategy import FahrFedAvg
 
@@ -71,7 +74,7 @@ def make_sites(
         cfg = SiteConfig(
             name=name,
             data=Path("."),
-            workdir=Path(".fahr"),
+            workdir=Path(SITE_WORKDIR),
             privacy=PrivacyConfig(epsilon=epsilon),
             train=TrainConfig(local_epochs=1, batch_size=16, lr=1e-3, threads=1),
             connection=(connections or {}).get(name, ConnectionConfig()),
@@ -214,20 +217,10 @@ def images(html: str) -> dict[str, bytes]:
 def full_site_report(out: Path, n: int = 400, n_boot: int = 50) -> dict:
     """A site report with every optional input, on a cohort simulated with known age/sex/risk effects."""
     d = simulate(n=n, seed=31)
+    scores = PatientScores(d["time"], d["event"], d["risk"], d["age"], d["male"], true_surv(d["lam"]))
     return write_site_report(
-        out,
-        "hospital-full",
-        d["time"],
-        d["event"],
-        d["risk"],
-        PRIVACY,
-        META,
-        n_boot,
-        age=d["age"],
-        male=d["male"],
-        surv_pred=true_surv(d["lam"]),
-        qc=QC,
-    )
+        out, scores, SiteContext("hospital-full", PRIVACY, META, qc=QC), n_boot=n_boot
+    ).to_json()
 
 
 # --- the server strategy, driven with messages as the ServerApp receives them -------------------------
@@ -264,3 +257,23 @@ def fahr_strategy(work: Path, last_round: int = 0, aggregator: FedAvg | None = N
     state = FederationState(last_round, 3, "", "", "test", {})
     strategy = FahrFedAvg(work, 3, 2, 1.0, {}, state, join_timeout_s=1, aggregator=aggregator)
     return sent_round(strategy, {"w": torch.zeros(4)}, (1, 2, 3))
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, nodes) and n.body and isinstance(n.body[0], ast.Expr)
+    }
+
+
+def spelled_keys(source: str, wanted: set[str]) -> list[tuple[int, str]]:
+    """(line, key) for every string constant in `source`, other than a docstring, equal to a wanted key."""
+    tree = ast.parse(source)
+    docs = _docstrings(tree)
+    return sorted(
+        (n.lineno, n.value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and n.value in wanted and id(n) not in docs
+    )

@@ -10,6 +10,7 @@ import torch
 from fahr_client.app import VersionMismatch, round_info
 from fahr_core.config import ModelConfig
 from fahr_core.privacy.audit import AuditLogTampered, append_audit, head_path, verify_audit_log
+from fahr_core.protocol.spec import spec_to_record
 from fahr_core.release import fahr_version
 
 
@@ -87,7 +88,7 @@ def test_a_crash_between_the_append_and_the_head_is_recovered(tmp_path):
 
 
 def test_client_refuses_a_server_running_another_fahr_version():
-    config = {**ModelConfig(arch="vit_micro").to_record(), "server-round": 1, "num-rounds": 2}
+    config = {**spec_to_record(ModelConfig(arch="vit_micro")), "server-round": 1, "num-rounds": 2}
     spec, rnd, total = round_info({**config, "fahr-version": fahr_version()})
     assert spec.arch == "vit_micro" and (rnd, total) == (1, 2)
     with pytest.raises(VersionMismatch, match="server runs fahr 0.0.1"):

@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from fahr_client.cli import app as client_app
 from fahr_core.config import ConfigError, load_server_config, load_site_config
+from fahr_core.workdir import SITE_WORKDIR, SiteWorkdir
 from fahr_server.cli import app as server_app
 
 runner = CliRunner()
@@ -35,7 +36,7 @@ def test_check_lists_every_bad_row_and_start_refuses(demo_site):
     assert "cohort.csv line 6" in result.output and "missing.jpg" in result.output
     result = runner.invoke(client_app, ["start", "--site", "site1", "--config", str(demo_site), "--insecure"])
     assert result.exit_code == 1 and "will not join" in result.output
-    assert not (demo_site.parent / ".fahr" / "supernode.log").exists()
+    assert not SiteWorkdir(demo_site.parent / SITE_WORKDIR).supernode_log.exists()
 
 
 def test_site_name_must_match(demo_site):

@@ -27,6 +27,7 @@ from fahr_core.models.finetune import base_sha256, build, split_state
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy.audit import EVALUATION_ADMITTED, verify_audit_log
 from fahr_core.protocol.outbound import OutboundViolation
+from fahr_core.protocol.spec import spec_to_record
 from fahr_core.release import fahr_version
 from fahr_core.survival.losses import discrete_hazard_nll
 from tests.support import make_sites
@@ -45,7 +46,7 @@ def _task_identity(monkeypatch):
 def _ask(kind: str, weights: dict, server_round: int = 1, num_rounds: int = 1) -> Message:
     frozen = {k: v for k, v in weights.items() if k in _FROZEN}  # the base the spec names by its hash
     config = {
-        **replace(SPEC, base_sha256=base_sha256(frozen)).to_record(),
+        **spec_to_record(replace(SPEC, base_sha256=base_sha256(frozen))),
         "server-round": server_round,
         "num-rounds": num_rounds,
         "fahr-version": fahr_version(),
@@ -77,9 +78,9 @@ def test_the_reply_gate_refuses_and_writes_no_audit_line(demo_site):
     for metrics, weights in bad:
         with pytest.raises(OutboundViolation):
             _reply(msg, site, 1, metrics, weights or ref, ref)
-        assert not site.cfg.audit_path.exists()
+        assert not site.cfg.paths.audit.exists()
     _reply(msg, site, 1, {"num-examples": 40}, {"w": torch.ones(3)}, ref)
-    assert verify_audit_log(site.cfg.audit_path) == 1
+    assert verify_audit_log(site.cfg.paths.audit) == 1
 
 
 def _variant(base: Path, name: str, target: str, time: float) -> Path:
@@ -151,12 +152,12 @@ def _trained(tmp_path: Path) -> Path:
 def _suppressed(toml: Path) -> dict:
     """What an evaluation sends when every aggregate is suppressed: the site's DP spend only."""
     cfg = load_site_config(toml)
-    rounds = json.loads(cfg.ledger_path.read_text())["rounds"]
+    rounds = json.loads(cfg.paths.ledger.read_text())["rounds"]
     return {"epsilon": round(rounds[-1]["epsilon_after"], 4)}
 
 
 def _audit_kinds(toml: Path) -> list[tuple[str, int]]:
-    lines = load_site_config(toml).audit_path.read_text().splitlines()
+    lines = load_site_config(toml).paths.audit.read_text().splitlines()
     return [(r["kind"], r["run_id"]) for r in map(json.loads, lines)]
 
 
@@ -165,7 +166,7 @@ def test_a_small_test_split_sends_no_outcome_statistics(tmp_path):
     reply = _send(toml, "evaluate", _initial())
     assert not reply.has_error()
     assert dict(reply.content["metrics"]) == _suppressed(toml)  # 6 held-out patients: all suppressed
-    record = json.loads(load_site_config(toml).audit_path.read_text().splitlines()[-1])
+    record = json.loads(load_site_config(toml).paths.audit.read_text().splitlines()[-1])
     assert (record["kind"], record["run_id"], record["metrics"]) == ("evaluate", RUN, _suppressed(toml))
 
 
@@ -175,7 +176,7 @@ def test_a_site_answers_as_many_evaluations_per_run_as_its_config_allows(tmp_pat
     assert _send(toml, "evaluate", _initial()).content["metrics"]
     with pytest.raises(SiteDeclined, match="reason is in the site's own log"):  # the server learns no more
         _send(toml, "evaluate", _initial())
-    assert verify_audit_log(cfg.audit_path) == 3  # train, admitted, evaluate: the refusal sent nothing
+    assert verify_audit_log(cfg.paths.audit) == 3  # train, admitted, evaluate: the refusal sent nothing
     toml.write_text(toml.read_text().replace("evaluations_per_run = 1", "evaluations_per_run = 2"))
     assert _send(toml, "evaluate", _initial()).content["metrics"]
     with pytest.raises(SiteDeclined):
@@ -188,7 +189,7 @@ def test_a_site_evaluates_only_in_runs_it_trained_in(tmp_path, monkeypatch):
     untrained = make_sites(tmp_path / "untrained", demo_faces_dir(), (20,))[0]
     with pytest.raises(SiteDeclined):
         _send(untrained, "evaluate", _initial())
-    assert not load_site_config(untrained).audit_path.exists()
+    assert not load_site_config(untrained).paths.audit.exists()
     toml = _trained(tmp_path / "trained")
     monkeypatch.setattr(TaskIdentity, "_run_id", RUN + 1)
     with pytest.raises(SiteDeclined):

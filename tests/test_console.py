@@ -14,6 +14,7 @@ from fahr_client.cli import app as client_app
 from fahr_core.config import load_site_config
 from fahr_core.privacy.audit import append_audit
 from fahr_core.privacy.ledger import PrivacyLedger
+from fahr_core.workdir import ServerWorkdir
 from fahr_server.cli import app as server_app
 from fahr_server.events import describe, emit, emit_round, end_of_log, follow, read_events
 from fahr_server.state import FederationState, write_state
@@ -51,14 +52,14 @@ def test_each_site_update_is_one_line_with_its_own_epsilon_spent_and_left(tmp_pa
     ]
     assert sum("joined" in line for line in lines) == 2  # a site joins once, not every round
     # noise multipliers and example counts stay out of the console: budgets only, per site
-    assert "noise" not in (tmp_path / "events.jsonl").read_text()
+    assert "noise" not in ServerWorkdir(tmp_path).events_log.read_text()
 
 
 def test_the_console_follows_only_new_whole_events(tmp_path: Path) -> None:
     emit(tmp_path, "report_written", path="old/report.html")  # an earlier run's, already shown
     start = end_of_log(tmp_path)
     emit(tmp_path, "checkpoint_written", round=1, path="checkpoints/global_round_001.safetensors")
-    with (tmp_path / "events.jsonl").open("a") as f:
+    with ServerWorkdir(tmp_path).events_log.open("a") as f:
         f.write('{"kind": "round_done", "round"')  # the server is writing this one right now
     got = [e["kind"] for e in follow(tmp_path, start, stop=lambda: True)]
     assert got == ["checkpoint_written"]
@@ -88,7 +89,7 @@ def test_server_status_of_a_stopped_then_a_finished_federation(tmp_path: Path) -
         "running or interrupted: 1 of 3 rounds completed"
         in runner.invoke(server_app, ["status", "-c", str(toml)]).output
     )
-    (work / "run.json").write_text(json.dumps({"rounds": 3, "completed_rounds": [1, 2, 3]}))
+    ServerWorkdir(work).run_summary.write_text(json.dumps({"rounds": 3, "completed_rounds": [1, 2, 3]}))
     assert (
         "finished: 3 of 3 rounds completed" in runner.invoke(server_app, ["status", "-c", str(toml)]).output
     )
@@ -108,11 +109,11 @@ def test_site_status_shows_the_ledger_per_run_and_round_and_checks_the_audit_cha
 ) -> None:
     cfg = load_site_config(demo_site)
     delta = 1e-3
-    ledger = PrivacyLedger.open(cfg.ledger_path, cfg.privacy.epsilon, delta)
+    ledger = PrivacyLedger.open(cfg.paths.ledger, cfg.privacy.epsilon, delta)
     steps = [(1.2, 0.25, 4), (1.0, 0.25, 4), (0.9, 0.25, 4)]
     for (server_round, run_id), step in zip([(1, 11), (2, 11), (1, 12)], steps, strict=True):
         eps = ledger.record(step, {"server_round": server_round, "num_rounds": 2})
-        append_audit(cfg.audit_path, "train", server_round, run_id, {"w": torch.zeros(2)}, {"epsilon": eps})
+        append_audit(cfg.paths.audit, "train", server_round, run_id, {"w": torch.zeros(2)}, {"epsilon": eps})
     total = _rdp_epsilon(steps, delta)
     after_run_11 = _rdp_epsilon(steps[:2], delta)
 
@@ -127,8 +128,8 @@ def test_site_status_shows_the_ledger_per_run_and_round_and_checks_the_audit_cha
     assert f"run 12: rounds 1; epsilon +{total - after_run_11:.3f} -> {total:.3f}" in out
     assert "outbound audit log: chain intact, 3 record(s)" in out
 
-    lines = cfg.audit_path.read_text().splitlines()
-    cfg.audit_path.write_text("\n".join([lines[0], lines[2]]) + "\n")  # a line removed
+    lines = cfg.paths.audit.read_text().splitlines()
+    cfg.paths.audit.write_text("\n".join([lines[0], lines[2]]) + "\n")  # a line removed
     out = CliRunner().invoke(client_app, ["status", "--site", cfg.name, "-c", str(demo_site)]).output
     assert "outbound audit log: BROKEN" in out and "line 2: chain broken" in out
 
@@ -137,5 +138,5 @@ def test_site_status_before_anything_was_spent(tmp_path: Path, demo_site: Path) 
     cfg = load_site_config(demo_site)
     out = CliRunner().invoke(client_app, ["status", "--site", cfg.name, "-c", str(demo_site)]).output
     assert (
-        f"privacy: nothing spent yet (no ledger at {cfg.ledger_path}); budget {cfg.privacy.epsilon:g}" in out
+        f"privacy: nothing spent yet (no ledger at {cfg.paths.ledger}); budget {cfg.privacy.epsilon:g}" in out
     )

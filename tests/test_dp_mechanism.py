@@ -25,12 +25,13 @@ from fahr_core.config import PrivacyConfig, TrainConfig
 from fahr_core.faces.images import load_faces
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy import randomness
-from fahr_core.privacy.dpsgd import PoissonBatches, SamplingPlan, SecureNoiseOptimizer
+from fahr_core.privacy.dpsgd import PoissonBatches, SamplingPlan, SecureGhostOptimizer, SecureNoiseOptimizer
 from fahr_core.privacy.ledger import PrivacyLedger
 from fahr_core.privacy.randomness import TEST_RNG_ENV, SecureStream, fresh_stream
 from fahr_core.privacy.secagg import Quantiser
 from fahr_core.train import local
 from fahr_core.train.local import SurvivalData, train_dp
+from fahr_core.workdir import SITE_WORKDIR, SiteWorkdir
 
 IMG = 32
 HORIZON = 10.0
@@ -103,6 +104,7 @@ def test_released_update_noise_is_sigma_times_clip(faces, tmp_path, linear_relea
     train = TrainConfig(batch_size=16, local_epochs=1)  # n = 16: q = 1, one step, expected batch 16
     release = Release(subset(faces, 16), tmp_path, "a", train, PrivacyConfig(epsilon=4.0, max_grad_norm=clip))
     assert release.stats.steps == 1 and release.plan.expected_batch_size == 16
+    assert release.stats.images == 16  # q = 1: every patient's photo went through the step
     noise = released_noise(release, linear_release)
     want = release.stats.noise_multiplier * clip  # std on the sum; the update's is this / 16
     d = noise.numel()
@@ -113,8 +115,9 @@ def test_released_update_noise_is_sigma_times_clip(faces, tmp_path, linear_relea
     assert tail == pytest.approx(2 * scipy_stats.norm.sf(2), abs=10 * math.sqrt(0.0455 / d))
 
 
+@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
 def test_one_patient_with_a_huge_gradient_moves_the_update_by_at_most_the_clipping_bound(
-    faces, tmp_path, linear_release, monkeypatch
+    faces, tmp_path, linear_release, monkeypatch, clipping
 ):
     monkeypatch.setenv(TEST_RNG_ENV, "3")  # both runs draw the same noise: their difference is noise-free
     clip = 1e-3
@@ -125,7 +128,7 @@ def test_one_patient_with_a_huge_gradient_moves_the_update_by_at_most_the_clippi
         np.concatenate([[0.1], data.time[1:]]).astype(np.float32),
         np.concatenate([[1], data.event[1:]]),
     )
-    train = TrainConfig(batch_size=8, local_epochs=1)
+    train = TrainConfig(batch_size=8, local_epochs=1, clipping=clipping)
     privacy = PrivacyConfig(epsilon=4.0, max_grad_norm=clip)
     a = Release(data, tmp_path, "a", train, privacy)
     b = Release(other, tmp_path, "b", train, privacy)
@@ -177,18 +180,23 @@ def test_replaying_every_seed_config_and_round_could_give_does_not_reproduce_a_r
     assert torch.equal(Release(data, tmp_path, "x", train).delta, Release(data, tmp_path, "y", train).delta)
 
 
-def test_empty_poisson_batches_still_take_a_noise_step(faces, tmp_path, linear_release, monkeypatch):
+@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+def test_empty_poisson_batches_still_take_a_noise_step(
+    faces, tmp_path, linear_release, monkeypatch, clipping
+):
     monkeypatch.setenv(TEST_RNG_ENV, "2")  # a fixed draw that has empty batches (some 30% of them)
     empty = []
     noise_only = SecureNoiseOptimizer.noise_only_step
     monkeypatch.setattr(
-        SecureNoiseOptimizer, "noise_only_step", lambda self: (empty.append(1), noise_only(self))
+        SecureNoiseOptimizer, "noise_only_step", lambda self: (empty.append(type(self)), noise_only(self))
     )
-    train = TrainConfig(batch_size=1, local_epochs=4)  # n = 3: q = 1/3, 12 steps, P(empty) = 8/27
+    # n = 3: q = 1/3, 12 steps, P(empty) = 8/27
+    train = TrainConfig(batch_size=1, local_epochs=4, clipping=clipping)
     release = Release(subset(faces, 3), tmp_path, "a", train)
     assert release.stats.steps == 12 and release.stats.sample_rate == pytest.approx(1 / 3)
     assert len(linear_release) == 12  # every accounted step added noise, empty or not
     assert 0 < len(empty) < 12
+    assert set(empty) == {SecureGhostOptimizer if clipping == "ghost" else SecureNoiseOptimizer}
 
 
 def test_noise_only_step_has_the_noise_of_a_real_step():
@@ -237,14 +245,11 @@ def test_the_sampler_runs_exactly_the_planned_steps_with_rate_q(n):
     assert all(len(set(b)) == len(b) and all(0 <= i < n for i in b) for b in batches)
 
 
-def test_secure_stream_draws_uniforms_and_normals():
+def test_secure_stream_draws_uniforms_and_picks():  # normals: tests/test_randomness.py
     stream = SecureStream(os.urandom(32))
     u = stream.random(200_000)
     assert u.min() > 0 and u.max() < 1
     assert scipy_stats.kstest(u, "uniform").pvalue > 1e-4
-    z = stream.normal((400, 501))  # an odd count: Box-Muller pairs, one left over
-    assert z.shape == (400, 501)
-    assert scipy_stats.kstest(z.ravel(), "norm").pvalue > 1e-4
     picks = np.bincount([stream.below(3) for _ in range(6000)], minlength=3)
     assert scipy_stats.chisquare(picks).pvalue > 1e-4
     assert not np.array_equal(SecureStream(os.urandom(32)).random(8), SecureStream(os.urandom(32)).random(8))
@@ -281,7 +286,7 @@ def test_a_real_site_refuses_to_start_with_the_test_switch(demo_site, monkeypatc
     monkeypatch.setenv(TEST_RNG_ENV, "1")
     result = CliRunner().invoke(client_app, ["start", "--site", "site1", "--config", str(demo_site)])
     assert result.exit_code == 2 and TEST_RNG_ENV in result.output
-    assert not (demo_site.parent / ".fahr" / "supernode.log").exists()
+    assert not SiteWorkdir(demo_site.parent / SITE_WORKDIR).supernode_log.exists()
 
 
 def test_secagg_rounding_from_a_secure_stream_is_unbiased():

@@ -12,6 +12,7 @@ from fahr_core.config import load_server_config, load_site_config
 from fahr_core.io import atomic_write_text
 from fahr_core.models.checkpoint import load_weights
 from fahr_core.privacy.audit import verify_audit_log
+from fahr_core.workdir import ServerWorkdir
 from fahr_ops.flower import flower_env, start_supernode
 from fahr_research.local import local_credentials, run_local_federation
 from fahr_server.app import initial_model
@@ -46,13 +47,13 @@ arch = "vit_micro"
 
     work = tmp_path / "server"
     initial = initial_model(load_server_config(server_toml)).state_dict()
-    final = load_weights(work / "global_model.safetensors")
+    final = load_weights(ServerWorkdir(work).global_model)
     assert any(not torch.equal(final[k], initial[k]) for k in initial if initial[k].dtype.is_floating_point)
-    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == [
+    assert sorted(p.name for p in ServerWorkdir(work).checkpoints.iterdir()) == [
         "global_round_001.safetensors",
         "global_round_002.safetensors",
     ]
-    rounds = [json.loads(line) for line in (work / "rounds.jsonl").read_text().splitlines()]
+    rounds = [json.loads(line) for line in ServerWorkdir(work).rounds_log.read_text().splitlines()]
     assert (
         [r["round"] for r in rounds] == [1, 2]
         and not any(r["rejected"] for r in rounds)
@@ -61,13 +62,13 @@ arch = "vit_micro"
 
     for toml in tomls:
         site = load_site_config(toml)
-        ledger = json.loads(site.ledger_path.read_text())
+        ledger = json.loads(site.paths.ledger.read_text())
         assert 0 < ledger["epsilon"] <= site.privacy.epsilon * (1 + 1e-9)
         assert len(ledger["history"]) == 2
-        summary = json.loads((site.report_dir / "summary.json").read_text())
+        summary = json.loads((site.paths.report / "summary.json").read_text())
         assert summary["site"] == site.name and summary["n"] > 0
-        assert "data:image/png;base64," in (site.report_dir / "report.html").read_text()
-        assert verify_audit_log(site.audit_path) == 4  # 2 trains, the evaluation admitted, its reply
+        assert "data:image/png;base64," in site.paths.report_page.read_text()
+        assert verify_audit_log(site.paths.audit) == 4  # 2 trains, the evaluation admitted, its reply
         # the operator's console: this site's update in round 2, with the epsilon its ledger holds
         spent, budget = ledger["epsilon"], site.privacy.epsilon
         left = f"epsilon {spent:.3f} spent, {budget - spent:.3f} left of {budget:g}"
@@ -131,7 +132,7 @@ arch = "vit_micro"
             finally:
                 node.stop()
             assert node.proc.returncode != 0
-            logs = node.tail(200) + (tmp_path / "server" / "superlink.log").read_text()
+            logs = node.tail(200) + ServerWorkdir(tmp_path / "server").superlink_log.read_text()
             assert needle in logs, needle
         raise KeyboardInterrupt  # stop the federation: nothing will join
 

@@ -27,6 +27,7 @@ from fahr_core.models.checkpoint import load_weights, save_weights
 from fahr_core.privacy.ledger import PrivacyLedger
 from fahr_core.privacy.randomness import TEST_RNG_ENV
 from fahr_core.release import fahr_version
+from fahr_core.workdir import ServerWorkdir
 from fahr_ops.flower import console_script
 from fahr_ops.processes import Managed, free_local_port
 from fahr_research.local import local_credentials, run_local_federation, start_site
@@ -145,7 +146,7 @@ arch = "vit_micro"
 
 
 def rounds_log(work: Path) -> list[dict]:
-    return [json.loads(line) for line in (work / "rounds.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in ServerWorkdir(work).rounds_log.read_text().splitlines()]
 
 
 def wait_for(condition, timeout_s: float, what: str, alive: Managed | None = None) -> None:
@@ -160,8 +161,8 @@ def wait_for(condition, timeout_s: float, what: str, alive: Managed | None = Non
 
 def ledger_of(toml: Path) -> PrivacyLedger:
     site = load_site_config(toml)
-    raw = json.loads(site.ledger_path.read_text())
-    return PrivacyLedger.open(site.ledger_path, raw["budget"], raw["delta"])
+    raw = json.loads(site.paths.ledger.read_text())
+    return PrivacyLedger.open(site.paths.ledger, raw["budget"], raw["delta"])
 
 
 def test_a_round_completes_with_the_sites_that_replied_and_commits_its_state(tmp_path):
@@ -178,7 +179,7 @@ def test_a_round_completes_with_the_sites_that_replied_and_commits_its_state(tmp
     assert record["failures"] == {"node-3": "node 3 is unavailable"}  # never replied: name unknown
     state = read_state(tmp_path)
     assert (state.last_round, state.site_epsilon) == (2, {"a": 1.5, "b": 1.5})
-    assert state.checkpoint_sha256 == file_sha256(tmp_path / "checkpoints" / "global_round_002.safetensors")
+    assert state.checkpoint_sha256 == file_sha256(ServerWorkdir(tmp_path).checkpoint(2))
 
 
 def test_too_few_usable_updates_fail_the_round_naming_the_sites(tmp_path):
@@ -193,7 +194,7 @@ def test_too_few_usable_updates_fail_the_round_naming_the_sites(tmp_path):
         strategy.aggregate_train(2, [train_reply(1), train_reply(2, "b", nan)])
     assert read_state(tmp_path).last_round == 1  # the failed round is not committed
     assert read_state(tmp_path).rejections == {}
-    assert "non-finite" in (tmp_path / "rejections.jsonl").read_text()
+    assert "non-finite" in ServerWorkdir(tmp_path).rejections_log.read_text()
 
 
 def test_screening_is_keyed_by_the_sending_node_not_the_declared_name(tmp_path):
@@ -258,7 +259,7 @@ def test_robust_aggregation_limits_a_poisoned_update_that_passes_screening(tmp_p
 
 def _finished_round(work: Path, toml: Path, fahr_version: str = fahr_version()) -> None:
     cfg = load_server_config(toml)
-    save_weights(work / "checkpoints" / "global_round_001.safetensors", {"w": torch.zeros(2)})
+    save_weights(ServerWorkdir(work).checkpoint(1), {"w": torch.zeros(2)})
     ckpt = "checkpoints/global_round_001.safetensors"
     digest = file_sha256(work / ckpt)
     write_state(work, FederationState(1, cfg.rounds, ckpt, digest, fahr_version, model_record(cfg)))
@@ -293,11 +294,11 @@ def test_resume_and_fresh_runs_refuse_what_they_cannot_continue(tmp_path, change
     if change != "fresh":
         _finished_round(work, toml, "0.0.1" if change == "version" else fahr_version())
     if change in ("tamper", "rehash"):
-        save_weights(work / "checkpoints" / "global_round_001.safetensors", {"w": torch.ones(2)})
+        save_weights(ServerWorkdir(work).checkpoint(1), {"w": torch.ones(2)})
     if change == "rehash":  # and make state.json vouch for the swapped checkpoint
-        state = json.loads((work / "state.json").read_text())
-        state["checkpoint_sha256"] = file_sha256(work / "checkpoints" / "global_round_001.safetensors")
-        atomic_write_text(work / "state.json", json.dumps(state))
+        state = json.loads(ServerWorkdir(work).state.read_text())
+        state["checkpoint_sha256"] = file_sha256(ServerWorkdir(work).checkpoint(1))
+        atomic_write_text(ServerWorkdir(work).state, json.dumps(state))
     if change == "nokey":
         state_key_path().unlink()
     text = toml.read_text()
@@ -381,16 +382,16 @@ def test_server_crash_after_round_1_resumes_like_an_uninterrupted_run(tmp_path, 
             c.stop()
     assert "resuming: rounds 1 to 1 of 2 completed" in "\n".join(lines)
 
-    final = load_weights(work / "global_model.safetensors")
+    final = load_weights(ServerWorkdir(work).global_model)
     worst = max(float((final[k] - expected[k]).abs().max()) for k in final if final[k].is_floating_point())
     assert worst < 1e-4, worst
     assert any(
-        not torch.equal(final[k], load_weights(work / "checkpoints" / "global_round_001.safetensors")[k])
+        not torch.equal(final[k], load_weights(ServerWorkdir(work).checkpoint(1))[k])
         for k in final
         if final[k].is_floating_point()
     )
     assert [r["round"] for r in rounds_log(work)] == [1, 2]
-    assert json.loads((work / "run.json").read_text())["completed_rounds"] == [1, 2]
+    assert json.loads(ServerWorkdir(work).run_summary.read_text())["completed_rounds"] == [1, 2]
 
     state = read_state(work)
     for toml_b, toml_a in zip(sites, plain_sites, strict=True):
@@ -463,15 +464,17 @@ def test_sites_dying_rejoining_and_sending_bad_updates(tmp_path, monkeypatch):
     assert set(r2["failures"]) == {"site3"}, r2["failures"]  # Flower's node-unavailable error
     assert set(r3["rejected"]) == {"site1"} and "non-finite" in r3["rejected"]["site1"]
     assert set(r3["sites"]) == {"site2", "site3"}  # the restarted site rejoined
-    logged = [json.loads(line) for line in (work / "rejections.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in ServerWorkdir(work).rejections_log.read_text().splitlines()]
     assert [(r["round"], r["site"]) for r in logged] == [(1, "site2"), (3, "site1")]
     assert read_state(work).rejections == {"site1": 1, "site2": 1}
     assert flower_processes_under(tmp_path) == []
 
 
 def test_resume_drops_uncommitted_and_half_written_log_lines(tmp_path):
-    (tmp_path / "rounds.jsonl").write_text('{"round": 1}\n{"round": 2}\n{"round": 3, "si')
-    (tmp_path / "rejections.jsonl").write_text('{"round": 1, "site": "a"}\n{"round": 2, "site": "a"}\n')
+    ServerWorkdir(tmp_path).rounds_log.write_text('{"round": 1}\n{"round": 2}\n{"round": 3, "si')
+    ServerWorkdir(tmp_path).rejections_log.write_text(
+        '{"round": 1, "site": "a"}\n{"round": 2, "site": "a"}\n'
+    )
     trim_rounds_log(tmp_path, 1)
     assert rounds_log(tmp_path) == [{"round": 1}]
-    assert (tmp_path / "rejections.jsonl").read_text() == '{"round": 1, "site": "a"}\n'
+    assert ServerWorkdir(tmp_path).rejections_log.read_text() == '{"round": 1, "site": "a"}\n'

@@ -15,7 +15,6 @@ from fahr_core.config import ConfigError, ModelConfig, server_config_from_dict
 from fahr_core.faces.images import load_faces, to_input
 from fahr_core.models.checkpoint import load_weights, save_weights
 from fahr_core.models.finetune import (
-    BASE_FILE,
     BaseMismatch,
     GlobalModel,
     build,
@@ -30,7 +29,9 @@ from fahr_core.models.finetune import (
 from fahr_core.models.lora import LoRALinear
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.protocol.outbound import OutboundViolation, check_outbound
+from fahr_core.protocol.spec import spec_from_record, spec_to_record
 from fahr_core.survival.losses import discrete_hazard_nll
+from fahr_core.workdir import ServerWorkdir, SiteWorkdir
 
 SPEC = ModelConfig(arch="vit_micro")
 MODES = ("full", "head", "last:1", "lora", "ffa-lora")
@@ -159,23 +160,27 @@ def test_site_keeps_the_base_it_was_sent_and_refuses_another(tmp_path):
     spec = replace(SPEC, finetune="lora", wire_dtype="bfloat16")
     gm, trainable = _start(spec)
     first = gm.outgoing(trainable, with_base=True)
-    model = site_model(first, gm.spec, tmp_path)
-    assert (tmp_path / BASE_FILE).is_file()
+    model = site_model(first, gm.spec, SiteWorkdir(tmp_path).frozen_base)
+    assert (SiteWorkdir(tmp_path).frozen_base).is_file()
     later = gm.outgoing(trainable, with_base=False)  # only the adapters and the head
     assert set(later) == set(trainable)
-    again = site_model(later, gm.spec, tmp_path)
+    again = site_model(later, gm.spec, SiteWorkdir(tmp_path).frozen_base)
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
 
-    tampered = load_weights(tmp_path / BASE_FILE)
+    tampered = load_weights(SiteWorkdir(tmp_path).frozen_base)
     tampered["encoder.patch_embed.proj.bias"][0] += 1e-3
-    save_weights(tmp_path / BASE_FILE, tampered)
+    save_weights(SiteWorkdir(tmp_path).frozen_base, tampered)
     with pytest.raises(BaseMismatch, match="this site's frozen base .* differs from the federation's"):
-        site_model(later, gm.spec, tmp_path)
+        site_model(later, gm.spec, SiteWorkdir(tmp_path).frozen_base)
     with pytest.raises(BaseMismatch, match="the frozen base the server sent hashes to"):
-        site_model({**first, "encoder.pos_embed": first["encoder.pos_embed"] * 2}, gm.spec, tmp_path / "b")
+        site_model(
+            {**first, "encoder.pos_embed": first["encoder.pos_embed"] * 2},
+            gm.spec,
+            SiteWorkdir(tmp_path / "b").frozen_base,
+        )
     with pytest.raises(BaseMismatch, match="holds no frozen base"):
-        site_model(later, gm.spec, tmp_path / "new-site")
+        site_model(later, gm.spec, SiteWorkdir(tmp_path / "new-site").frozen_base)
 
 
 def test_outbound_check_accepts_the_trainable_tensors_and_refuses_a_frozen_one(tmp_path):
@@ -222,10 +227,12 @@ def test_server_config_validates_the_finetune_keys(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=rf"\[model\]\.{key}"):
             server_config_from_dict({**base, "model": bad}, "s", tmp_path)
-    record = good.model.to_record()
-    assert ModelConfig.from_record(record) == good.model
+    record = spec_to_record(good.model)
+    assert spec_from_record(record) == good.model
     with pytest.raises(ValueError, match="finetune"):
-        ModelConfig.from_record({**record, "finetune": "everything"})
+        spec_from_record({**record, "finetune": "everything"})
+    with pytest.raises(ValueError, match="lora-rank"):
+        spec_from_record({k: v for k, v in record.items() if k != "lora-rank"})
 
 
 def test_server_sends_the_base_once_screens_adapters_and_saves_a_plain_global_model(tmp_path):
@@ -256,7 +263,7 @@ def test_server_sends_the_base_once_screens_adapters_and_saves_a_plain_global_mo
     new = arrays.to_torch_state_dict()
     for k, v in trainable.items():
         assert torch.allclose(new[k], v - 0.125, atol=0.01 * (v.abs().max() + 0.5)), k
-    assert "extra" in (tmp_path / "rejections.jsonl").read_text()
-    checkpoint = load_weights(tmp_path / "checkpoints" / "global_round_001.safetensors")
+    assert "extra" in ServerWorkdir(tmp_path).rejections_log.read_text()
+    checkpoint = load_weights(ServerWorkdir(tmp_path).checkpoint(1))
     assert set(checkpoint) == set(trainable) | set(gm.base)
-    SurvivalViT(spec.arch).load_state_dict(load_weights(tmp_path / "global_model.safetensors"), strict=True)
+    SurvivalViT(spec.arch).load_state_dict(load_weights(ServerWorkdir(tmp_path).global_model), strict=True)

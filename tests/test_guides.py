@@ -22,7 +22,7 @@ from fahr_core.config import (
     SiteConfig,
     TrainConfig,
 )
-from fahr_core.workdir import ServerWorkdir
+from fahr_core.workdir import SITE_WORKDIR, ServerWorkdir, SiteWorkdir
 from fahr_ops.certs import create_server_tls
 from fahr_ops.flower import console_script
 from fahr_ops.processes import Managed
@@ -117,7 +117,7 @@ def test_the_site_operator_guide_works_as_written(tmp_path: Path) -> None:
     port = free_port()
     tls = create_server_tls(tmp_path / "certs", ["127.0.0.1"])
     (site_dir / "site.toml").write_text(
-        '[site]\nname = "maastro"\ndata = "."\nworkdir = ".fahr"\n'
+        '[site]\nname = "maastro"\ndata = "."\nworkdir = SITE_WORKDIR\n'
         "[train]\nbatch_size = 16\nthreads = 1\n[alignment]\nworkers = 1\n"
         f'[connection]\nsuperlink = "127.0.0.1:{port}"\nroot_certificates = "{tls.ca_cert}"\n'
         'auth_key = "maastro.key"\n'
@@ -150,7 +150,7 @@ def test_the_site_operator_guide_works_as_written(tmp_path: Path) -> None:
         if site is not None:
             site.stop()
         coordinator.stop()
-    assert (site_dir / ".fahr" / "report" / "report.html").exists()
+    assert SiteWorkdir(site_dir / SITE_WORKDIR).report_page.exists()
     status = run(commands[4])  # section 7
     assert "1 round(s) trained" in status and "chain intact, 3 record(s)" in status
     assert flower_processes_under(tmp_path) == []

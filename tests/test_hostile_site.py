@@ -33,6 +33,7 @@ from fahr_core.faces.errors import PhotoError
 from fahr_core.faces.photofile import MAX_PHOTO_BYTES
 from fahr_core.faces.pipeline import RESULTS_DIR, TABLE_FILE, align_photos
 from fahr_core.faces.qc import decode_photo
+from fahr_core.workdir import SITE_WORKDIR
 from fahr_research.cli import app as research_app
 
 runner = CliRunner()
@@ -186,6 +187,7 @@ def test_unreadable_cohort_and_photo_folder_are_named(tmp_path):
         # what trains is the server's choice ([model].finetune): a site cannot set it
         ('[site]\nname = "s"\ndata = "."\n[train]\ntrainable = "all"\n', "unknown key(s) trainable"),
         ('[site]\nname = "s"\ndata = "."\n[train]\nthreads = -4\n', "[train].threads"),
+        ('[site]\nname = "s"\ndata = "."\n[train]\nclipping = "fast"\n', "[train].clipping is 'fast'"),
         ('[site]\nname = "s"\ndata = "."\n[alignment]\nworkers = -1\n', "[alignment].workers"),
         ('[site]\nname = "s"\ndata = "."\n[connection]\nsuperlink = "fahr.example.org"\n', "superlink"),
         ('[site]\nname = "s"\ndata = "."\n[connection]\nsuperlink = "h:99999"\n', "superlink"),
@@ -343,7 +345,7 @@ def test_a_symlink_out_of_the_folder_is_refused_and_never_hashed(tmp_path):
     assert_named(check(toml), 1, "line 4", "leads outside the site folder")
     result = runner.invoke(client_app, ["align", "--site", "s", "--config", str(toml)])
     assert_named(result, 1, "leads outside the site folder")
-    written = [p.read_bytes() for p in site.rglob("*") if p.is_file() and ".fahr" in p.parts]
+    written = [p.read_bytes() for p in site.rglob("*") if p.is_file() and SITE_WORKDIR in p.parts]
     assert not any(digest.encode() in b for b in written)
     etc = site / "photos" / "passwd.jpg"
     etc.symlink_to("/etc/passwd")
@@ -415,7 +417,7 @@ def test_align_exits_non_zero_when_no_photo_aligns_and_writes_privately(tmp_path
     os.umask(0o022)
     result = runner.invoke(client_app, ["align", "--site", "s", "--config", str(toml)])
     assert_named(result, 1, "site s cannot train: 0 patient(s) have an aligned photo")
-    state = tmp_path / ".fahr"
+    state = tmp_path / SITE_WORKDIR
     modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [state, *state.rglob("*")]}
     assert modes and all(m == (0o700 if p.is_dir() else 0o600) for p, m in modes.items()), modes
 
@@ -541,7 +543,7 @@ def busy_site(tmp_path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["ctrl-c", "ctrl-c twice", "sigterm", "sigkill"])
 def test_align_stops_when_told_and_leaves_no_worker(busy_site, how):
-    results = busy_site.parent / ".fahr" / "aligned" / RESULTS_DIR
+    results = busy_site.parent / SITE_WORKDIR / "aligned" / RESULTS_DIR
     log = busy_site.parent / "align.log"  # a file, not a pipe: an orphaned worker would hold a pipe open
     proc = subprocess.Popen(
         [str(FAHR_CLIENT), "align", "--site", "s", "--config", str(busy_site)],

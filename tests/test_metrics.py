@@ -79,14 +79,14 @@ def test_risk_quartiles_balanced_even_with_all_risks_tied() -> None:
 def test_quartile_hazard_ratio_detects_strong_risk_effect() -> None:
     t, e, r = cohort(400, beta=1.0, seed=3)
     hr = m.quartile_hazard_ratio(t, e, r)
-    assert hr["n"] == 200
-    assert hr["hr"] > 3 and hr["ci_low"] > 1 and hr["p"] < 1e-3
+    assert hr.n == 200
+    assert hr.hr > 3 and hr.ci_low > 1 and hr.p < 1e-3
 
 
 def test_quartile_hazard_ratio_near_one_without_effect() -> None:
     t, e, r = cohort(400, beta=0.0, seed=4)
     hr = m.quartile_hazard_ratio(t, e, r)
-    assert hr["ci_low"] < 1 < hr["ci_high"]
+    assert hr.ci_low < 1 < hr.ci_high
 
 
 def test_km_and_logrank_by_quartile() -> None:
@@ -105,22 +105,22 @@ def test_km_and_logrank_by_quartile() -> None:
 def test_evaluate_full_cohort_is_json_and_complete() -> None:
     t, e, r = cohort(300, seed=6)
     out = m.evaluate(t, e, r, n_boot=50)
-    json.dumps(out, allow_nan=False)
-    assert out["n"] == 300 and out["events"] == int(e.sum())
-    assert out["c_index"] > 0.6 and out["c_index_ci"][0] <= out["c_index"] <= out["c_index_ci"][1]
-    assert out["hr_top_vs_bottom"]["hr"] > 1 and out["logrank_p"] < 0.05
-    assert out["median_follow_up"] > 0
-    assert out["notes"] == []
+    json.dumps(out.to_json(), allow_nan=False)
+    assert out.n == 300 and out.events == int(e.sum())
+    assert out.c_index > 0.6 and out.c_index_ci[0] <= out.c_index <= out.c_index_ci[1]
+    assert out.hr_top_vs_bottom.hr > 1 and out.logrank_p < 0.05
+    assert out.median_follow_up > 0
+    assert out.notes == ()
 
 
 @pytest.mark.parametrize("name", DEGENERATE)
 def test_evaluate_degenerate_cohorts_give_notes_not_exceptions(name: str) -> None:
     out = m.evaluate(*DEGENERATE[name], n_boot=50)
-    json.dumps(out, allow_nan=False)
-    assert out["notes"], "a degenerate cohort must explain itself"
-    hr = out["hr_top_vs_bottom"]
+    json.dumps(out.to_json(), allow_nan=False)
+    assert out.notes, "a degenerate cohort must explain itself"
+    hr = out.hr_top_vs_bottom
     if name == "all_tied_times":  # no timing information: any HR must show no effect
-        assert out["c_index"] is None and (hr is None or hr["p"] > 0.5)
+        assert out.c_index is None and (hr is None or hr.p > 0.5)
     elif name != "time_zero":
         assert hr is None
 
@@ -129,8 +129,8 @@ def test_evaluate_reports_nonconvergent_cox_as_note() -> None:
     t, _, r = cohort(40, seed=7)
     e = (r > np.quantile(r, 0.8)).astype(int)  # every death in the top risk quartile: complete separation
     out = m.evaluate(t, e, r, n_boot=20)
-    assert out["hr_top_vs_bottom"] is None
-    assert any("did not converge" in n for n in out["notes"])
+    assert out.hr_top_vs_bottom is None
+    assert any("did not converge" in n for n in out.notes)
 
 
 @pytest.mark.parametrize(
@@ -234,8 +234,8 @@ def test_uno_tau_is_the_horizon_unless_follow_up_is_too_short() -> None:
             assert tau == max(y for y in range(1, 10) if g(y, left=True) >= 0.1) and tau < 7.5
             assert g(tau + 1, left=True) < 0.1
         out = m.evaluate(t, e, -t_death, n_boot=0, horizon=10.0)  # risk: any score will do
-        assert out["uno_c_tau"] == tau and out["uno_c_horizon"] == 10.0
-        assert out["uno_c"] == pytest.approx(brute_force_uno_c(t, e, -t_death, tau), abs=1e-12)
+        assert out.uno_c_tau == tau and out.uno_c_horizon == 10.0
+        assert out.uno_c == pytest.approx(brute_force_uno_c(t, e, -t_death, tau), abs=1e-12)
     with pytest.raises(m.NotEstimable, match="under follow-up"):
         m.uno_tau(np.linspace(0.01, 0.9, 30), np.zeros(30, int), horizon=10.0)
 
@@ -255,30 +255,30 @@ def test_uno_c_not_estimable_without_deaths_and_bootstrap_handles_any_stat() -> 
 def test_time_dependent_auc_matches_brute_force_and_skips_impossible_horizons() -> None:
     t, e, r = small_cohort(seed=10)
     times = (0.5, 1.0, 2.0)
-    out = m.time_dependent_auc(t, e, r, times)
+    aucs, notes = m.time_dependent_auc(t, e, r, times)
     expected = [brute_force_td_auc(t, e, r, h) for h in times]
-    assert [row["auc"] for row in out["by_time"]] == pytest.approx(expected, abs=1e-12)
-    assert out["notes"] == []
+    assert [row.auc for row in aucs] == pytest.approx(expected, abs=1e-12)
+    assert notes == []
 
     t, e, r = cohort(300, seed=10)
-    late = m.time_dependent_auc(t, e, r, (1.0, float(t.max()) + 1))
-    assert late["by_time"][0]["auc"] is not None and late["by_time"][1]["auc"] is None
-    assert "no patient was followed beyond" in late["notes"][0]
-    early = m.time_dependent_auc(t, e, r, (float(t[e == 1].min()) / 2,))
-    assert early["by_time"][0]["auc"] is None and "no deaths occurred within" in early["notes"][0]
+    late, notes = m.time_dependent_auc(t, e, r, (1.0, float(t.max()) + 1))
+    assert late[0].auc is not None and late[1].auc is None
+    assert "no patient was followed beyond" in notes[0]
+    early, notes = m.time_dependent_auc(t, e, r, (float(t[e == 1].min()) / 2,))
+    assert early[0].auc is None and "no deaths occurred within" in notes[0]
 
 
 def test_adjusted_hazard_ratio_per_sd_recovers_simulated_coefficient() -> None:
     d = simulate()
     out = m.adjusted_hazard_ratios(d["time"], d["event"], d["risk"], d["age"], d["male"])
-    hr = out["per_sd"]
+    hr = out.per_sd
     true_log_hr = 0.7 * np.std(d["risk"], ddof=1)
-    assert math.log(hr["ci_low"]) < true_log_hr < math.log(hr["ci_high"])
-    assert hr["adjusted_for"] == ["age", "male"] and hr["n"] == 1500
-    assert out["top_vs_bottom"]["hr"] > 3 and out["top_vs_bottom"]["n"] == 750
-    assert set(out["ph_test"]["p"]) == {"risk_per_sd", "age", "male"}
-    assert out["ph_test"]["risk_score_violates"] is False and out["notes"] == []
-    json.dumps(out, allow_nan=False)
+    assert math.log(hr.ci_low) < true_log_hr < math.log(hr.ci_high)
+    assert hr.adjusted_for == ("age", "male") and hr.n == 1500
+    assert out.top_vs_bottom.hr > 3 and out.top_vs_bottom.n == 750
+    assert set(out.ph_test.p) == {"risk_per_sd", "age", "male"}
+    assert out.ph_test.risk_score_violates is False and out.notes == ()
+    json.dumps(out.to_json(), allow_nan=False)
 
 
 def test_proportional_hazards_violation_is_flagged() -> None:
@@ -292,39 +292,39 @@ def test_proportional_hazards_violation_is_flagged() -> None:
     t_censor = rng.uniform(0.5, 4, n)
     t, e = np.minimum(t_event, t_censor), (t_event <= t_censor).astype(int)
     out = m.adjusted_hazard_ratios(t, e, z)
-    assert out["ph_test"]["risk_score_violates"] is True
-    assert any("proportional-hazards check suggests" in x for x in out["notes"])
+    assert out.ph_test.risk_score_violates is True
+    assert any("proportional-hazards check suggests" in x for x in out.notes)
 
 
 def test_constant_covariate_is_dropped_with_note() -> None:
     d = simulate(n=300, seed=14)
     out = m.adjusted_hazard_ratios(d["time"], d["event"], d["risk"], d["age"], np.ones(300))
-    assert out["per_sd"]["adjusted_for"] == ["age"]
-    assert any("same sex, so it is not adjusted for sex" in x for x in out["notes"])
+    assert out.per_sd.adjusted_for == ("age",)
+    assert any("same sex, so it is not adjusted for sex" in x for x in out.notes)
 
 
 def test_calibration_small_for_true_model_and_large_for_miscalibrated() -> None:
     d = simulate()
     good = m.calibration(d["time"], d["event"], true_surv(d["lam"]))
     bad = m.calibration(d["time"], d["event"], {h: s**3 for h, s in true_surv(d["lam"]).items()})
-    json.dumps(good, allow_nan=False)
-    assert [h["years"] for h in good["horizons"]] == [1.0, 2.0, 5.0]
-    assert all(len(h["bins"]) == 5 and sum(b["n"] for b in h["bins"]) == 1500 for h in good["horizons"])
-    assert good["mean_abs_diff"] < 0.04 and bad["mean_abs_diff"] > 0.15
-    for h in good["horizons"]:
-        assert h["mean_abs_diff"] < 0.05
-        covered = [b["observed_ci"][0] <= b["predicted"] <= b["observed_ci"][1] for b in h["bins"]]
+    json.dumps(good.to_json(), allow_nan=False)
+    assert [h.years for h in good.horizons] == [1.0, 2.0, 5.0]
+    assert all(len(h.bins) == 5 and sum(b.n for b in h.bins) == 1500 for h in good.horizons)
+    assert good.mean_abs_diff < 0.04 and bad.mean_abs_diff > 0.15
+    for h in good.horizons:
+        assert h.mean_abs_diff < 0.05
+        covered = [b.observed_ci[0] <= b.predicted <= b.observed_ci[1] for b in h.bins]
         assert sum(covered) >= 4  # a correct model sits inside the KM CI in (nearly) every bin
-    assert good["notes"] == []
+    assert good.notes == ()
 
 
 def test_calibration_degenerate_gives_notes() -> None:
     t, e, r = cohort(30, seed=15)
     out = m.calibration(t, e, {1.0: np.full(30, 0.5), float(t.max()) + 1: np.full(30, 0.5)})
-    assert len(out["horizons"][0]["bins"]) == 3  # 30 patients: bins of >= 10
-    assert out["horizons"][1]["bins"] == [] and "no patient was followed that long" in out["notes"][0]
+    assert len(out.horizons[0].bins) == 3  # 30 patients: bins of >= 10
+    assert out.horizons[1].bins == () and "no patient was followed that long" in out.notes[0]
     small = m.calibration(t[:5], e[:5], {1.0: np.full(5, 0.5)})
-    assert small["mean_abs_diff"] is None and "fewer than 10" in small["notes"][0]
+    assert small.mean_abs_diff is None and "fewer than 10" in small.notes[0]
     with pytest.raises(ValueError):
         m.calibration(t, e, {1.0: np.full(30, 1.5)})
 
@@ -340,16 +340,16 @@ def test_evaluate_with_covariates_and_predictions_is_complete() -> None:
         male=d["male"],
         surv_pred=true_surv(d["lam"]),
     )
-    json.dumps(out, allow_nan=False)
-    assert out["uno_c_ci"][0] <= out["uno_c"] <= out["uno_c_ci"][1]
+    json.dumps(out.to_json(), allow_nan=False)
+    assert out.uno_c_ci[0] <= out.uno_c <= out.uno_c_ci[1]
     g = censoring_km(d["time"], d["event"])  # censoring uniform over 1-8 years: under 10% left by year 8
-    assert out["uno_c_tau"] == max(y for y in range(1, 11) if g(y, left=True) >= 0.1) < 8
-    assert all(row["auc"] > 0.6 for row in out["td_auc"])
-    assert out["hr_per_sd_adjusted"]["adjusted_for"] == ["age", "male"]
-    assert out["hr_per_sd"]["adjusted_for"] == [] and out["hr_top_vs_bottom_adjusted"]["hr"] > 1
-    assert set(out["ph_test"]["p"]) == {"risk_per_sd", "age", "male"}
-    assert out["age"]["q1"] >= 30 and 0 < out["male_percent"] < 100
-    assert out["calibration"]["mean_abs_diff"] < 0.06
+    assert out.uno_c_tau == max(y for y in range(1, 11) if g(y, left=True) >= 0.1) < 8
+    assert all(row.auc > 0.6 for row in out.td_auc)
+    assert out.hr_per_sd_adjusted.adjusted_for == ("age", "male")
+    assert out.hr_per_sd.adjusted_for == () and out.hr_top_vs_bottom_adjusted.hr > 1
+    assert set(out.ph_test.p) == {"risk_per_sd", "age", "male"}
+    assert out.age.q1 >= 30 and 0 < out.male_percent < 100
+    assert out.calibration.mean_abs_diff < 0.06
 
 
 @pytest.mark.parametrize("name", DEGENERATE)
@@ -365,11 +365,11 @@ def test_evaluate_degenerate_cohorts_with_covariates_give_notes(name: str) -> No
         male=np.arange(n) % 2,
         surv_pred={1.0: np.full(n, 0.8)},
     )
-    json.dumps(out, allow_nan=False)
-    assert out["notes"]
-    adjusted = (out["hr_per_sd_adjusted"], out["hr_top_vs_bottom_adjusted"])
+    json.dumps(out.to_json(), allow_nan=False)
+    assert out.notes
+    adjusted = (out.hr_per_sd_adjusted, out.hr_top_vs_bottom_adjusted)
     if name == "all_tied_times":  # no timing information: any HR must show no effect
-        assert all(hr is None or hr["p"] > 0.5 for hr in adjusted)
+        assert all(hr is None or hr.p > 0.5 for hr in adjusted)
     elif name != "time_zero":
         assert adjusted == (None, None)
 

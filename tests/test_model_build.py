@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,23 +24,15 @@ from fahr_research.models import (
     Recipe,
     demo_face_names,
     recipe_from_json,
+    smoke_recipe,
 )
 
-TINY = Recipe(
-    decoder_dim=32,
-    decoder_depth=1,
-    decoder_heads=2,
-    mae_batch=16,
-    mae_warmup=2,
-    mae_steps=4,
-    age_epochs=1,
-    balanced_epochs=1,
-    age_batch=16,
+TINY = replace(
+    smoke_recipe(Recipe()),
     site_sizes=(18, 16),
     site_mean_ages=(40.0, 60.0),
     site_rates=(0.5, 0.5),
     warm_start_seeds=(0,),
-    shard_size=50,
 )
 
 

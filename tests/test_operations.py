@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from fahr_client.cli import app as client_app
 from fahr_core.config import load_server_config
 from fahr_core.release import fahr_version
+from fahr_core.workdir import ServerWorkdir
 from fahr_ops.certs import create_server_tls, create_site_keys
 from fahr_ops.flower import console_script, flower_env, local_address
 from fahr_research.cli import app as tools_app
@@ -81,8 +82,10 @@ def test_a_failed_first_round_leaves_a_workdir_a_fresh_run_accepts(tmp_path: Pat
     work = tmp_path / "server"
     work.mkdir()
     failed = {"round": 1, "sites": {}, "rejected": {}, "failures": {"site1": "node 2 is unavailable"}}
-    (work / "rounds.jsonl").write_text(json.dumps(failed) + "\n")
-    (work / "events.jsonl").write_text('{"at": 1, "kind": "run_failed", "reason": "round 1: only 0"}\n')
+    ServerWorkdir(work).rounds_log.write_text(json.dumps(failed) + "\n")
+    ServerWorkdir(work).events_log.write_text(
+        '{"at": 1, "kind": "run_failed", "reason": "round 1: only 0"}\n'
+    )
 
     lines: list[str] = []
     assert run_federation(load_server_config(toml), toml, True, lines.append, resume=True) == 2
@@ -91,8 +94,8 @@ def test_a_failed_first_round_leaves_a_workdir_a_fresh_run_accepts(tmp_path: Pat
     code, lines = _until_registered(toml, insecure=True)
     assert code == 130, lines  # it got as far as submitting the run
     (aside,) = work.glob("uncommitted-*")
-    assert json.loads((aside / "rounds.jsonl").read_text())["failures"] == failed["failures"]
-    assert not (work / "rounds.jsonl").exists() and f"kept in {aside}" in "\n".join(lines)
+    assert json.loads(ServerWorkdir(aside).rounds_log.read_text())["failures"] == failed["failures"]
+    assert not ServerWorkdir(work).rounds_log.exists() and f"kept in {aside}" in "\n".join(lines)
 
 
 @pytest.mark.slow
@@ -101,7 +104,7 @@ def test_a_site_removed_from_site_keys_is_unregistered(tmp_path: Path) -> None:
     security = _security(tmp_path / "certs", ["127.0.0.1"], ["maastro", "leiden"])
     toml = _server_toml(tmp_path, "127.0.0.1", port, security)
     assert _until_registered(toml)[0] == 130
-    both = json.loads((tmp_path / "server" / "registered_sites.json").read_text())
+    both = json.loads(ServerWorkdir(tmp_path / "server").registered_sites.read_text())
     assert len(both) == 2
 
     leiden = next(entry for entry in both.values() if entry["key"].endswith("leiden.pub"))
@@ -110,7 +113,9 @@ def test_a_site_removed_from_site_keys_is_unregistered(tmp_path: Path) -> None:
     code, lines = _until_registered(toml)
     unregistered = f"unregistered {leiden['key']} (SuperNode {leiden['node']}): not in [security].site_keys"
     assert code == 130 and unregistered in lines, lines
-    assert list(json.loads((tmp_path / "server" / "registered_sites.json").read_text()).values()) == [maastro]
+    assert list(json.loads(ServerWorkdir(tmp_path / "server").registered_sites.read_text()).values()) == [
+        maastro
+    ]
     # and the SuperLink agrees: of the two SuperNodes registered, only maastro's is left
     assert _supernodes(tmp_path / "server", toml) == [str(maastro["node"])]
 
@@ -120,9 +125,11 @@ def _supernodes(work: Path, toml: Path) -> list[str]:
     from fahr_ops.flower import start_superlink, write_cli_connection
 
     cfg = load_server_config(toml)
-    env = flower_env(work / "flwr-home")
-    write_cli_connection(work / "flwr-home", local_address(cfg.address, cfg.port, cfg.security), cfg.security)
-    db, log = work / "superlink.db", work / "superlink.log"
+    env = flower_env(ServerWorkdir(work).flwr_home)
+    write_cli_connection(
+        ServerWorkdir(work).flwr_home, local_address(cfg.address, cfg.port, cfg.security), cfg.security
+    )
+    db, log = ServerWorkdir(work).superlink_db, ServerWorkdir(work).superlink_log
     link = start_superlink(cfg.address, cfg.port, db, log, env, cfg.security)
     try:
         out = subprocess.run(

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from fahr_core.protocol.wire import metrics_to_summary
-from fahr_core.report.federation import pooled_hr, write_federation_report
+from fahr_core.report.federation import write_federation_report
 from fahr_core.report.site import write_site_report
+from fahr_core.report.summary import PatientScores, SiteContext
 from tests.support import DEGENERATE, META, PRIVACY, QC, cohort, full_site_report, images
 
 KM_ALT = "Kaplan-Meier survival curves by risk quartile"
@@ -35,9 +36,17 @@ def assert_self_contained(html: str) -> None:
         assert external not in html
 
 
+def site_report(
+    out: Path, site: str, t, e, r, n_boot: int, meta: dict = META, qc=None, horizon=None, **more
+) -> dict:
+    """The report of `site` written into `out`; `more` are the optional PatientScores; its summary's JSON."""
+    context = SiteContext(site, PRIVACY, meta, horizon=horizon, qc=qc)
+    return write_site_report(out, PatientScores(t, e, r, **more), context, n_boot=n_boot).to_json()
+
+
 def test_site_report_writes_readable_page_and_aggregate_summary(tmp_path: Path) -> None:
     t, e, r = cohort(200, seed=11)
-    summary = write_site_report(tmp_path, "hospital-a", t, e, r, PRIVACY, META, n_boot=50)
+    summary = site_report(tmp_path, "hospital-a", t, e, r, n_boot=50)
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == summary
     assert summary["privacy"]["epsilon"] == 2.5 and summary["meta"]["rounds"] == 5
@@ -65,7 +74,7 @@ def test_site_report_names_uno_tau_and_says_when_it_is_capped(tmp_path: Path) ->
     for name, follow_up, capped in (("long", 40.0, False), ("short", 6.0, True)):
         t_censor = np.minimum(rng.uniform(0.0, follow_up, n), 10.0)
         t, e = np.minimum(t_death, t_censor), (t_death <= t_censor).astype(int)
-        summary = write_site_report(tmp_path / name, name, t, e, risk, PRIVACY, META, 20, horizon=10.0)
+        summary = site_report(tmp_path / name, name, t, e, risk, 20, horizon=10.0)
         html = (tmp_path / name / "report.html").read_text()
         assert summary["uno_c"] is not None and summary["uno_c_horizon"] == 10.0
         assert "does not depend on how long this site followed" not in html
@@ -116,19 +125,17 @@ def test_full_site_report_has_every_section_and_aggregate_summary(tmp_path: Path
 def test_degenerate_full_site_report_still_written_with_notes(tmp_path: Path, name: str) -> None:
     t, e, r = DEGENERATE[name]
     n = len(t)
-    summary = write_site_report(
+    summary = site_report(
         tmp_path,
         name,
         t,
         e,
         r,
-        PRIVACY,
-        META,
         20,
+        qc=QC,
         age=np.linspace(40, 80, n),
         male=np.arange(n) % 2,
         surv_pred={1.0: np.full(n, 0.8), 2.0: np.full(n, 0.6)},
-        qc=QC,
     )
     assert json.loads((tmp_path / "summary.json").read_text()) == summary and summary["notes"]
     html = (tmp_path / "report.html").read_text()
@@ -143,7 +150,7 @@ def test_degenerate_full_site_report_still_written_with_notes(tmp_path: Path, na
 
 @pytest.mark.parametrize("name", ["no_events", "one_event", "n5", "all_tied_times", "empty"])
 def test_site_report_on_degenerate_cohort_explains_missing_figures(tmp_path: Path, name: str) -> None:
-    summary = write_site_report(tmp_path, name, *DEGENERATE[name], PRIVACY, META, n_boot=50)
+    summary = site_report(tmp_path, name, *DEGENERATE[name], n_boot=50)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     html = (tmp_path / "report.html").read_text()
     assert_self_contained(html)
@@ -154,22 +161,18 @@ def test_site_report_on_degenerate_cohort_explains_missing_figures(tmp_path: Pat
 
 def test_site_report_escapes_html_and_refuses_arrays(tmp_path: Path) -> None:
     t, e, r = cohort(30, seed=12)
-    write_site_report(tmp_path, "<script>x</script>", t, e, r, PRIVACY, META, n_boot=20)
+    site_report(tmp_path, "<script>x</script>", t, e, r, n_boot=20)
     assert "<script>x" not in (tmp_path / "report.html").read_text()
     with pytest.raises(TypeError):
-        write_site_report(tmp_path / "bad", "b", t, e, r, PRIVACY, {"risk": r}, n_boot=20)
+        site_report(tmp_path / "bad", "b", t, e, r, n_boot=20, meta={"risk": r})
     assert not (tmp_path / "bad" / "summary.json").exists()
 
 
 def test_federation_report_weights_sites_and_skips_missing_c_index(tmp_path: Path) -> None:
     summaries = []
     for i, (n, seed) in enumerate([(120, 21), (300, 22)]):
-        summaries.append(
-            write_site_report(tmp_path / f"s{i}", f"site-{i}", *cohort(n, seed=seed), PRIVACY, META, 50)
-        )
-    summaries.append(
-        write_site_report(tmp_path / "s2", "site-empty", *DEGENERATE["no_events"], PRIVACY, META, 50)
-    )
+        summaries.append(site_report(tmp_path / f"s{i}", f"site-{i}", *cohort(n, seed=seed), 50))
+    summaries.append(site_report(tmp_path / "s2", "site-empty", *DEGENERATE["no_events"], 50))
     assert summaries[2]["c_index"] is None
 
     g = write_federation_report(tmp_path / "global", summaries, {"rounds": 5})
@@ -203,39 +206,6 @@ def test_federation_report_forest_plots_of_adjusted_hr_and_legacy_sites(tmp_path
     html = (tmp_path / "global" / "report.html").read_text()
     assert_self_contained(html)
     assert len(images(html)) == 2 and "legacy" in html and "I\u00b2 = " in html
-
-
-def test_pooled_hr_is_inverse_variance_weighted_on_log_scale() -> None:
-    z = 1.959963984540054
-    # two sites, log HR 0 and log 4 with equal SE 0.5: pooled log HR is the midpoint, SE 0.5 / sqrt(2)
-    sites = [
-        {"hr_per_sd_adjusted": {"hr": 1.0, "ci_low": math.exp(-0.5 * z), "ci_high": math.exp(0.5 * z)}},
-        {
-            "hr_per_sd_adjusted": {
-                "hr": 4.0,
-                "ci_low": 4 * math.exp(-0.5 * z),
-                "ci_high": 4 * math.exp(0.5 * z),
-            }
-        },
-        {"hr_per_sd_adjusted": None},
-        {},
-    ]
-    p = pooled_hr(sites)
-    assert p["hr"] == pytest.approx(2.0) and p["n_sites"] == 2
-    assert p["ci_high"] == pytest.approx(2.0 * math.exp(z * 0.5 / math.sqrt(2)))
-    q = 2 * (math.log(2) / 0.5) ** 2  # Cochran's Q; I^2 = (Q - 1) / Q
-    assert p["i2"] == pytest.approx((q - 1) / q)
-    assert pooled_hr([{}]) is None
-
-
-@pytest.mark.parametrize(
-    "hr", [{"hr": 1.0, "ci_low": 0.0, "ci_high": 2.0}, {"hr": "1.0", "ci_low": 0.5, "ci_high": 2.0}]
-)
-def test_pooled_hr_skips_a_site_whose_hr_or_ci_is_not_a_positive_number(hr) -> None:
-    # a CI bound of 0 (exp of a huge negative bound underflows) has no log; a string is a damaged summary
-    good = {"hr_per_sd_adjusted": {"hr": 2.0, "ci_low": 1.0, "ci_high": 4.0}}
-    p = pooled_hr([good, {"hr_per_sd_adjusted": hr}])
-    assert p is not None and p["n_sites"] == 1 and p["hr"] == pytest.approx(2.0)
 
 
 def test_federation_report_with_no_sites(tmp_path: Path) -> None:

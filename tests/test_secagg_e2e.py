@@ -14,6 +14,7 @@ from fahr_core.io import atomic_write_text
 from fahr_core.models.checkpoint import load_weights
 from fahr_core.privacy.audit import verify_audit_log
 from fahr_core.privacy.randomness import TEST_RNG_ENV
+from fahr_core.workdir import ServerWorkdir
 from fahr_research.local import run_local_federation
 from fahr_server.app import global_start
 from tests.support import flower_processes_under, free_port, make_sites
@@ -56,7 +57,7 @@ finetune = "lora"
         state, metrics = site.train_round(global_model.outgoing(initial, True), global_model.spec, 1, 1)
         trained.append(state)
         sizes.append(metrics["num-examples"])
-        site.cfg.ledger_path.unlink()
+        site.cfg.paths.ledger.unlink()
     fedavg = {
         k: sum(n * s[k].double() for n, s in zip(sizes, trained, strict=True)) / sum(sizes) for k in initial
     }
@@ -66,14 +67,14 @@ finetune = "lora"
     assert code == 0, "\n".join(lines[-40:])
 
     work = tmp_path / "server"
-    final = load_weights(work / "checkpoints" / "global_round_001.safetensors")  # unmerged: adapters apart
+    final = load_weights(ServerWorkdir(work).checkpoint(1))  # unmerged: adapters apart
     assert all(torch.equal(final[k], v) for k, v in global_model.base.items())
     moved = max((fedavg[k] - initial[k].double()).abs().max().item() for k in initial)
     error = max((final[k].double() - fedavg[k]).abs().max().item() for k in initial)
     assert moved > 1e-4  # training moved the weights far more than the tolerance below
     assert error < 1e-6, error  # quantisation (< 1e-8 here) plus float32 rounding of the result
 
-    (record,) = [json.loads(line) for line in (work / "rounds.jsonl").read_text().splitlines()]
+    (record,) = [json.loads(line) for line in ServerWorkdir(work).rounds_log.read_text().splitlines()]
     assert set(record["sites"]) == {"site1", "site2", "site3"}
     assert record["secure_aggregation"]["sites"] == 3
     assert record["secure_aggregation"]["dropped_after_keys"] == 0
@@ -81,8 +82,8 @@ finetune = "lora"
 
     for toml in tomls:
         site = load_site_config(toml)
-        assert verify_audit_log(site.audit_path) == 6  # keys, share, mask, unmask, admitted, evaluate
-        records = [json.loads(line) for line in site.audit_path.read_text().splitlines()]
+        assert verify_audit_log(site.paths.audit) == 6  # keys, share, mask, unmask, admitted, evaluate
+        records = [json.loads(line) for line in site.paths.audit.read_text().splitlines()]
         sent = {r["kind"]: {t["name"].split("/")[1] for t in r["tensors"]} for r in records}
         assert sent["train"] == {"enc-pk", "mask-pk"}  # no weights left the site
         assert sent["train.secagg_mask"] == {"masked"}

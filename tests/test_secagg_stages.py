@@ -20,6 +20,7 @@ from fahr_core.config import ModelConfig, load_site_config
 from fahr_core.models.finetune import GlobalModel, build
 from fahr_core.privacy.audit import verify_audit_log
 from fahr_core.privacy.secagg import Quantiser, SecAggError
+from fahr_core.protocol.spec import spec_to_record
 from fahr_core.release import fahr_version
 from fahr_server.secagg import SecureSum
 from tests.support import make_sites
@@ -64,7 +65,7 @@ def federation(request, tmp_path, monkeypatch):
         replies.append(Message(RecordDict(content), reply_to=ask))
     config = ConfigRecord(
         {
-            **global_model.spec.to_record(),
+            **spec_to_record(global_model.spec),
             "num-rounds": 1,
             "fahr-version": fahr_version(),
             "secure-aggregation": True,
@@ -88,9 +89,9 @@ def test_a_site_dropping_before_masking_leaves_the_fedavg_of_the_others(federati
         fedavg = sum(SIZES[v] * trained[v][k].double() for v in survivors) / total
         assert (weights[k].double() - fedavg).abs().max().item() <= bound + 2e-7 * fedavg.abs().max().item()
     # each site logged what it sent: survivors share, mask, unmask; the dropped site only shared
-    logged = [verify_audit_log(load_site_config(t).audit_path) for t in tomls]
+    logged = [verify_audit_log(load_site_config(t).paths.audit) for t in tomls]
     assert logged == [3, 3, 1]
-    assert not (load_site_config(tomls[0]).workdir / "secagg_update.npy").exists()  # deleted once masked
+    assert not load_site_config(tomls[0]).paths.secagg_update.exists()  # deleted once masked
 
 
 def test_a_middle_site_dropping_while_sharing_keys_leaves_the_fedavg_of_the_others(federation):

@@ -14,6 +14,7 @@ import pytest
 from fahr_core.cohort import demo_faces_dir, load_cohort, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, sample_outcomes, simulate_sites
 from fahr_core.config import load_site_config
+from fahr_core.workdir import SITE_WORKDIR, SiteWorkdir
 
 PARAMS = SimulationParams()
 SMALL = SimulationParams(site_sizes=(20, 15, 10))
@@ -44,7 +45,7 @@ def test_site_folders_follow_the_contract(sites: list[Path]) -> None:
         assert {"linear_predictor", "frailty"} <= set(truth[0])
         cfg = load_site_config(site / "site.toml")
         assert cfg.name == site.name and cfg.data == site.resolve()
-        assert cfg.workdir == site.resolve() / ".fahr"
+        assert cfg.workdir == site.resolve() / SITE_WORKDIR
         # photos are renamed: UTKFace names start with the age label
         assert all(p.name == f"{pat.patient_id}.jpg" for pat in cohort.patients for p in pat.photos)
 
@@ -91,14 +92,14 @@ def test_same_seed_same_files_other_seed_differs(faces, tmp_path: Path) -> None:
 
 def test_existing_site_folder_needs_overwrite(faces, tmp_path: Path) -> None:
     first = simulate_sites(faces, tmp_path, SMALL, seed=1)
-    (first[0] / ".fahr").mkdir()
-    (first[0] / ".fahr" / "privacy_ledger.json").write_text("{}", encoding="utf-8")
+    (first[0] / SITE_WORKDIR).mkdir()
+    SiteWorkdir(first[0] / SITE_WORKDIR).ledger.write_text("{}", encoding="utf-8")
     with pytest.raises(FileExistsError, match="site_1"):
         simulate_sites(faces, tmp_path, SMALL, seed=2)
     assert summary(first[0])["seed"] == 1
     simulate_sites(faces, tmp_path, SimulationParams(site_sizes=(5, 5, 5)), seed=2, overwrite=True)
     assert len(load_cohort(first[0])) == 5 and len(list((first[0] / "photos").iterdir())) == 5
-    assert (first[0] / ".fahr" / "privacy_ledger.json").read_text(encoding="utf-8") == "{}"
+    assert SiteWorkdir(first[0] / SITE_WORKDIR).ledger.read_text(encoding="utf-8") == "{}"
 
 
 def test_refuses_more_patients_than_adult_faces(faces, tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ def test_round_trains_accounts_and_reports(demo_site):
     held_out = split_patients(load_cohort(cfg.data), cfg.test_fraction, cfg.split_seed)[1]
     assert metrics["num-examples"] == 60 - len(held_out)  # every demo photo aligns
     assert metrics["delta"] < 1 / metrics["num-examples"]
-    ledger = json.loads(cfg.ledger_path.read_text())
+    ledger = json.loads(cfg.paths.ledger.read_text())
     assert len(ledger["history"]) == 1 and ledger["epsilon"] == pytest.approx(metrics["epsilon"])
 
     state, metrics2 = site.train_round(state, spec, server_round=2, num_rounds=2)  # the base it kept
@@ -47,7 +47,7 @@ def test_round_trains_accounts_and_reports(demo_site):
 
     evaluation, summary = site.evaluate(state, spec, {"server_round": 2})
     assert evaluation["num-examples"] == len(held_out) and summary["n"] == len(held_out)
-    assert (cfg.report_dir / "report.html").exists() and (cfg.report_dir / "summary.json").exists()
+    assert cfg.paths.report_page.exists() and (cfg.paths.report / "summary.json").exists()
     assert summary["privacy"]["epsilon"] == pytest.approx(metrics2["epsilon"], abs=5e-5)  # 4 decimals
     assert 0 < summary["privacy"]["epsilon_prv"] < summary["privacy"]["epsilon"]  # PRV: tighter than RDP
 
@@ -60,7 +60,7 @@ def test_bad_cohort_stops_the_site_before_training(demo_site):
     csv.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match="cohort.csv line 4"):
         SiteRuntime(cfg).train_round(*reversed(federation_start(SPEC)), 1, 1)
-    assert not cfg.ledger_path.exists()
+    assert not cfg.paths.ledger.exists()
 
 
 def test_ffa_lora_round_sends_only_b_and_the_head_and_leaves_a_as_shared(demo_site):

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from fahr_client.cli import app as client_app
 from fahr_core.config import ConfigError, load_server_config
+from fahr_core.workdir import SITE_WORKDIR, ServerWorkdir, SiteWorkdir
 from fahr_server.cli import app as server_app
 from tests.support import free_port
 
@@ -29,7 +30,7 @@ def test_a_server_without_a_security_table_refuses_to_start(tmp_path):
     result = runner.invoke(server_app, ["run", "--config", _server_toml(tmp_path)])
     assert result.exit_code == 2
     assert "has no [security] table" in result.output and "fahr certs init" in result.output
-    assert not (tmp_path / "run" / "superlink.log").exists()
+    assert not ServerWorkdir(tmp_path / "run").superlink_log.exists()
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0", "10.1.2.3", "fahr.example.org"])
@@ -76,4 +77,4 @@ def test_a_site_without_the_ca_or_its_key_refuses_to_join(demo_site, connection,
     result = _start(demo_site)
     assert result.exit_code == 2
     assert f"[connection] needs {missing} (the federation's ca.crt" in result.output
-    assert not (demo_site.parent / ".fahr" / "supernode.log").exists()
+    assert not SiteWorkdir(demo_site.parent / SITE_WORKDIR).supernode_log.exists()

@@ -2,10 +2,11 @@
 
 A face-age deviation only compares across sites if every site used the same age model, so the server
 names one ([model].age_checkpoint) and sends the file itself with the final evaluation, as a byte array
-(Flower carries arrays), with its SHA-256 in the message's config. A site checks the digest, keeps the
-file in its workdir and records the digest in its report: it equals `sha256sum` of the server's file,
-so anyone can tell which model produced a site's FAD numbers. The file is sent rather than rebuilt from
-tensors because safetensors writes its metadata in no fixed order: the same model would hash differently.
+(Flower carries arrays), with its SHA-256 in the message's config (fahr_core.protocol.keys: AGE_MODEL,
+AGE_MODEL_SHA256). A site checks the digest, keeps the file in its workdir and records the digest in
+its report: it equals `sha256sum` of the server's file, so anyone can tell which model produced a
+site's FAD numbers. The file is sent rather than rebuilt from tensors because safetensors writes its
+metadata in no fixed order: the same model would hash differently.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ import numpy as np
 
 from fahr_core.age.model import AgeViT, load_age_model
 from fahr_core.io import atomic_write_bytes
-
-ARRAYS_KEY = "age-model"  # the evaluate message's ArrayRecord holding the file's bytes
-SHA256_KEY = "age-model-sha256"  # the evaluate config's key for their digest
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fahr_core.models.archs import FAHR_FACE_ARCH
 from fahr_core.models.checkpoint import load_weights, save_weights
 from fahr_core.models.vit import build_encoder
 
@@ -28,7 +29,7 @@ class AgeViT(nn.Module):
     """
 
     def __init__(
-        self, arch: str = "vit_base", img_size: int = 112, mean_age: float = 40.0, sd_age: float = 20.0
+        self, arch: str = FAHR_FACE_ARCH, img_size: int = 112, mean_age: float = 40.0, sd_age: float = 20.0
     ):
         super().__init__()
         if not sd_age > 0:

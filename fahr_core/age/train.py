@@ -34,6 +34,7 @@ from fahr_core.age.predict import predict_ages
 from fahr_core.age.sampling import DEFAULT_CAP, balanced_epoch
 from fahr_core.faces.images import to_input
 from fahr_core.io import atomic_write_text
+from fahr_core.models.archs import FAHR_FACE_ARCH
 from fahr_core.models.checkpoint import load_encoder_weights
 from fahr_core.models.device import compute_device
 from fahr_core.train.pretrain import lr_factor
@@ -48,7 +49,7 @@ CURVE_COLUMNS = ("stage", "epoch", "train_l1", "val_mae", "val_mean_decade_mae",
 
 @dataclass(frozen=True)
 class AgeTrainConfig:
-    arch: str = "vit_base"
+    arch: str = FAHR_FACE_ARCH
     img_size: int = 112
     epochs: int = 10  # stage 1, general
     balanced_epochs: int = 5  # stage 2, age-balanced; 0 skips it

@@ -28,13 +28,13 @@ import numpy as np
 
 from fahr_core.cohort.faces import FaceRecord
 from fahr_core.cohort.schema import COHORT_FILE
-from fahr_core.config import SiteConfig, dump_site_config
+from fahr_core.config import SITE_CONFIG_FILE, SiteConfig, dump_site_config
 from fahr_core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from fahr_core.survival.metrics import harrell_c
+from fahr_core.workdir import SITE_WORKDIR
 
 TRUTH_FILE = "truth.csv"
 TRUTH_SUMMARY_FILE = "truth_summary.json"
-SITE_CONFIG_FILE = "site.toml"
 PHOTO_DIR = "photos"
 # Besides photos/, the files a simulated site folder is made of; overwrite=True replaces only these.
 _OWNED_FILES = (COHORT_FILE, TRUTH_FILE, TRUTH_SUMMARY_FILE, SITE_CONFIG_FILE)
@@ -228,7 +228,7 @@ def _write_site(
             "params": asdict(params),
         },
     )
-    site_cfg = SiteConfig(name=name, data=Path("."), workdir=Path(".fahr"))
+    site_cfg = SiteConfig(name=name, data=Path("."), workdir=Path(SITE_WORKDIR))
     dump_site_config(site_cfg, site_dir / SITE_CONFIG_FILE)
     cohort_rows = [
         [pid, photo, f"{t:.4f}", str(e), f"{f.age:g}", f.sex]

@@ -30,7 +30,6 @@ from fahr_core.models.lora import LoRALinear
 from fahr_core.models.vit import SurvivalViT
 
 State = dict[str, torch.Tensor]
-BASE_FILE = "frozen_base.safetensors"  # in a site's workdir
 _TARGET_PARENT = {"qkv": "attn", "proj": "attn", "fc1": "mlp", "fc2": "mlp"}
 _WIRE = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 M = TypeVar("M", bound=nn.Module)
@@ -141,7 +140,7 @@ def _site_base(received: State, spec: ModelConfig, path: Path) -> State:
     return kept
 
 
-def site_model(received: Mapping[str, torch.Tensor], spec: ModelConfig, workdir: Path) -> SurvivalViT:
+def site_model(received: Mapping[str, torch.Tensor], spec: ModelConfig, base_path: Path) -> SurvivalViT:
     """The model a site trains or evaluates: the checked frozen base plus the received trainable tensors."""
     model = build(spec)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -149,7 +148,7 @@ def site_model(received: Mapping[str, torch.Tensor], spec: ModelConfig, workdir:
     if missing:
         raise ValueError(f"the server sent no {missing[:3]} (of {len(missing)} trainable tensors missing)")
     base = {k: v for k, v in received.items() if k not in names}
-    frozen = _site_base(base, spec, Path(workdir) / BASE_FILE)
+    frozen = _site_base(base, spec, Path(base_path))
     trainable = from_wire({k: received[k] for k in names}, spec.wire_dtype)
     model.load_state_dict({**frozen, **trainable}, strict=True)
     return model

@@ -13,13 +13,14 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from fahr_core.models.archs import FAHR_FACE_ARCH
 from fahr_core.models.vit import PATCH, build_encoder, sincos_pos_embed
 
 
 class MAE(nn.Module):
     def __init__(
         self,
-        arch: str = "vit_base",
+        arch: str = FAHR_FACE_ARCH,
         img_size: int = 112,
         decoder_dim: int = 512,
         decoder_depth: int = 8,

@@ -13,7 +13,6 @@ Two choices keep the model cheap to train privately with Opacus:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -21,25 +20,11 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from fahr_core.models.archs import FAHR_FACE_ARCH, SHAPES
+
 log = logging.getLogger(__name__)
 
 PATCH = 16
-
-
-@dataclass(frozen=True)
-class ViTShape:
-    dim: int
-    depth: int
-    heads: int
-
-
-# vit_base is FAHR-Face's encoder; the smaller ones exist so CPUs and tests can run the same code.
-SHAPES: dict[str, ViTShape] = {
-    "vit_base": ViTShape(768, 12, 12),
-    "vit_small": ViTShape(384, 12, 6),
-    "vit_tiny": ViTShape(192, 12, 3),
-    "vit_micro": ViTShape(128, 4, 4),
-}
 
 
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
@@ -109,7 +94,7 @@ class DiscreteHazardHead(nn.Module):
 class SurvivalViT(nn.Module):
     """Face -> (risk score eta, per-interval baseline). `risk()` is what reports and ranking use."""
 
-    def __init__(self, arch: str = "vit_base", img_size: int = 112, n_intervals: int = 10):
+    def __init__(self, arch: str = FAHR_FACE_ARCH, img_size: int = 112, n_intervals: int = 10):
         super().__init__()
         self.encoder = build_encoder(arch, img_size)
         self.head = DiscreteHazardHead(self.encoder.embed_dim, n_intervals)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from fahr_core.privacy.randomness import SecureStream
@@ -96,8 +96,9 @@ class SecureNoiseOptimizer(DPOptimizer):
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            noise = torch.from_numpy(self.stream.normal(tuple(p.summed_grad.shape)) * std)
-            p.grad = (p.summed_grad + noise.to(p.summed_grad)).view_as(p)
+            g = p.summed_grad
+            noise = self.stream.normal(tuple(g.shape), std=std, device=g.device, dtype=g.dtype)
+            p.grad = (g + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
 
     def noise_only_step(self) -> None:
@@ -112,3 +113,12 @@ class SecureNoiseOptimizer(DPOptimizer):
         for p in self.params:  # scale_grad's "mean" without its per-sample bookkeeping (there is none)
             p.grad /= self.expected_batch_size
         self.original_optimizer.step()
+
+
+class SecureGhostOptimizer(SecureNoiseOptimizer, DPOptimizerFastGradientClipping):
+    """Ghost clipping's optimizer with the same secure noise and empty-batch step.
+
+    Its method order puts SecureNoiseOptimizer's noise ahead of DPOptimizerFastGradientClipping's
+    step, which takes .grad (already the sum of clipped gradients, from the loss wrapper's second
+    backward pass) as the sum to noise instead of clipping per-sample gradients itself.
+    """

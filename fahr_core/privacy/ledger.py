@@ -27,6 +27,7 @@ from pathlib import Path
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fahr_core.io import atomic_write_json
+from fahr_core.protocol.keys import SPEND_ON_RECORD
 
 Step = tuple[float, float, int]  # (noise multiplier, sample rate, number of steps)
 EXHAUSTED = 0.01  # a budget with less than 1% left counts as spent
@@ -49,17 +50,14 @@ def default_delta(n: int) -> float:
     return min(DELTA_CAP, DELTA_TIMES_N / max(n, 1))
 
 
-SPEND_ON_RECORD_KEY = "spend-on-record"  # train config: {site: [rounds, epsilon]} the server has recorded
-
-
 def encode_spend_on_record(rounds: dict[str, int], epsilon: dict[str, float]) -> str:
-    """The server's record of each site's spend, for the train config (a JSON string)."""
+    """The server's record of each site's spend, for the train config's SPEND_ON_RECORD (a JSON string)."""
     return json.dumps({site: [rounds[site], epsilon.get(site, 0.0)] for site in sorted(rounds)})
 
 
 def spend_on_record(config: Mapping, site: str) -> tuple[int, float] | None:
     """(rounds, epsilon) the server has recorded for `site`, from a train config; None if it has none."""
-    entry = json.loads(str(config.get(SPEND_ON_RECORD_KEY, "{}"))).get(site)
+    entry = json.loads(str(config.get(SPEND_ON_RECORD, "{}"))).get(site)
     return None if entry is None else (int(entry[0]), float(entry[1]))
 
 

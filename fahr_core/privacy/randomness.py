@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 
 import numpy as np
+import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 log = logging.getLogger(__name__)
@@ -30,14 +32,22 @@ TEST_RNG_ENV = "FAHR_INSECURE_TEST_RNG"
 UNDER_TEST_ENV = "PYTEST_CURRENT_TEST"  # pytest sets it while a test runs
 KEY_BYTES = 32
 _NONCE = bytes(16)  # each key is used for one stream only, so a fixed nonce is safe
-_TWO_POW_53 = float(2**53)
+_MANTISSA = 2**52 - 1  # the low 52 bits of a float64
+_ONE_BITS = 0x3FF0000000000000  # the sign and exponent bits of 1.0
+_CHACHA_BLOCK = 64  # bytes
+NORMAL_CHUNK = 1 << 22  # normals per keystream chunk: 32 MiB of keystream, whatever the tensor's size
 
 
 class SecureStream:
     """Uniforms, normals and Bernoulli masks from one ChaCha20 keystream (a CSPRNG for a secret key).
 
-    Floats come from 53-bit integers, so every uniform is an exact float64 in (0, 1); normals use
-    Box-Muller in float64 and are cast by the caller.
+    Every uniform takes one 64-bit keystream word, of which the low 52 bits make an exact float64
+    in (0, 1) (smallest 2**-53, so Box-Muller normals reach 8.6 sigma: the tails are Gaussian
+    well beyond anything millions of coordinates per step for thousands of steps ever draw).
+    Normals are Box-Muller in float64 done by torch on the device that will use them: OpenSSL
+    writes the keystream in chunks straight into a buffer torch reads without a copy, and only
+    the transform (log, sqrt, cos, sin) runs per coordinate. numpy's float64 Box-Muller on one
+    core took ~75 ms per million normals, seconds per step for a ViT-B; see docs/performance.md.
     """
 
     def __init__(self, key: bytes):
@@ -45,25 +55,55 @@ class SecureStream:
             raise ValueError(f"a stream key has {KEY_BYTES} bytes, not {len(key)}")
         self._cipher = Cipher(algorithms.ChaCha20(key, _NONCE), mode=None).encryptor()
 
-    def _uint64(self, n: int) -> np.ndarray:
-        return np.frombuffer(self._cipher.update(bytes(8 * n)), dtype="<u8")
+    def _words(self, n: int) -> torch.Tensor:
+        """The next n 64-bit keystream words (little-endian), as int64 bit patterns on the CPU."""
+        out = bytearray(8 * n + _CHACHA_BLOCK)  # update_into wants room for one more block
+        self._cipher.update_into(bytes(8 * n), out)
+        return torch.frombuffer(out, dtype=torch.int64, count=n)
+
+    def _uniforms(self, n: int, device: torch.device | str | None) -> torch.Tensor:
+        """n float64 uniforms (k + 1/2) / 2**52, k = the low 52 bits of a keystream word.
+
+        The bits become the mantissa of a float in [1, 2) (exponent bits set, no integer-to-float
+        conversion, which torch does slowly on the CPU); subtracting 1 - 2**-53 is exact, so u is
+        one of 2**52 equally likely values, all in the open interval (0, 1), the smallest 2**-53.
+        """
+        bits = self._words(n).to(device).bitwise_and_(_MANTISSA).bitwise_or_(_ONE_BITS)
+        return bits.view(torch.float64).sub_(1.0 - 2.0**-53)
 
     def random(self, shape: int | tuple[int, ...]) -> np.ndarray:
         """Uniforms in the open interval (0, 1) (same call as numpy's Generator.random)."""
-        size = int(np.prod(shape))
-        return ((self._uint64(size) >> np.uint64(11)).astype(np.float64) + 0.5).reshape(shape) / _TWO_POW_53
+        return self._uniforms(math.prod(np.atleast_1d(shape)), None).numpy().reshape(shape)
 
-    def normal(self, shape: tuple[int, ...]) -> np.ndarray:
-        """Standard normals (Box-Muller on pairs of uniforms), float64."""
-        size = int(np.prod(shape))
-        half = (size + 1) // 2
-        u = self.random(2 * half)
-        radius = np.sqrt(-2.0 * np.log(u[:half]))
-        angle = 2.0 * np.pi * u[half:]
-        return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:size].reshape(shape)
+    def normal(
+        self,
+        shape: tuple[int, ...],
+        *,
+        std: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> torch.Tensor:
+        """Normals N(0, std^2) of `shape` on `device`: computed in float64, then cast to `dtype`.
+
+        Chunk by chunk of NORMAL_CHUNK (the last one shorter): 2 ceil(m/2) words, the first half
+        radii sqrt(-2 log u), the second half angles 2 pi u; the chunk is the ceil(m/2) cosines then
+        the first floor(m/2) sines. The chunking bounds host memory; tests rebuild this layout
+        from an RFC 8439 ChaCha20 written in Python.
+        """
+        size = math.prod(shape)
+        out = torch.empty(size, dtype=dtype, device=device)
+        for start in range(0, size, NORMAL_CHUNK):
+            m = min(NORMAL_CHUNK, size - start)
+            half = (m + 1) // 2
+            u = self._uniforms(2 * half, device)
+            radius = u[:half].log_().mul_(-2.0).sqrt_().mul_(std)
+            angle = u[half:].mul_(2.0 * math.pi)
+            torch.mul(radius, angle.cos(), out=out[start : start + half])  # cast to dtype on write
+            torch.mul(radius[: m - half], angle[: m - half].sin_(), out=out[start + half : start + m])
+        return out.view(shape)
 
     def below(self, k: int) -> int:
-        """A uniform integer in [0, k) (bias below 2**-53 * k: far below anything a model could show)."""
+        """A uniform integer in [0, k) (bias below 2**-52 * k: far below anything a model could show)."""
         return min(int(self.random(1)[0] * k), k - 1)
 
     def bernoulli(self, n: int, p: float) -> np.ndarray:

@@ -38,7 +38,6 @@ NONCE_BYTES = 12
 # sender id, recipient id, share of b, share of the mask key; AES-GCM nonce and tag around it
 SHARE_CIPHERTEXT_BYTES = NONCE_BYTES + 16 + 2 * SHARE_BYTES + 16
 MODULUS_BITS = 32
-SHARE, MASK, UNMASK = "secagg_share", "secagg_mask", "secagg_unmask"  # the stages after training
 _SIGNED_MAX = 2 ** (MODULUS_BITS - 1) - 1
 
 State = Mapping[str, torch.Tensor]

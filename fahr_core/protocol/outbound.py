@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from fahr_core.privacy.secagg import KEY_BYTES, SHARE_BYTES, SHARE_CIPHERTEXT_BYTES
+from fahr_core.protocol import keys
 
 MIN_PATIENTS = 10  # the smallest number of patients a non-DP aggregate may describe
 MIN_EVENTS = 5  # the smallest number of events an outcome statistic may rest on
@@ -55,17 +56,20 @@ _DP, _PUBLIC, _AGG = Release.DP, Release.PUBLIC, Release.AGGREGATE
 # change: tests/test_outbound.py pins the names and classes as a literal.
 ALLOW_LIST: dict[str, tuple[Release, str]] = {
     # training reply (fahr_client.runtime.SiteRuntime.train_round, fahr_client.app)
-    "num-examples": (_AGG, "patients in the split the reply is about: the FedAvg weight, the held-out n"),
-    "epsilon": (_PUBLIC, "the site's cumulative epsilon from its ledger (RDP over every step ever taken)"),
-    "delta": (_PUBLIC, "the delta the ledger accounts at"),
-    "epsilon-budget": (_PUBLIC, "the site's configured epsilon budget"),
-    "noise-multiplier": (_PUBLIC, "this round's noise multiplier, calibrated from budget, plan and ledger"),
-    "sample-rate": (_PUBLIC, "this round's Poisson sampling rate, from batch size and training count"),
-    "steps": (_PUBLIC, "this round's DP-SGD steps, from epochs and the sample rate"),
-    "bytes-sent": (_PUBLIC, "bytes of weights or protocol fields sent: fixed by model and protocol"),
+    keys.NUM_EXAMPLES: (_AGG, "patients in the split the reply is about: the FedAvg weight, the held-out n"),
+    keys.EPSILON: (_PUBLIC, "the site's cumulative epsilon from its ledger (RDP over every step ever taken)"),
+    keys.DELTA: (_PUBLIC, "the delta the ledger accounts at"),
+    keys.EPSILON_BUDGET: (_PUBLIC, "the site's configured epsilon budget"),
+    keys.NOISE_MULTIPLIER: (
+        _PUBLIC,
+        "this round's noise multiplier, calibrated from budget, plan and ledger",
+    ),
+    keys.SAMPLE_RATE: (_PUBLIC, "this round's Poisson sampling rate, from batch size and training count"),
+    keys.STEPS: (_PUBLIC, "this round's DP-SGD steps, from epochs and the sample rate"),
+    keys.BYTES_SENT: (_PUBLIC, "bytes of weights or protocol fields sent: fixed by model and protocol"),
     # secure aggregation's mask stage (fahr_client.secagg.mask)
-    "secagg-clipped": (_DP, "values of the DP-noised update clipped by the quantiser: post-processing"),
-    # held-out evaluation (fahr_core.protocol.wire.SCALARS, INTERVALS, RATIOS)
+    keys.SECAGG_CLIPPED: (_DP, "values of the DP-noised update clipped by the quantiser: post-processing"),
+    # held-out evaluation (the result fields marked wire(key), fahr_core.protocol.wire.FIELDS)
     "events": (_AGG, "events among the held-out patients"),
     "c-index": (_AGG, "Harrell's C of the global model on the held-out patients"),
     "c-index-low": (_AGG, "its 95% CI"),
@@ -166,12 +170,12 @@ def check_outbound(
 
 # secure-aggregation fields: name (before "/node") -> dtype and length, fixed by the protocol
 SECAGG_FIELDS = {
-    "enc-pk": (np.uint8, KEY_BYTES),
-    "mask-pk": (np.uint8, KEY_BYTES),
-    "share-to": (np.uint8, SHARE_CIPHERTEXT_BYTES),
-    "seed-share": (np.uint8, SHARE_BYTES),
-    "key-share": (np.uint8, SHARE_BYTES),
-    "masked": (np.uint32, None),  # one value per floating-point model parameter
+    keys.ENC_PK: (np.uint8, KEY_BYTES),
+    keys.MASK_PK: (np.uint8, KEY_BYTES),
+    keys.SHARE_TO: (np.uint8, SHARE_CIPHERTEXT_BYTES),
+    keys.SEED_SHARE: (np.uint8, SHARE_BYTES),
+    keys.KEY_SHARE: (np.uint8, SHARE_BYTES),
+    keys.MASKED: (np.uint32, None),  # one value per floating-point model parameter
 }
 
 

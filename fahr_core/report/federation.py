@@ -2,68 +2,24 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 from fahr_core.io import atomic_write_json, atomic_write_text
 from fahr_core.report import figures
 from fahr_core.report.html import esc, figure, fmt, fmt_p, kv_table, notes_list, page, table
 from fahr_core.report.site import c_index_sentences, plain
 from fahr_core.survival.metrics import MIN_CENSORING_SURVIVAL
-
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
-
-
-def weighted_c_index(summaries: list[dict[str, Any]]) -> tuple[float | None, int]:
-    """n-weighted mean of site C-indices over sites that have one, and the patients it covers.
-
-    This is a summary of site results, not a C-index over all pooled patients: that would need
-    per-patient data, which by design never leaves a site.
-    """
-    scored = [s for s in summaries if s.get("c_index") is not None and s.get("n", 0) > 0]
-    n = sum(int(s["n"]) for s in scored)
-    if n == 0:
-        return None, 0
-    return sum(int(s["n"]) * float(s["c_index"]) for s in scored) / n, n
+from fahr_core.survival.pooling import pooled_hazard_ratio, weighted_c_index
 
 
-def _positive(v: object) -> TypeGuard[float]:
-    """A usable HR or CI bound: a positive number (None, a string or 0 from a damaged summary is not)."""
-    return isinstance(v, int | float) and v > 0
-
-
-def pooled_hr(summaries: list[dict[str, Any]], key: str = "hr_per_sd_adjusted") -> dict[str, Any] | None:
-    """Fixed-effect (inverse-variance) pooled hazard ratio from the sites' HRs and 95% CIs, with I².
-
-    Each site's standard error of log HR is recovered from its CI width: (log hi - log lo) / (2 * 1.96).
-    Only aggregates are used. Fixed-effect pooling assumes one true HR across sites; I² (share of the
-    spread between sites beyond chance) says how far to trust that. None if no site has a usable HR.
-    """
-    logs, weights = [], []
-    for s in summaries:
-        hr = s.get(key) or {}
-        est, lo, hi = hr.get("hr"), hr.get("ci_low"), hr.get("ci_high")
-        if not (_positive(est) and _positive(lo) and _positive(hi)) or hi <= lo:
-            continue
-        se = (math.log(hi) - math.log(lo)) / (2 * Z95)
-        logs.append(math.log(est))
-        weights.append(1.0 / se**2)
-    if not logs:
-        return None
-    w = sum(weights)
-    mean = sum(wi * li for wi, li in zip(weights, logs, strict=True)) / w
-    se = 1.0 / math.sqrt(w)
-    q = sum(wi * (li - mean) ** 2 for wi, li in zip(weights, logs, strict=True))
-    i2 = max(0.0, (q - (len(logs) - 1)) / q) if q > 0 else 0.0
-    return {
-        "hr": math.exp(mean),
-        "ci_low": math.exp(mean - Z95 * se),
-        "ci_high": math.exp(mean + Z95 * se),
-        "n_sites": len(logs),
-        "i2": i2,
-    }
+def _pooled(ratios: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The pooled HR (JSON) of HR fields of the site summaries, any of them missing or damaged."""
+    pooled = pooled_hazard_ratio(
+        (r.get("hr"), r.get("ci_low"), r.get("ci_high")) for r in ratios if isinstance(r, dict)
+    )
+    return None if pooled is None else pooled.to_json()
 
 
 def _ci_text(ci: Sequence[float | None] | None) -> str:
@@ -247,7 +203,7 @@ def write_federation_report(
     and sex supplied) are shown as "not reported" in its forest plot and left out of the pooled HR.
     """
     sites = [plain(s) for s in summaries]
-    mean, n_scored = weighted_c_index(sites)
+    weighted = weighted_c_index((s.get("n", 0), s.get("c_index")) for s in sites)
     notes = [
         f"Site {s.get('site', '?')} has no C-index and is left out of the weighted mean."
         for s in sites
@@ -265,10 +221,10 @@ def write_federation_report(
         "n_sites": len(sites),
         "n_total": sum(int(s.get("n", 0)) for s in sites),
         "events_total": sum(int(s.get("events", 0)) for s in sites),
-        "c_index_weighted_mean": mean,
-        "c_index_weighted_n": n_scored,
-        "hr_per_sd_adjusted_pooled": pooled_hr(sites),
-        "fad_hr_per_decade_pooled": pooled_hr(_fad_rows(sites), "hr"),
+        "c_index_weighted_mean": weighted.mean,
+        "c_index_weighted_n": weighted.n,
+        "hr_per_sd_adjusted_pooled": _pooled([s.get("hr_per_sd_adjusted") for s in sites]),
+        "fad_hr_per_decade_pooled": _pooled([r["hr"] for r in _fad_rows(sites)]),
         "sites": sites,
         "meta": plain(meta),
         "notes": notes,
@@ -276,7 +232,7 @@ def write_federation_report(
     c_forest = hr_forest = fad_forest = None
     if sites:
         rows = [(str(s.get("site", "?")), s.get("c_index"), s.get("c_index_ci")) for s in sites]
-        c_forest = figures.forest_png(rows, mean)
+        c_forest = figures.forest_png(rows, weighted.mean)
         pooled = summary["hr_per_sd_adjusted_pooled"]
         hr_forest = figures.forest_png(
             _forest_rows(sites, "hr_per_sd_adjusted"),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -16,6 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
 
 from fahr_core.survival.metrics import QUARTILE_LABELS, KMCurve
+from fahr_core.survival.results import CalibrationAtHorizon
 
 # Colour-blind-safe ramp from low (blue) to high (red) risk.
 _QUARTILE_COLOURS = ("#2166ac", "#67a9cf", "#ef8a62", "#b2182b")
@@ -100,25 +100,24 @@ def forest_png(
     return figure_png(fig)
 
 
-def calibration_png(horizons: Sequence[dict[str, Any]]) -> bytes | None:
+def calibration_png(horizons: Sequence[CalibrationAtHorizon]) -> bytes | None:
     """Predicted vs observed survival per bin, one panel per horizon, with the ideal diagonal.
 
-    ``horizons`` is the ``calibration["horizons"]`` list from :func:`fahr_core.survival.metrics.calibration`.
-    Observed values carry their Kaplan-Meier 95% CI as vertical bars. Returns None if no bin has an
-    observed value (nothing to draw).
+    ``horizons`` are those of :func:`fahr_core.survival.metrics.calibration`. Observed values carry their
+    Kaplan-Meier 95% CI as vertical bars. Returns None if no bin has an observed value (nothing to draw).
     """
-    panels = [h for h in horizons if any(b["observed"] is not None for b in h["bins"])]
+    panels = [h for h in horizons if any(b.observed is not None for b in h.bins)]
     if not panels:
         return None
     fig = Figure(figsize=(3.2 * len(panels), 3.6))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, h in zip(axes, panels, strict=True):
-        bins = [b for b in h["bins"] if b["observed"] is not None]
-        x = [b["predicted"] for b in bins]
-        y = [b["observed"] for b in bins]
+        bins = [b for b in h.bins if b.observed is not None]
+        x = [b.predicted for b in bins]
+        y = np.array([b.observed for b in bins], dtype=float)
         # A bin whose KM CI is undefined (e.g. nobody died: S = 1 exactly) gets no error bar.
         ci = np.array(
-            [[b["observed"] if c is None else c for c in b["observed_ci"]] for b in bins], dtype=float
+            [[b.observed if c is None else c for c in b.observed_ci or ()] for b in bins], dtype=float
         )
         yerr = np.clip([np.subtract(y, ci[:, 0]), ci[:, 1] - y], 0, None)
         ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
@@ -126,7 +125,7 @@ def calibration_png(horizons: Sequence[dict[str, Any]]) -> bytes | None:
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_aspect("equal")
-        ax.set_title(f"{h['years']:g} year(s)", fontsize=10)
+        ax.set_title(f"{h.years:g} year(s)", fontsize=10)
         ax.set_xlabel("Predicted survival")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Observed survival (Kaplan-Meier)")

@@ -7,6 +7,7 @@ at least 10 patients), and the HTML page shows quartile survival curves, never i
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from fahr_core.io import atomic_write_json, atomic_write_text
 from fahr_core.models.saliency import MIN_PATIENTS_FOR_SALIENCY, CohortSaliency
 from fahr_core.report import figures
 from fahr_core.report.html import esc, figure, fmt, kv_table, notes_list, p_phrase, page, table
+from fahr_core.report.summary import PatientScores, SaliencySummary, SiteContext, SiteSummary
 from fahr_core.survival.fad import REDUNDANCY_ALARM, fad_statistics
 from fahr_core.survival.metrics import (
     MIN_CENSORING_SURVIVAL,
@@ -385,70 +387,78 @@ def _render(
     return page(f"fahr validation \u2014 {s['site']}", "\n".join(parts))
 
 
+def site_summary(
+    scores: PatientScores, context: SiteContext, saliency: CohortSaliency | None = None, n_boot: int = 200
+) -> SiteSummary:
+    """All statistics of one site's held-out patients with the site's description: the summary.
+
+    Raises ValueError on malformed inputs (see ``evaluate``) and on FAD without age or an age model,
+    TypeError on caller metadata holding arrays (which would be per-patient data).
+    """
+    p = scores  # short: read nine times below
+    time, event, risk = as_arrays(p.time, p.event, p.risk)
+    ev = evaluate(
+        time,
+        event,
+        risk,
+        n_boot=n_boot,
+        age=p.age,
+        male=p.male,
+        surv_pred=p.surv_pred,
+        horizon=context.horizon,
+    )
+    notes = list(ev.notes)
+    fad = None
+    if p.fad is not None:
+        if p.age is None or context.age_model is None:
+            raise ValueError("face-age deviations need the patients' age and a description of the age model")
+        fad = replace(
+            fad_statistics(time, event, risk, p.fad, p.age, p.male), age_model=plain(context.age_model)
+        )
+        notes += fad.notes
+    return SiteSummary(
+        site=str(context.site),
+        evaluation=ev,
+        fad=fad,
+        saliency=None
+        if saliency is None
+        else SaliencySummary(
+            method="gradient x input, per-face maps normalised to sum 1, mean over aligned faces",
+            n_faces=saliency.n_faces,
+            models=tuple(saliency.maps),
+            similarity=saliency.similarity,
+        ),
+        alignment_qc=plain(context.qc),
+        privacy=plain(context.privacy),
+        meta=plain(context.meta),
+        notes=tuple(notes),
+    )
+
+
 def write_site_report(
     out_dir: Path,
-    site: str,
-    time: Any,
-    event: Any,
-    risk: Any,
-    privacy: dict[str, Any],
-    meta: dict[str, Any],
-    n_boot: int = 200,
-    *,
-    age: np.ndarray | None = None,
-    male: np.ndarray | None = None,
-    surv_pred: dict[float, np.ndarray] | None = None,
-    qc: dict[str, Any] | None = None,
-    fad: np.ndarray | None = None,
-    age_model: dict[str, Any] | None = None,
+    scores: PatientScores,
+    context: SiteContext,
     saliency: CohortSaliency | None = None,
-    horizon: float | None = None,
-) -> dict[str, Any]:
+    n_boot: int = 200,
+) -> SiteSummary:
     """Evaluate one site's risk scores and write ``summary.json`` and ``report.html`` into ``out_dir``.
 
-    ``horizon`` (years) is the model's: Uno's C is truncated there at every site (``evaluate``).
-    ``age`` (years) and ``male`` (0/1) per patient enable the cohort description and the age+sex-adjusted
-    hazard ratios; ``surv_pred`` ({horizon in years: predicted S(horizon) per patient}) enables
-    calibration; ``qc`` is the face-alignment QC summary (counts only); ``fad`` (face-age deviation per
-    patient, years; needs ``age``) with ``age_model`` (what produced it, e.g. its sha256) adds the FAD
-    analysis; ``saliency`` adds the models' mean saliency maps (drawn in the HTML only; the summary keeps
-    their similarity). Each may be None: the report then says "not available" or "not computed".
-    Returns the summary dict exactly as written; it holds aggregates only.
-    summary.json is written last, so its presence means the report is complete.
+    Missing optional inputs (see :class:`PatientScores`, :class:`SiteContext`) make the report say "not
+    available" or "not computed". ``saliency`` adds the models' mean saliency maps (drawn in the HTML
+    only; the summary keeps their similarity). Returns the summary exactly as written; it holds
+    aggregates only. summary.json is written last, so its presence means the report is complete.
     """
-    time, event, risk = as_arrays(time, event, risk)
-    ev = evaluate(time, event, risk, n_boot=n_boot, age=age, male=male, surv_pred=surv_pred, horizon=horizon)
-    notes = ev.pop("notes")
-    fad_summary = None
-    if fad is not None:
-        if age is None or age_model is None:
-            raise ValueError("face-age deviations need the patients' age and a description of the age model")
-        stats = fad_statistics(time, event, risk, fad, age, male)
-        notes += stats.pop("notes")
-        fad_summary = {"age_model": plain(age_model), **stats}
-    summary = {
-        "site": str(site),
-        **ev,
-        "fad": fad_summary,
-        "saliency": None
-        if saliency is None
-        else {
-            "method": "gradient x input, per-face maps normalised to sum 1, mean over aligned faces",
-            "n_faces": saliency.n_faces,
-            "models": list(saliency.maps),
-            "similarity": saliency.similarity,
-        },
-        "alignment_qc": plain(qc),
-        "privacy": plain(privacy),
-        "meta": plain(meta),
-        "notes": notes,
-    }
+    summary = site_summary(scores, context, saliency, n_boot)
+    ev = summary.evaluation
     km_png = None
-    if quartile_skip_reason(ev["n"], ev["events"]) is None:
+    if quartile_skip_reason(ev.n, ev.events) is None:
+        time, event, risk = as_arrays(scores.time, scores.event, scores.risk)
         km_png = figures.km_quartiles_png(km_by_quartile(time, event, risk_quartiles(risk)))
-    cal_png = figures.calibration_png(ev["calibration"]["horizons"]) if ev["calibration"] else None
+    cal_png = figures.calibration_png(ev.calibration.horizons) if ev.calibration else None
     out_dir = Path(out_dir)
     sal_png = None if saliency is None else figures.saliency_png(saliency.maps, saliency.mean_face)
-    atomic_write_text(out_dir / "report.html", _render(summary, km_png, cal_png, sal_png))
-    atomic_write_json(out_dir / "summary.json", summary)
+    written = summary.to_json()
+    atomic_write_text(out_dir / "report.html", _render(written, km_png, cal_png, sal_png))
+    atomic_write_json(out_dir / "summary.json", written)
     return summary

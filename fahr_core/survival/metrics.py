@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -25,6 +25,18 @@ from lifelines.exceptions import ConvergenceError, ConvergenceWarning
 from lifelines.statistics import multivariate_logrank_test, proportional_hazard_test
 from lifelines.utils import concordance_index
 from scipy.linalg import LinAlgWarning
+
+from fahr_core.survival.results import (
+    AdjustedHazardRatios,
+    AgeSummary,
+    Calibration,
+    CalibrationAtHorizon,
+    CalibrationBin,
+    HazardRatio,
+    ProportionalHazardsTest,
+    SiteEvaluation,
+    TimeAUC,
+)
 
 # Below this, a quartile holds two patients or fewer and per-quartile curves and HRs are noise.
 MIN_PATIENTS_FOR_QUARTILES = 10
@@ -244,22 +256,21 @@ def bootstrap_ci(
 
 def time_dependent_auc(
     time: np.ndarray, event: np.ndarray, risk: np.ndarray, times: Sequence[float] = TD_AUC_YEARS
-) -> dict[str, Any]:
+) -> tuple[tuple[TimeAUC, ...], list[str]]:
     """Cumulative/dynamic AUC at each horizon (scikit-survival's ``cumulative_dynamic_auc``).
 
     AUC(t) answers the clinical question "does the score rank patients who die within t years above those
     still alive at t?". Each horizon is computed on its own so one impossible horizon (beyond the last
-    follow-up, or with no death yet) does not hide the others; those get ``auc: None`` and a note.
-    Returns ``{"by_time": [{"years", "auc"}], "notes": [...]}``.
+    follow-up, or with no death yet) does not hide the others; those get ``auc`` None and a note.
+    Returns the AUC per horizon and the notes.
     """
     from sksurv.metrics import cumulative_dynamic_auc
 
-    by_time: list[dict[str, Any]] = []
+    by_time: list[TimeAUC] = []
     notes: list[str] = []
     y = _surv(time, event) if len(time) else None
     for t in times:
-        row: dict[str, Any] = {"years": float(t), "auc": None}
-        by_time.append(row)
+        by_time.append(TimeAUC(float(t), None))
         label = f"The time-dependent AUC at {t:g} year(s)"
         if len(time) == 0 or t >= time.max():
             notes.append(f"{label} is not computed: no patient was followed beyond {t:g} year(s).")
@@ -274,10 +285,10 @@ def time_dependent_auc(
         except ValueError as exc:
             notes.append(_sksurv_reason(exc, label))
             continue
-        row["auc"] = finite(auc)
-        if row["auc"] is None:
+        by_time[-1] = TimeAUC(float(t), finite(auc))
+        if by_time[-1].auc is None:
             notes.append(f"{label} is undefined for this cohort.")
-    return {"by_time": by_time, "notes": notes}
+    return tuple(by_time), notes
 
 
 def rank_groups(values: np.ndarray, k: int) -> np.ndarray:
@@ -332,7 +343,7 @@ def cox_hr(
     values: np.ndarray,
     adjust: Mapping[str, np.ndarray],
     what: str,
-) -> tuple[dict[str, Any], CoxPHFitter, pd.DataFrame, list[str]]:
+) -> tuple[HazardRatio, CoxPHFitter, pd.DataFrame, list[str]]:
     """Fit one Cox model and return the HR of ``term`` with its CI, the fit, its data and notes.
 
     Adjustment covariates that are constant in these patients are dropped (with a note): they carry no
@@ -369,15 +380,21 @@ def cox_hr(
             f"The {what} hazard ratio is not reported: its 95% confidence interval is unbounded, so these "
             "data carry no information about it (e.g. all deaths at the same time)."
         )
-    hr = {
-        "hr": finite(row["exp(coef)"]),
-        "ci_low": finite(row["exp(coef) lower 95%"]),
-        "ci_high": finite(row["exp(coef) upper 95%"]),
-        "p": finite(row["p"]),
-        "n": len(df),
-        "adjusted_for": [c for c in df.columns if c in adjust],
-    }
+    hr = replace(
+        term_hazard_ratio(cph, term), n=len(df), adjusted_for=tuple(c for c in df.columns if c in adjust)
+    )
     return hr, cph, df, notes
+
+
+def term_hazard_ratio(cph: CoxPHFitter, term: str) -> HazardRatio:
+    """The HR, 95% CI and Wald p of one term of a fitted Cox model (None where not finite)."""
+    row = cph.summary.loc[term]
+    return HazardRatio(
+        hr=finite(row["exp(coef)"]),
+        ci_low=finite(row["exp(coef) lower 95%"]),
+        ci_high=finite(row["exp(coef) upper 95%"]),
+        p=finite(row["p"]),
+    )
 
 
 def model_name(base: str, adjust: Mapping[str, np.ndarray]) -> str:
@@ -388,7 +405,7 @@ def model_name(base: str, adjust: Mapping[str, np.ndarray]) -> str:
 
 def _top_vs_bottom(
     time: np.ndarray, event: np.ndarray, risk: np.ndarray, adjust: Mapping[str, np.ndarray]
-) -> tuple[dict[str, Any], list[str]]:
+) -> tuple[HazardRatio, list[str]]:
     """HR of the top vs bottom risk quartile; only patients in those two quartiles enter the model."""
     q = risk_quartiles(risk)
     keep = (q == 0) | (q == 3)
@@ -403,24 +420,21 @@ def _top_vs_bottom(
     return hr, notes
 
 
-def _ph_check(cph: CoxPHFitter, df: pd.DataFrame) -> tuple[dict[str, Any], list[str]]:
+def _ph_check(cph: CoxPHFitter, df: pd.DataFrame) -> tuple[ProportionalHazardsTest, list[str]]:
     """Schoenfeld-residual test of proportional hazards (rank time transform) for each covariate."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = proportional_hazard_test(cph, df, time_transform="rank")
     p = {str(k): finite(v) for k, v in result.summary["p"].items()}
-    out: dict[str, Any] = {"time_transform": "rank", "p": p, "risk_score_violates": None}
     notes = []
     risk_p = p.get("risk_per_sd")
-    if risk_p is not None:
-        out["risk_score_violates"] = risk_p < 0.05
-        if risk_p < 0.05:
-            notes.append(
-                f"The proportional-hazards check suggests the risk score's effect changes over follow-up "
-                f"(p = {risk_p:.3f}): the hazard ratio per SD is an average over time, larger at some "
-                "times and smaller at others."
-            )
-    return out, notes
+    if risk_p is not None and risk_p < 0.05:
+        notes.append(
+            f"The proportional-hazards check suggests the risk score's effect changes over follow-up "
+            f"(p = {risk_p:.3f}): the hazard ratio per SD is an average over time, larger at some "
+            "times and smaller at others."
+        )
+    return ProportionalHazardsTest("rank", p, None if risk_p is None else risk_p < 0.05), notes
 
 
 def adjusted_hazard_ratios(
@@ -430,7 +444,7 @@ def adjusted_hazard_ratios(
     age: np.ndarray | None = None,
     male: np.ndarray | None = None,
     ph_check: bool = True,
-) -> dict[str, Any]:
+) -> AdjustedHazardRatios:
     """Cox hazard ratios of the risk score, adjusted for age and sex (those given; both None = unadjusted).
 
     Two models, because clinicians and statisticians ask different questions:
@@ -438,47 +452,46 @@ def adjusted_hazard_ratios(
     (b) ``per_sd``: HR per standard deviation of the risk score (all patients), plus ``ph_test``, the
     proportional-hazards check of model (b) (p per covariate, rank time transform).
     Adjusting matters because faces reveal age and sex, which predict death on their own: the adjusted HR
-    shows what the score adds beyond them. Each HR is {hr, ci_low, ci_high, p, n, adjusted_for} or None;
-    every reason for a None is in ``notes``. Never raises on a degenerate cohort. ``ph_check=False`` skips
-    the check when a more adjusted model's check will be reported instead.
+    shows what the score adds beyond them. Each HR is a :class:`HazardRatio` (the per-SD one with the
+    risk score's ``sd``) or None; every reason for a None is in ``notes``. Never raises on a degenerate
+    cohort. ``ph_check=False`` skips the check when a more adjusted model's check will be reported instead.
     """
     time, event, risk = as_arrays(time, event, risk)
     n, events = len(time), int(event.sum())
     adjust = adjusters(as_covariate(age, n, "age"), as_covariate(male, n, "male", binary=True))
-    out: dict[str, Any] = {"top_vs_bottom": None, "per_sd": None, "ph_test": None, "notes": []}
-    notes: list[str] = out["notes"]
+    notes: list[str] = []
     skip = quartile_skip_reason(n, events)
     if skip is not None:
-        notes.append(skip)
-        return out
+        return AdjustedHazardRatios(notes=(skip,))
+    top_vs_bottom = None
     try:
-        out["top_vs_bottom"], extra = _top_vs_bottom(time, event, risk, adjust)
+        top_vs_bottom, extra = _top_vs_bottom(time, event, risk, adjust)
         notes += extra
     except NotEstimable as exc:
         notes.append(str(exc))
     sd = float(np.std(risk, ddof=1))
     if sd == 0:
         notes.append("All risk scores are identical, so a hazard ratio per standard deviation is undefined.")
-        return out
+        return AdjustedHazardRatios(top_vs_bottom, notes=tuple(notes))
     try:
         what = model_name("per-SD", adjust)
         hr, cph, df, extra = cox_hr(time, event, "risk_per_sd", (risk - risk.mean()) / sd, adjust, what)
-        out["per_sd"] = {**hr, "sd": sd}
+        per_sd = replace(hr, sd=sd)
         notes += extra
     except NotEstimable as exc:
         notes.append(str(exc))
-        return out
-    if not ph_check:
-        return out
-    try:
-        out["ph_test"], extra = _ph_check(cph, df)
-        notes += extra
-    except (ValueError, ZeroDivisionError, np.linalg.LinAlgError) as exc:
-        notes.append(f"The proportional-hazards check could not be computed ({exc}).")
-    return out
+        return AdjustedHazardRatios(top_vs_bottom, notes=tuple(notes))
+    ph_test = None
+    if ph_check:
+        try:
+            ph_test, extra = _ph_check(cph, df)
+            notes += extra
+        except (ValueError, ZeroDivisionError, np.linalg.LinAlgError) as exc:
+            notes.append(f"The proportional-hazards check could not be computed ({exc}).")
+    return AdjustedHazardRatios(top_vs_bottom, per_sd, ph_test, tuple(notes))
 
 
-def quartile_hazard_ratio(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> dict[str, Any]:
+def quartile_hazard_ratio(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> HazardRatio:
     """Unadjusted Cox HR of the top vs the bottom risk quartile; raises NotEstimable with the reason."""
     return _top_vs_bottom(time, event, risk, {})[0]
 
@@ -509,7 +522,7 @@ def _km_at(time: np.ndarray, event: np.ndarray, t: float) -> tuple[float, float,
     return s, float(ci.iloc[0]), float(ci.iloc[1])
 
 
-def calibration(time: np.ndarray, event: np.ndarray, surv_pred: Mapping[float, np.ndarray]) -> dict[str, Any]:
+def calibration(time: np.ndarray, event: np.ndarray, surv_pred: Mapping[float, np.ndarray]) -> Calibration:
     """Predicted vs Kaplan-Meier observed survival in up to 5 bins of predicted S(t), per horizon t (years).
 
     Summary measure: ``mean_abs_diff``, the patient-weighted mean of |mean predicted S(t) - observed
@@ -517,8 +530,7 @@ def calibration(time: np.ndarray, event: np.ndarray, surv_pred: Mapping[float, n
     about x percentage points", which a clinician can use; a calibration slope fitted to 5 noisy bin
     points would be unstable at site sizes. Bins are quantiles of predicted S(t) (ranks, so ties work),
     with at least ``MIN_PER_CALIBRATION_BIN`` patients each.
-    Returns ``{"horizons": [{"years", "bins": [{n, predicted, observed, observed_ci}], "mean_abs_diff"}],
-    "mean_abs_diff", "notes"}``; never raises on a degenerate cohort.
+    Never raises on a degenerate cohort.
     """
     time, event = as_time_event(time, event)
     preds = as_surv_pred(surv_pred, len(time)) or {}
@@ -526,8 +538,7 @@ def calibration(time: np.ndarray, event: np.ndarray, surv_pred: Mapping[float, n
     horizons = []
     n = len(time)
     for t, pred in preds.items():
-        row: dict[str, Any] = {"years": t, "bins": [], "mean_abs_diff": None}
-        horizons.append(row)
+        horizons.append(CalibrationAtHorizon(t, (), None))
         k = min(CALIBRATION_BINS, n // MIN_PER_CALIBRATION_BIN)
         if k == 0:
             notes.append(
@@ -543,31 +554,34 @@ def calibration(time: np.ndarray, event: np.ndarray, surv_pred: Mapping[float, n
             continue
         groups = rank_groups(pred, k)
         unknown = 0
+        bins = []
         for g in range(k):
             mask = groups == g
             km = _km_at(time[mask], event[mask], t)
             if km is None:
                 unknown += 1
-            row["bins"].append(
-                {
-                    "n": int(mask.sum()),
-                    "predicted": float(pred[mask].mean()),
-                    "observed": None if km is None else finite(km[0]),
-                    "observed_ci": None if km is None else [finite(km[1]), finite(km[2])],
-                }
+            bins.append(
+                CalibrationBin(
+                    n=int(mask.sum()),
+                    predicted=float(pred[mask].mean()),
+                    observed=None if km is None else finite(km[0]),
+                    observed_ci=None if km is None else (finite(km[1]), finite(km[2])),
+                )
             )
-        done = [b for b in row["bins"] if b["observed"] is not None]
+        done = [(b.n, b.predicted, b.observed) for b in bins if b.observed is not None]
         if unknown:
             notes.append(
                 f"Calibration at {t:g} year(s): in {unknown} of {k} bin(s) no patient was followed that "
                 "long, so observed survival there is unknown."
             )
+        mean_abs_diff = None
         if done:
-            w = np.array([b["n"] for b in done], dtype=float)
-            diff = np.array([abs(b["predicted"] - b["observed"]) for b in done])
-            row["mean_abs_diff"] = float(np.sum(w * diff) / w.sum())
-    per_h = [h["mean_abs_diff"] for h in horizons if h["mean_abs_diff"] is not None]
-    return {"horizons": horizons, "mean_abs_diff": float(np.mean(per_h)) if per_h else None, "notes": notes}
+            w = np.array([b_n for b_n, _, _ in done], dtype=float)
+            diff = np.array([abs(predicted - observed) for _, predicted, observed in done])
+            mean_abs_diff = float(np.sum(w * diff) / w.sum())
+        horizons[-1] = CalibrationAtHorizon(t, tuple(bins), mean_abs_diff)
+    per_h = [h.mean_abs_diff for h in horizons if h.mean_abs_diff is not None]
+    return Calibration(tuple(horizons), float(np.mean(per_h)) if per_h else None, tuple(notes))
 
 
 def median_follow_up(time: np.ndarray, event: np.ndarray) -> float:
@@ -581,20 +595,19 @@ def median_follow_up(time: np.ndarray, event: np.ndarray) -> float:
     return float(KaplanMeierFitter().fit(time, 1 - event).median_survival_time_)
 
 
-def demographics(age: np.ndarray | None, male: np.ndarray | None) -> dict[str, Any]:
+def demographics(age: np.ndarray | None, male: np.ndarray | None) -> tuple[AgeSummary | None, float | None]:
     """Cohort description: age mean/SD/interquartile range and percent male (None where not supplied)."""
-    out: dict[str, Any] = {"age": None, "male_percent": None}
+    ages = None
     if age is not None and len(age):
-        out["age"] = {
-            "mean": float(age.mean()),
-            "sd": finite(float(np.std(age, ddof=1))) if len(age) > 1 else None,
+        ages = AgeSummary(
+            mean=float(age.mean()),
+            sd=finite(float(np.std(age, ddof=1))) if len(age) > 1 else None,
             # quartiles, not min/max: the extremes are two real patients' exact ages
-            "q1": float(np.percentile(age, 25)),
-            "q3": float(np.percentile(age, 75)),
-        }
-    if male is not None and len(male):
-        out["male_percent"] = float(100.0 * male.mean())
-    return out
+            q1=float(np.percentile(age, 25)),
+            q3=float(np.percentile(age, 75)),
+        )
+    male_percent = float(100.0 * male.mean()) if male is not None and len(male) else None
+    return ages, male_percent
 
 
 def finite(x: float) -> float | None:
@@ -609,7 +622,7 @@ def _with_ci(
     undefined: str,
     n_boot: int,
     seed: int,
-) -> tuple[float | None, list[float] | None, list[str]]:
+) -> tuple[float | None, tuple[float, float] | None, list[str]]:
     """Point estimate and bootstrap CI of a concordance statistic, with the notes explaining any gap."""
     try:
         value = stat(*arrays)
@@ -620,7 +633,7 @@ def _with_ci(
     lo, hi = bootstrap_ci(*arrays, stat=stat, n_boot=n_boot, seed=seed)
     if np.isnan(lo):
         return value, None, [f"No bootstrap resample contained a comparable pair, so {name} has no 95% CI."]
-    return value, [lo, hi], []
+    return value, (lo, hi), []
 
 
 def evaluate(
@@ -635,18 +648,15 @@ def evaluate(
     surv_pred: Mapping[float, Any] | None = None,
     td_auc_years: Sequence[float] = TD_AUC_YEARS,
     horizon: float | None = None,
-) -> dict[str, Any]:
-    """All statistics for one cohort as a JSON-serialisable dict; missing values come with a reason in notes.
+) -> SiteEvaluation:
+    """All statistics for one cohort; what is missing is None, with its reason in ``notes``.
 
     ``horizon`` is the model's horizon in years: Uno's C is truncated there, the same tau at every site,
-    unless this cohort's follow-up is too short (:func:`uno_tau`).
-    Keys: n, events, median_follow_up, c_index, c_index_ci ([lo, hi] or None), logrank_p,
-    hr_top_vs_bottom and hr_per_sd (unadjusted; see :func:`adjusted_hazard_ratios`), uno_c, uno_c_ci,
-    uno_c_tau (the truncation time used), uno_c_horizon (``horizon``), td_auc ([{years, auc}]), and, only
-    meaningful when ``age``/``male``/``surv_pred`` are given:
-    age ({mean, sd, q1, q3}), male_percent, hr_top_vs_bottom_adjusted, hr_per_sd_adjusted, calibration
-    (see :func:`calibration`). ph_test checks the most adjusted per-SD model. notes (list of str).
-    Every key is always present (None when not computed), so reports need no key checks.
+    unless this cohort's follow-up is too short (:func:`uno_tau`); ``uno_c_tau`` is the tau used.
+    hr_top_vs_bottom and hr_per_sd are unadjusted (see :func:`adjusted_hazard_ratios`); the cohort
+    description (age, male_percent), the adjusted HRs and calibration need ``age``/``male``/``surv_pred``.
+    ph_test checks the most adjusted per-SD model. Every field is always there (None when not computed),
+    so reports need no checks for absent keys.
     """
     time, event, risk = as_arrays(time, event, risk)
     n, events = len(time), int(event.sum())
@@ -654,33 +664,26 @@ def evaluate(
     male = as_covariate(male, n, "male", binary=True)
     preds = as_surv_pred(surv_pred, n)
     notes: list[str] = []
+    ages, male_percent = demographics(age, male)
+    # the fields computed so far; each return builds the result from them
     out: dict[str, Any] = {
         "n": n,
         "events": events,
-        "median_follow_up": None,
-        **demographics(age, male),
-        "c_index": None,
-        "c_index_ci": None,
-        "uno_c": None,
-        "uno_c_ci": None,
-        "uno_c_tau": None,
         "uno_c_horizon": horizon,
-        "td_auc": [{"years": float(t), "auc": None} for t in td_auc_years],
-        "logrank_p": None,
-        "hr_top_vs_bottom": None,
-        "hr_per_sd": None,
-        "hr_top_vs_bottom_adjusted": None,
-        "hr_per_sd_adjusted": None,
-        "ph_test": None,
-        "calibration": None,
-        "notes": notes,
+        "age": ages,
+        "male_percent": male_percent,
+        "td_auc": tuple(TimeAUC(float(t), None) for t in td_auc_years),
     }
+
+    def result() -> SiteEvaluation:
+        return SiteEvaluation(**out, notes=tuple(notes))
+
     if preds:  # first, so even an empty cohort's report says why calibration is missing
         out["calibration"] = calibration(time, event, preds)
-        notes += out["calibration"].pop("notes")
+        notes += out["calibration"].notes
     if n == 0:
         notes.append("The cohort is empty: no statistic can be computed.")
-        return out
+        return result()
 
     out["median_follow_up"] = finite(median_follow_up(time, event))
     if out["median_follow_up"] is None:
@@ -722,30 +725,28 @@ def evaluate(
         if out["uno_c"] is not None:
             out["uno_c_tau"] = tau
 
-    td = time_dependent_auc(time, event, risk, td_auc_years)
-    out["td_auc"] = td["by_time"]
-    notes += td["notes"]
+    out["td_auc"], extra = time_dependent_auc(time, event, risk, td_auc_years)
+    notes += extra
 
     skip = quartile_skip_reason(n, events)
     if skip is not None:
         notes.append(skip)
-        return out
+        return result()
     out["logrank_p"] = finite(logrank_quartiles(time, event, risk_quartiles(risk)))
     if out["logrank_p"] is None:
         notes.append("The log-rank test across risk quartiles gave no finite p-value for this cohort.")
     adjust = age is not None or male is not None
     unadjusted = adjusted_hazard_ratios(time, event, risk, ph_check=not adjust)
     out["hr_top_vs_bottom"], out["hr_per_sd"], out["ph_test"] = (
-        unadjusted[k] for k in ("top_vs_bottom", "per_sd", "ph_test")
+        unadjusted.top_vs_bottom,
+        unadjusted.per_sd,
+        unadjusted.ph_test,
     )
-    notes += unadjusted["notes"]
+    notes += unadjusted.notes
     if adjust:
         adjusted = adjusted_hazard_ratios(time, event, risk, age, male)
-        out["hr_top_vs_bottom_adjusted"], out["hr_per_sd_adjusted"] = (
-            adjusted["top_vs_bottom"],
-            adjusted["per_sd"],
-        )
-        out["ph_test"] = adjusted["ph_test"]
+        out["hr_top_vs_bottom_adjusted"], out["hr_per_sd_adjusted"] = adjusted.top_vs_bottom, adjusted.per_sd
+        out["ph_test"] = adjusted.ph_test
         # The unadjusted models already explained shared failures (e.g. no deaths); keep only new reasons.
-        notes += [x for x in adjusted["notes"] if x not in notes]
-    return out
+        notes += [x for x in adjusted.notes if x not in notes]
+    return result()

@@ -16,13 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from opacus import GradSampleModule
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from fahr_core.config import PrivacyConfig, TrainConfig
+from fahr_core.config import CLIPPING_METHODS, PrivacyConfig, TrainConfig
 from fahr_core.faces.images import to_input
 from fahr_core.models.vit import SurvivalViT
-from fahr_core.privacy.dpsgd import PoissonBatches, SamplingPlan, SecureNoiseOptimizer
+from fahr_core.privacy.dpsgd import PoissonBatches, SamplingPlan, SecureGhostOptimizer, SecureNoiseOptimizer
 from fahr_core.privacy.ledger import PrivacyLedger
 from fahr_core.privacy.randomness import fresh_stream, insecure_rng_active
 from fahr_core.survival.losses import LOSSES, require_dp_valid
@@ -77,6 +79,7 @@ class RoundStats:
     epsilon: float
     delta: float
     seconds: float
+    images: int  # photos through the DP steps: images / seconds is the round's DP training speed
 
 
 def _run_steps(
@@ -85,10 +88,12 @@ def _run_steps(
     optimizer: torch.optim.Optimizer,
     horizon: float,
     loss_name: str,
-) -> float:
-    """One pass over `loader`, shared by private and non-private training; returns the mean loss.
+) -> tuple[float, int]:
+    """One pass over `loader`, shared by private and non-private training: (mean loss, images seen).
 
-    A None batch (an empty Poisson batch) is a noise-only step of the SecureNoiseOptimizer.
+    A None batch (an empty Poisson batch) is a noise-only step of the SecureNoiseOptimizer. Under
+    ghost clipping the loss is Opacus' per-patient wrapper, whose backward() runs the two passes
+    (per-patient gradient norms, then the sum of clipped gradients).
     """
     total, seen = 0.0, 0
     for batch in loader:
@@ -100,12 +105,16 @@ def _run_steps(
             continue
         x, t, e = batch
         eta, alpha = model(to_input(x))
-        loss = LOSSES[loss_name].compute(eta, alpha, t, e, horizon)
+        if isinstance(model, GradSampleModuleFastGradientClipping):
+            per_patient = LOSSES[loss_name].compute(eta, alpha, t, e, horizon, reduction="none")
+            loss = DPTensorFastGradientClipping(model, optimizer, per_patient, "mean")
+        else:
+            loss = LOSSES[loss_name].compute(eta, alpha, t, e, horizon)
         loss.backward()
         optimizer.step()
         total += float(loss.detach()) * len(x)
         seen += len(x)
-    return total / max(seen, 1)
+    return total / max(seen, 1), seen
 
 
 def _optimizer(model: SurvivalViT, train: TrainConfig) -> torch.optim.Optimizer:
@@ -128,8 +137,32 @@ def train_nonprivate(
     )
     optimizer = _optimizer(model, train)
     model.train()
-    losses = [_run_steps(model, loader, optimizer, horizon, train.loss) for _ in range(train.local_epochs)]
+    losses = [_run_steps(model, loader, optimizer, horizon, train.loss)[0] for _ in range(train.local_epochs)]
     return float(np.mean(losses))
+
+
+def _private(
+    model: SurvivalViT, clipping: str, max_grad_norm: float
+) -> tuple[GradSampleModule | GradSampleModuleFastGradientClipping, type[SecureNoiseOptimizer]]:
+    """Opacus' module wrapper and the matching secure-noise optimizer for `clipping` (TrainConfig).
+
+    "hooks" stores every patient's gradient and clips in the optimizer; "ghost" computes each
+    patient's gradient norm from activations and output gradients, then backpropagates the loss
+    reweighted by the clipping factors: the same clipped sum without per-patient gradients in
+    memory, for a second backward pass. Sampling, noise and step count are the same for both.
+    """
+    if clipping == "ghost":
+        ghost = GradSampleModuleFastGradientClipping(
+            model,
+            batch_first=True,
+            loss_reduction="mean",
+            max_grad_norm=max_grad_norm,
+            use_ghost_clipping=True,
+        )
+        return ghost, SecureGhostOptimizer
+    if clipping == "hooks":
+        return GradSampleModule(model, batch_first=True, loss_reduction="mean"), SecureNoiseOptimizer
+    raise ValueError(f"unknown clipping {clipping!r}; use one of {', '.join(CLIPPING_METHODS)}")
 
 
 def train_dp(
@@ -167,15 +200,15 @@ def train_dp(
     optimizer = _optimizer(model, train)
     model.train()  # Opacus validates the module in training mode
     ModuleValidator.validate(model, strict=True)
-    dp_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    dp_optimizer = SecureNoiseOptimizer(
+    dp_model, optimizer_class = _private(model, train.clipping, privacy.max_grad_norm)
+    dp_optimizer = optimizer_class(
         optimizer,
         noise_multiplier=sigma,
         max_grad_norm=privacy.max_grad_norm,
         expected_batch_size=plan.expected_batch_size,
         stream=fresh_stream("gaussian noise"),
     )
-    mean_loss = _run_steps(dp_model, loader, dp_optimizer, horizon, train.loss)
+    mean_loss, images = _run_steps(dp_model, loader, dp_optimizer, horizon, train.loss)
     dp_model.remove_hooks()
     rng = "INSECURE test seed" if insecure_rng_active() else "ChaCha20 keyed from os.urandom"
     epsilon = ledger.record((sigma, plan.sample_rate, plan.steps), {**round_info, "rng": rng})
@@ -188,6 +221,7 @@ def train_dp(
         epsilon=epsilon,
         delta=ledger.delta,
         seconds=time.perf_counter() - start,
+        images=images,
     )
 
 

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fahr_core.faces.images import PhotoError, load_face, to_input
 from fahr_core.io import atomic_write_bytes, atomic_write_text
+from fahr_core.models.archs import FAHR_FACE_ARCH
 from fahr_core.models.checkpoint import save_weights
 from fahr_core.models.mae import MAE
 from fahr_core.train.shards import ShardReader, is_shard_dir
@@ -47,7 +48,7 @@ FILE_LIST = "files.txt"
 
 @dataclass
 class PretrainConfig:
-    arch: str = "vit_base"
+    arch: str = FAHR_FACE_ARCH
     img_size: int = 112
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True

@@ -1,0 +1,115 @@
+"""The secure stream's bits and distributions, against an independent ChaCha20 and scipy.
+
+The reference keystream is RFC 8439's ChaCha20 block function written out in Python (checked on
+the RFC's own test vector), not the OpenSSL cipher the stream uses; the reference uniforms and
+Box-Muller normals are numpy float64 arithmetic on its words, not the stream's bit tricks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from fahr_core.privacy import randomness
+from fahr_core.privacy.randomness import SecureStream
+
+MASK32 = 0xFFFFFFFF
+
+
+def _rotl(x: int, n: int) -> int:
+    return ((x << n) | (x >> (32 - n))) & MASK32
+
+
+def _quarter(s: list[int], a: int, b: int, c: int, d: int) -> None:
+    s[a] = (s[a] + s[b]) & MASK32
+    s[d] = _rotl(s[d] ^ s[a], 16)
+    s[c] = (s[c] + s[d]) & MASK32
+    s[b] = _rotl(s[b] ^ s[c], 12)
+    s[a] = (s[a] + s[b]) & MASK32
+    s[d] = _rotl(s[d] ^ s[a], 8)
+    s[c] = (s[c] + s[d]) & MASK32
+    s[b] = _rotl(s[b] ^ s[c], 7)
+
+
+def chacha20_block(key: bytes, counter: int, nonce: bytes) -> bytes:
+    """RFC 8439 section 2.3: one 64-byte keystream block."""
+    init = [0x61707865, 0x3320646E, 0x79622D32, 0x6B206574]
+    init += list(struct.unpack("<8I", key)) + [counter] + list(struct.unpack("<3I", nonce))
+    s = list(init)
+    for _ in range(10):
+        for a, b, c, d in ((0, 4, 8, 12), (1, 5, 9, 13), (2, 6, 10, 14), (3, 7, 11, 15)):
+            _quarter(s, a, b, c, d)
+        for a, b, c, d in ((0, 5, 10, 15), (1, 6, 11, 12), (2, 7, 8, 13), (3, 4, 9, 14)):
+            _quarter(s, a, b, c, d)
+    return struct.pack("<16I", *((x + y) & MASK32 for x, y in zip(s, init, strict=True)))
+
+
+def reference_words(key: bytes, n: int) -> np.ndarray:
+    """The first n 64-bit little-endian words of the stream's keystream (counter 0, zero nonce)."""
+    blocks = b"".join(chacha20_block(key, i, bytes(12)) for i in range(math.ceil(8 * n / 64)))
+    return np.frombuffer(blocks[: 8 * n], dtype="<u8")
+
+
+def reference_uniforms(words: np.ndarray) -> np.ndarray:
+    return ((words & np.uint64(2**52 - 1)).astype(np.float64) + 0.5) / 2.0**52
+
+
+def test_python_chacha20_reproduces_the_rfc_8439_test_vector():
+    block = chacha20_block(bytes(range(32)), 1, bytes.fromhex("000000090000004a00000000"))
+    assert block.hex() == (
+        "10f1e7e4d13b5915500fdd1fa32071c4c7d1f4c733c068030422aa9ac3d46c4e"
+        "d2826446079faa0914c2d705d98b02a2b5129cd1de164eb9cbd083e8a2503c4e"
+    )
+
+
+def test_uniforms_are_the_keystream_words_low_52_bits():
+    key = os.urandom(32)
+    stream = SecureStream(key)
+    first, second = stream.random(5), stream.random((2, 3))  # consecutive draws continue the stream
+    expected = reference_uniforms(reference_words(key, 11))
+    np.testing.assert_array_equal(first, expected[:5])
+    np.testing.assert_array_equal(second, expected[5:].reshape(2, 3))
+
+
+@pytest.mark.parametrize("size", [1, 7, 10, 23])
+def test_normals_are_box_muller_on_the_keystream_chunk_by_chunk(size, monkeypatch):
+    chunk = 6
+    monkeypatch.setattr(randomness, "NORMAL_CHUNK", chunk)  # several chunks, an odd last one
+    key = os.urandom(32)
+    z = SecureStream(key).normal((size,), std=2.5).numpy()
+    pieces, used = [], 0
+    for start in range(0, size, chunk):
+        m = min(chunk, size - start)
+        half = (m + 1) // 2
+        u = reference_uniforms(reference_words(key, used + 2 * half)[used:])
+        used += 2 * half
+        radius = 2.5 * np.sqrt(-2.0 * np.log(u[:half]))
+        pieces.append(
+            np.concatenate([radius * np.cos(2 * np.pi * u[half:]), radius * np.sin(2 * np.pi * u[half:])])[:m]
+        )
+    np.testing.assert_allclose(z, np.concatenate(pieces), rtol=1e-13, atol=1e-13)
+
+
+def test_normals_match_the_gaussian_in_shape_moments_and_tails():
+    z = SecureStream(os.urandom(32)).normal((1000, 2001)).numpy().ravel()  # odd: a leftover pair
+    n = z.size
+    assert stats.kstest(z, "norm").pvalue > 1e-4
+    assert abs(z.mean()) < 5 / math.sqrt(n)
+    assert abs(z.var() - 1) < 5 * math.sqrt(2 / n)
+    assert abs(stats.skew(z)) < 5 * math.sqrt(6 / n)
+    assert abs(stats.kurtosis(z)) < 5 * math.sqrt(24 / n)
+    for cut in (3.0, 4.0):  # the tails, where too few bits per uniform would show first
+        expected = n * 2 * stats.norm.sf(cut)
+        assert abs(np.sum(np.abs(z) > cut) - expected) < 5 * math.sqrt(expected)
+
+
+def test_normals_come_scaled_and_cast_where_asked():
+    z = SecureStream(os.urandom(32)).normal((300, 400), std=0.25, dtype=torch.float32, device="cpu")
+    assert z.shape == (300, 400) and z.dtype == torch.float32
+    assert float(z.std()) == pytest.approx(0.25, rel=5 * math.sqrt(1 / (2 * z.numel())))
