@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Build the fahr images locally: a Debian bookworm base from Debian's own packages (no registry),
-# then the coordinator and site targets of the Containerfile from the collected wheels.
+# Build the fahr image locally: a Debian bookworm base from Debian's own packages (no registry),
+# then the Containerfile from the collected wheels. The coordinator and the sites run the same image.
 #
-#   deploy/containers/build.sh              # CPU images fahr-coordinator:VERSION, fahr-site:VERSION
-#   VARIANT=cuda deploy/containers/build.sh # the site image with the CUDA torch build (GPU hosts)
+#   deploy/containers/build.sh              # the CPU image localhost/fahr:VERSION (and :latest)
+#   VARIANT=cuda deploy/containers/build.sh # the same with triton, for torch.compile (GPU hosts)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/podman.sh"
@@ -23,24 +23,19 @@ fi
 [ -f "$here/wheels-$variant/FAHR_WHEEL" ] || VARIANT=$variant "$here/wheelhouse.sh"
 version=$(sed -E 's/^fahr-([^-]+)-.*/\1/' "$here/wheels-$variant/FAHR_WHEEL")
 suffix=$([ "$variant" = cpu ] && echo "" || echo "-$variant")
-# Podman 4.3 with vfs storage (this host) sometimes does not exit after "Successfully tagged",
-# holding the storage lock: once the image id is written, give it a minute, then end it.
-build_target() {
-    local target=$1 iid pid
-    iid=$(mktemp)
-    # shellcheck disable=SC2086
-    podman_ build $PODMAN_RUN --build-arg "WHEELS=wheels-$variant" --target "$target" --iidfile "$iid" \
-        -t "localhost/fahr-$target:$version$suffix" -t "localhost/fahr-$target:latest$suffix" \
-        -f "$here/Containerfile" "$here" &
-    pid=$!
-    while kill -0 "$pid" 2>/dev/null && [ ! -s "$iid" ]; do sleep 5; done
-    for _ in $(seq 12); do kill -0 "$pid" 2>/dev/null || break; sleep 5; done
-    kill "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    [ -s "$iid" ] || { echo "error: building the $target image failed" >&2; exit 1; }
-    rm -f "$iid"
-}
-for target in coordinator site; do
-    build_target "$target"
-done
-podman_ images --filter "reference=localhost/fahr-*"
+# --layers=false: one working container and one commit for the whole file (with layers, vfs copies
+# the whole installation once per step). Podman 4.3 with vfs storage (this host) sometimes does not
+# exit after "Successfully tagged", holding the storage lock: once the image id is written, give it
+# a minute, then end it.
+iid=$(mktemp)
+# shellcheck disable=SC2086
+podman_ build $PODMAN_RUN --layers=false --build-arg "WHEELS=wheels-$variant" --iidfile "$iid" \
+    -t "localhost/fahr:$version$suffix" -t "localhost/fahr:latest$suffix" -f "$here/Containerfile" "$here" &
+pid=$!
+while kill -0 "$pid" 2>/dev/null && [ ! -s "$iid" ]; do sleep 5; done
+for _ in $(seq 12); do kill -0 "$pid" 2>/dev/null || break; sleep 5; done
+kill "$pid" 2>/dev/null || true
+wait "$pid" 2>/dev/null || true
+[ -s "$iid" ] || { echo "error: building the image failed" >&2; exit 1; }
+rm -f "$iid"
+podman_ images --filter "reference=localhost/fahr*"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A federation of containers on this host, to the end: one coordinator and two sites, TLS with
-# registered site keys, on loopback (host network). Builds the images first if they are missing.
+# registered site keys, on loopback (host network). Builds the image first if it is missing.
 #
 #   deploy/containers/run-demo.sh [DIR]     # DIR (default: a new /var/tmp/fahr-demo.*) keeps
 #                                           # configs, certificates, site data, workdirs and logs
@@ -14,8 +14,8 @@ demo=${1:-$(mktemp -d /var/tmp/fahr-demo.XXXXXX)}
 sites=(site1 site2)
 started=$(date +%s)
 
-podman_ image exists localhost/fahr-site:latest && podman_ image exists localhost/fahr-coordinator:latest \
-    || "$here/build.sh"
+image=localhost/fahr:latest
+podman_ image exists "$image" || "$here/build.sh"
 
 # shellcheck disable=SC2086
 run() { podman_ run --rm $PODMAN_RUN "$@"; }
@@ -23,16 +23,18 @@ run() { podman_ run --rm $PODMAN_RUN "$@"; }
 echo "demo folder: $demo"
 mkdir -p "$demo/server/etc/keys" "$demo/server/state" "$demo/sim"
 for s in "${sites[@]}"; do mkdir -p "$demo/$s/etc" "$demo/$s/state"; done
-chown -R 10001:10001 "$demo"  # the images' unprivileged user writes only what is mounted for it
+chown -R 10001:10001 "$demo"  # the image's unprivileged user writes only what is mounted for it
 
 # One container does the set-up (each container start copies the image under vfs storage: minutes
 # here): the coordinator's CA and TLS certificate for the name the sites dial, each site's key pair,
-# and two semi-synthetic sites from the faces bundled in the image.
-setup="fahr certs init --out /demo/server/etc/certs --host localhost"
+# and two semi-synthetic sites from the faces bundled in the image. The certificate also names
+# 127.0.0.1: a SuperLink bound to 0.0.0.0 starts its ServerApp runtime (Flower's SuperExec) against
+# 127.0.0.1, checking the certificate for that address.
+setup="fahr certs init --out /demo/server/etc/certs --host localhost --host 127.0.0.1"
 for s in "${sites[@]}"; do setup="$setup && fahr certs site --out /demo/$s/etc --site $s"; done
 setup="$setup && fahr cohort simulate --out /demo/sim --sizes 60,60 --mean-ages 50,65 --rates 0.03,0.03"
 setup="$setup --names $(IFS=,; echo "${sites[*]}")"
-run -v "$demo:/demo" --entrypoint /bin/sh localhost/fahr-site -c "$setup"
+run -v "$demo:/demo" "$image" sh -c "$setup"
 for s in "${sites[@]}"; do
     cp "$demo/$s/etc/$s.pub" "$demo/server/etc/keys/"   # the public half goes to the coordinator
     cp "$demo/server/etc/certs/ca.crt" "$demo/$s/etc/"  # the CA certificate goes to the site
@@ -88,12 +90,13 @@ chown -R 10001:10001 "$demo"
 podman_ rm -f fahr-demo-coordinator "${sites[@]/#/fahr-demo-}" >/dev/null 2>&1 || true
 # shellcheck disable=SC2086
 podman_ run -d --name fahr-demo-coordinator $PODMAN_RUN \
-    -v "$demo/server/etc:/etc/fahr:ro" -v "$demo/server/state:/var/lib/fahr" localhost/fahr-coordinator
+    -v "$demo/server/etc:/etc/fahr:ro" -v "$demo/server/state:/var/lib/fahr" \
+    "$image" fahr-server run --config /etc/fahr/server.toml --auto-resume
 for s in "${sites[@]}"; do
     # shellcheck disable=SC2086
     podman_ run -d --name "fahr-demo-$s" $PODMAN_RUN \
         -v "$demo/$s/etc:/etc/fahr:ro" -v "$demo/sim/$s:/data:ro" -v "$demo/$s/state:/var/lib/fahr" \
-        localhost/fahr-site start --site "$s" --config /etc/fahr/site.toml
+        "$image" fahr-client start --site "$s" --config /etc/fahr/site.toml
 done
 # the coordinator's console, as an operator would watch it, until the federation ends
 podman_ logs -f fahr-demo-coordinator &
@@ -107,8 +110,8 @@ for s in "${sites[@]}"; do  # each site's own view, from its still running conta
 done
 podman_ rm -f fahr-demo-coordinator >/dev/null
 echo "--- fahr-server status"
-run -v "$demo/server/etc:/etc/fahr:ro" -v "$demo/server/state:/var/lib/fahr:ro" localhost/fahr-coordinator \
-    status --config /etc/fahr/server.toml || true
+run -v "$demo/server/etc:/etc/fahr:ro" -v "$demo/server/state:/var/lib/fahr:ro" "$image" \
+    fahr-server status --config /etc/fahr/server.toml || true
 ok=0
 [ "$code" = 0 ] && [ -f "$demo/server/state/run.json" ] || ok=1
 for s in "${sites[@]}"; do [ -f "$demo/$s/state/report/report.html" ] || ok=1; done

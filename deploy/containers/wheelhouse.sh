@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Collect every wheel the images install into deploy/containers/wheels/ (ignored by git), so an
-# image is built offline from exactly the versions this machine tested: the fahr wheel built from
+# Collect every wheel the images install into deploy/containers/wheels-VARIANT/ (ignored by git), so
+# an image is built offline from exactly the versions this machine tested: the fahr wheel built from
 # the files git would release, and every other distribution at the version this environment runs
-# (`pip freeze`), with torch and torchvision swapped for a CPU build (PyPI's Linux torch is the CUDA
-# build: gigabytes a CPU site never uses). The CUDA variant of the site image keeps the CUDA pair.
+# (`pip freeze`), torch and torchvision included. That pair is PyPI's Linux build (CUDA 13): its
+# libraries link the nvidia-* CUDA libraries at import, so even a CPU image carries them (about
+# 3 GB); it runs on CPUs. PyTorch's CPU-only wheels are a different build this machine has not
+# tested (a CPU torch beside PyPI's torchvision does not even import). The CPU variant leaves out
+# only triton, the GPU kernel compiler behind torch.compile, which no CPU run uses.
 #
-#   deploy/containers/wheelhouse.sh            # CPU (TORCH / TORCHVISION below)
-#   VARIANT=cuda deploy/containers/wheelhouse.sh   # the environment's own torch pair
+#   deploy/containers/wheelhouse.sh                # CPU: the environment's wheels less triton
+#   VARIANT=cuda deploy/containers/wheelhouse.sh   # the environment's wheels, triton included
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -23,20 +26,9 @@ trap 'rm -rf "$src"' EXIT
 
 # everything else at this environment's versions; dev tools and the optional insightface stay out
 drop='^(fahr|pytest|ruff|iniconfig|pluggy|insightface)=='
-if [ "$variant" = cpu ]; then
-    drop='^(fahr|pytest|ruff|iniconfig|pluggy|insightface|torch|torchvision|triton|nvidia-.*|cuda-.*)=='
-    # a CPU torch needs the CPU torchvision of the same release: PyPI's torchvision is the CUDA build
-    # ("operator torchvision::nms does not exist" at import); both come from PyTorch's CPU index
-    torch_pair=("${TORCH:-torch==2.13.0+cpu}" "${TORCHVISION:-torchvision==0.28.0+cpu}")
-    index=(--extra-index-url "${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}")
-else
-    torch_pair=()
-    index=()
-fi
+[ "$variant" = cpu ] && drop='^(fahr|pytest|ruff|iniconfig|pluggy|insightface|triton)=='
 "$py" -m pip freeze --exclude-editable | grep -v -i -E "$drop" | grep -v '^#' > "$out/requirements.txt"
 # pip wheel, not download: a few dependencies (autograd-gamma) are sdists, built into wheels here
-"$py" -m pip wheel -q --no-deps "${index[@]}" -w "$out" -r "$out/requirements.txt" \
-    "${torch_pair[@]}"
-for pin in "${torch_pair[@]}"; do echo "$pin" >> "$out/requirements.txt"; done
+"$py" -m pip wheel -q --no-deps -w "$out" -r "$out/requirements.txt"
 ls "$out"/fahr-*.whl | xargs -n1 basename > "$out/FAHR_WHEEL"
 du -sh "$out"
