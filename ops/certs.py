@@ -105,6 +105,7 @@ def create_server_tls(out: Path, hosts: Sequence[str], days: int = 825, force: b
             sans.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             sans.append(x509.DNSName(host))
+    sans = _with_loopback(sans)
     key = ec.generate_private_key(ec.SECP384R1())
     cert = _server_certificate(ca_cert, ca_key, key, _name(hosts[0]), sans, days)
     pem = serialization.Encoding.PEM
@@ -116,6 +117,13 @@ def create_server_tls(out: Path, hosts: Sequence[str], days: int = 825, force: b
     _write(tls.ca_cert, ca_cert.public_bytes(pem), force)
     _write(tls.cert, cert.public_bytes(pem), force)
     return tls
+
+
+def _with_loopback(sans: list[x509.GeneralName]) -> list[x509.GeneralName]:
+    """`sans` plus 127.0.0.1 and ::1: a SuperLink listening on every interface starts a SuperExec that
+    dials the loopback address and checks this certificate against it (fahr_ops.flower)."""
+    loopback = [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
+    return sans + [name for name in loopback if name not in sans]
 
 
 def _server_certificate(
@@ -166,7 +174,7 @@ def renew_server_tls(out: Path, days: int = 825) -> Renewal:
     key = serialization.load_pem_private_key((out / "server.key").read_bytes(), password=None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{out}: ca.key and server.key must be the EC keys `fahr certs init` wrote")
-    sans = list(old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    sans = _with_loopback(list(old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value))
     cert = _server_certificate(ca_cert, ca_key, key, old.subject, sans, days)
     reissue = ca_cert.not_valid_after_utc < cert.not_valid_after_utc
     pem = serialization.Encoding.PEM

@@ -7,6 +7,7 @@ Every Flower process fahr starts gets a private FLWR_HOME, telemetry off, no upd
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -23,10 +24,9 @@ from fahr_core.io import atomic_write_json, atomic_write_text
 from fahr_core.protocol import keys
 from fahr_core.release import release
 from fahr_core.workdir import ServerWorkdir
-from fahr_ops.processes import Managed, is_loopback, wait_for_port
+from fahr_ops.processes import Managed, wait_for_port
 
 APP_NAME = "fahr-federation"
-WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
@@ -104,28 +104,46 @@ address = "{address}"
     )
 
 
+# Where Flower's own processes dial a SuperLink that listens on a wildcard address
+# (flwr.supercore.address.resolve_bind_address): the SuperExec the SuperLink starts checks the
+# server certificate against this loopback address, not against the server's DNS name.
+LOOPBACK_OF_WILDCARD = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1", "[::]": "::1"}
+
+
 def local_address(address: str, port: int, security: SecurityConfig | None) -> str:
     """host:port at which this machine's own `flwr` calls reach the SuperLink listening on `address`.
 
-    A wildcard address (0.0.0.0: every interface) is nothing to connect to, and under TLS `flwr`
-    checks the server certificate against the name it dials, while the certificate may carry only
-    the server's DNS name. So dial a loopback name or address the certificate carries if it has
-    one, else its first DNS name (the server's own name resolves to one of its interfaces).
+    A wildcard address (0.0.0.0: every interface) is nothing to connect to; dial the loopback
+    address Flower's own SuperExec dials, which `check_wildcard_certificate` has made sure the
+    certificate carries.
     """
-    host = address
-    if address in WILDCARD_HOSTS:
-        host = "127.0.0.1" if security is None else _certificate_host(Path(security.server_cert))
+    host = LOOPBACK_OF_WILDCARD.get(address, address)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _certificate_host(cert_path: Path) -> str:
+def check_wildcard_certificate(address: str, security: SecurityConfig | None) -> None:
+    """Refuse a wildcard address whose server certificate lacks the loopback address Flower dials.
+
+    Listening on 0.0.0.0, the SuperLink starts a SuperExec that connects to 127.0.0.1 and checks
+    the certificate against it; without that address in the certificate the ServerApp never starts
+    and the run hangs with the error only in superlink.log. `fahr certs init` always adds the
+    loopback addresses; a certificate from elsewhere may not.
+    """
+    loopback = LOOPBACK_OF_WILDCARD.get(address)
+    if loopback is None or security is None:
+        return
+    cert_path = Path(security.server_cert)
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    ips = [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
-    names = sans.get_values_for_type(x509.DNSName) + ips
-    if not names:
-        raise ValueError(f"{cert_path}: the server certificate names no host (subject alternative names)")
-    return next((n for n in names if is_loopback(n)), names[0])
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        sans = x509.SubjectAlternativeName([])
+    if ipaddress.ip_address(loopback) not in sans.get_values_for_type(x509.IPAddress):
+        raise ValueError(
+            f"{cert_path}: the server listens on {address or 'every interface'}, where Flower's own "
+            f"processes connect to {loopback}, which this certificate does not name; reissue it with "
+            f"`fahr certs init` (it always adds 127.0.0.1 and ::1) or add {loopback} to its names"
+        )
 
 
 def start_superlink(

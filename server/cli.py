@@ -18,6 +18,7 @@ from fahr_core.config import ConfigError, ServerConfig, load_server_config
 from fahr_core.io import atomic_write_text
 from fahr_ops.cli import new_app
 from fahr_ops.flower import (
+    check_wildcard_certificate,
     console_script,
     flower_env,
     local_address,
@@ -72,6 +73,11 @@ def run_federation(
             f"error: {config_path} has no [security] table: create certificates and site keys with "
             "`fahr certs init` and `fahr certs site`, or pass --insecure for a loopback test"
         )
+        return 2
+    try:
+        check_wildcard_certificate(cfg.address, security)
+    except ValueError as e:
+        echo(f"error: {e}")
         return 2
     env = flower_env(paths.flwr_home)
     app_dir = write_app(paths.app, config_path, resume)

@@ -117,7 +117,7 @@ def test_the_site_operator_guide_works_as_written(tmp_path: Path) -> None:
     port = free_port()
     tls = create_server_tls(tmp_path / "certs", ["127.0.0.1"])
     (site_dir / "site.toml").write_text(
-        '[site]\nname = "maastro"\ndata = "."\nworkdir = SITE_WORKDIR\n'
+        f'[site]\nname = "maastro"\ndata = "."\nworkdir = "{SITE_WORKDIR}"\n'
         "[train]\nbatch_size = 16\nthreads = 1\n[alignment]\nworkers = 1\n"
         f'[connection]\nsuperlink = "127.0.0.1:{port}"\nroot_certificates = "{tls.ca_cert}"\n'
         'auth_key = "maastro.key"\n'

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
 from fahr_client.cli import app as client_app
@@ -71,10 +73,42 @@ def test_wildcard_address_with_a_certificate_for_the_dns_name_only(tmp_path: Pat
     security = _security(tmp_path / "certs", ["localhost"], ["maastro"])
     toml = _server_toml(tmp_path, "0.0.0.0", free_port(), security)
     cfg = load_server_config(toml)
-    # the local flwr calls dial a name the certificate carries
-    assert local_address(cfg.address, cfg.port, cfg.security) == f"localhost:{cfg.port}"
+    # Flower's own SuperExec dials 127.0.0.1 and checks the certificate against it, so fahr's
+    # certificate names the loopback addresses beside the DNS name it was asked for
+    cert = x509.load_pem_x509_certificate(Path(cfg.security.server_cert).read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1"}
+    assert local_address(cfg.address, cfg.port, cfg.security) == f"127.0.0.1:{cfg.port}"
     code, lines = _until_registered(toml)
     assert code == 130 and "registered 1 site key(s)" in "\n".join(lines), lines
+
+
+def test_wildcard_address_refuses_a_certificate_without_the_loopback_address(tmp_path: Path) -> None:
+    # a certificate made elsewhere, for the DNS name only: the ServerApp would never start
+    security = _security(tmp_path / "certs", ["localhost"], ["maastro"])
+    certs = tmp_path / "certs"
+    ca_cert = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), password=None)
+    key = serialization.load_pem_private_key((certs / "server.key").read_bytes(), password=None)
+    now = dt.datetime.now(dt.UTC)
+    foreign = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    (certs / "server.crt").write_bytes(foreign.public_bytes(serialization.Encoding.PEM))
+    toml = _server_toml(tmp_path, "0.0.0.0", free_port(), security)
+    lines: list[str] = []
+    assert run_federation(load_server_config(toml), toml, False, lines.append) == 2
+    assert "server.crt" in lines[-1] and "127.0.0.1" in lines[-1], lines
+    assert not ServerWorkdir(tmp_path / "server").superlink_log.exists()  # refused before starting
 
 
 def test_a_failed_first_round_leaves_a_workdir_a_fresh_run_accepts(tmp_path: Path) -> None:
