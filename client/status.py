@@ -70,8 +70,11 @@ def _runs_lines(cfg: SiteConfig) -> list[str]:
             continue  # the chain check below names the broken line
         metrics = record.get("metrics", {})
         if keys.EPSILON in metrics:
+            # an evaluation reply repeats the epsilon of the run's last round: one round, listed once
             rounds, _ = reached.get(record["run_id"], ([], 0.0))
-            reached[record["run_id"]] = ([*rounds, record["round"]], float(metrics[keys.EPSILON]))
+            if record["round"] not in rounds:
+                rounds = [*rounds, record["round"]]
+            reached[record["run_id"]] = (rounds, float(metrics[keys.EPSILON]))
     lines = ["epsilon per federation run (cumulative at the run's last update sent):"] if reached else []
     previous = 0.0
     for run_id, (rounds, epsilon) in reached.items():

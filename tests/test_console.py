@@ -114,6 +114,8 @@ def test_site_status_shows_the_ledger_per_run_and_round_and_checks_the_audit_cha
     for (server_round, run_id), step in zip([(1, 11), (2, 11), (1, 12)], steps, strict=True):
         eps = ledger.record(step, {"server_round": server_round, "num_rounds": 2})
         append_audit(cfg.paths.audit, "train", server_round, run_id, {"w": torch.zeros(2)}, {"epsilon": eps})
+        if (server_round, run_id) == (2, 11):  # run 11's final evaluation repeats its epsilon
+            append_audit(cfg.paths.audit, "evaluate", 2, 11, {}, {"epsilon": eps, "c-index": 0.6})
     total = _rdp_epsilon(steps, delta)
     after_run_11 = _rdp_epsilon(steps[:2], delta)
 
@@ -126,7 +128,7 @@ def test_site_status_shows_the_ledger_per_run_and_round_and_checks_the_audit_cha
     assert "3 round(s) trained" in out and "round 2/2: noise multiplier 1.000, 4 steps" in out
     assert f"run 11: rounds 1, 2; epsilon +{after_run_11:.3f} -> {after_run_11:.3f}" in out
     assert f"run 12: rounds 1; epsilon +{total - after_run_11:.3f} -> {total:.3f}" in out
-    assert "outbound audit log: chain intact, 3 record(s)" in out
+    assert "outbound audit log: chain intact, 4 record(s)" in out
 
     lines = cfg.paths.audit.read_text().splitlines()
     cfg.paths.audit.write_text("\n".join([lines[0], lines[2]]) + "\n")  # a line removed
