@@ -85,7 +85,7 @@ def _per_patient_clipped_sum(model, clip: float) -> tuple[dict[str, torch.Tensor
     return total, norms
 
 
-@pytest.mark.parametrize("mode", ["full", "last:1", "lora", "ffa-lora"])
+@pytest.mark.parametrize("mode", ["full", "last:1", "head", "lora", "ffa-lora"])
 def test_ghost_clipping_releases_the_per_patient_clipped_sum(mode):
     model = _model(mode)
     model.train()
