@@ -38,8 +38,8 @@ from fahr_client.simulation import FederationSetup, federate
 from fahr_core.age.evaluate import write_evaluation
 from fahr_core.age.model import load_age_model
 from fahr_core.age.predict import predict_ages
-from fahr_core.age.train import CURVE_FILE, FINAL_MODEL, AgeTrainConfig, train_age_model
-from fahr_core.age.workflow import LabelledFaces
+from fahr_core.age.train import CURVE_FILE, FINAL_MODEL, AgeTrainConfig
+from fahr_core.age.workflow import LabelledFaces, train_on_faces
 from fahr_core.cohort import demo_faces_dir
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import ModelConfig
@@ -266,17 +266,14 @@ class ModelBuild:
         train, x_train = self.part("train")
         val, x_val = self.part("validation")
         self.echo(f"[{name}] {len(train)} training, {len(val)} validation faces; init {init or 'random'}")
-        card = {"data": str(self.data), "train_faces": str(len(train)), "validation_faces": str(len(val))}
-        run = train_age_model(
+        run = train_on_faces(
             self.recipe.age_config(),
-            x_train,
-            np.array([f.age for f in train]),
-            x_val,
-            np.array([f.age for f in val]),
+            self.data,
+            (train, x_train),
+            (val, x_val),
             stage,
-            init=init,
-            card=card,
-            echo=lambda s: self.echo(f"[{name}] {s}"),
+            init,
+            lambda s: self.echo(f"[{name}] {s}"),
         )
         atomic_write_bytes(stage / "curve.png", age_curve_png(stage / CURVE_FILE))
         model = load_age_model(stage / FINAL_MODEL)

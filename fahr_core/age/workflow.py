@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +77,25 @@ def summary_line(metrics: dict[str, Any]) -> str:
     )
 
 
+def train_on_faces(
+    cfg: AgeTrainConfig,
+    data: Path,
+    train: tuple[Sequence[FaceRecord], np.ndarray],
+    val: tuple[Sequence[FaceRecord], np.ndarray],
+    out: Path,
+    init: Path | None,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """`train_age_model` on (labelled records, aligned crops) of each part.
+
+    The card says where the faces came from, so `fahr age train` and `fahr models build` write the same one.
+    """
+    (train_faces, x_train), (val_faces, x_val) = train, val
+    card = {"data": str(data), "train_faces": str(len(train_faces)), "validation_faces": str(len(val_faces))}
+    ages = [np.array([f.age for f in faces]) for faces in (train_faces, val_faces)]
+    return train_age_model(cfg, x_train, ages[0], x_val, ages[1], out, init=init, card=card, echo=echo)
+
+
 def train_on_folder(
     data: Path,
     out: Path,
@@ -98,18 +117,7 @@ def train_on_folder(
         f"{train_rejected + val_rejected} rejected by QC (split: seed {SEED}, {VALIDATION_FRACTION:.0%} "
         f"per decade)"
     )
-    card = {"data": str(data), "train_faces": str(len(train)), "validation_faces": str(len(val))}
-    result = train_age_model(
-        cfg,
-        train_images,
-        np.array([f.age for f in train]),
-        val_images,
-        np.array([f.age for f in val]),
-        out,
-        init=init,
-        card=card,
-        echo=echo,
-    )
+    result = train_on_faces(cfg, data, (train, train_images), (val, val_images), out, init, echo)
     model = load_age_model(out / BEST_MODEL).to(compute_device())
     extra = {"model": str(out / BEST_MODEL), "data": str(data), "part": "validation"}
     metrics = write_evaluation(
