@@ -215,6 +215,27 @@ def test_noise_only_step_has_the_noise_of_a_real_step():
     assert float(noise.std()) == pytest.approx(1.3 * 2.0, rel=0.02)  # > 7 standard errors at 100k values
 
 
+def test_every_parameter_tensor_gets_its_own_independent_noise():
+    """The step's noise is one draw split among the tensors: each must get its own part, at full scale."""
+    model = torch.nn.Sequential(torch.nn.Linear(300, 300), torch.nn.Linear(300, 300), torch.nn.Linear(300, 7))
+    before = [p.detach().clone() for p in model.parameters()]
+    GradSampleModule(model)
+    opt = SecureNoiseOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=1.0,
+        stream=fresh_stream("test"),
+    )
+    opt.noise_only_step()
+    noise = [(b - p.detach()).reshape(-1) for b, p in zip(before, model.parameters(), strict=True)]
+    for z in noise:
+        assert float(z.std()) == pytest.approx(1.0, rel=max(0.02, 6 / math.sqrt(z.numel())))
+    first, second = noise[0], noise[2]  # the two 300 x 300 weights
+    r = float(torch.corrcoef(torch.stack([first, second]))[0, 1])
+    assert abs(r) < 5 / math.sqrt(first.numel())
+
+
 @pytest.mark.parametrize("batch_size", [32, 16, 7])
 def test_steps_and_rate_are_what_the_ledger_accounts_for_every_n(batch_size):
     old_opacus_short = []
