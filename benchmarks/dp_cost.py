@@ -145,7 +145,7 @@ def main() -> None:
         plain, hooks, ghost = r["plain"], r["dp hooks"], r["dp ghost"]
         print(
             f"| {mode} | {n:,} | {plain:.1f} | {hooks:.1f} | {ghost:.1f} "
-            f"| {hooks / plain:.2f} | {ghost / plain:.2f} |",
+            f"| {hooks / plain:.3f} | {ghost / plain:.3f} |",
             flush=True,
         )
     print(f"\nload average after: {' / '.join(f'{v:.1f}' for v in os.getloadavg())}")

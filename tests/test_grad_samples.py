@@ -1,4 +1,4 @@
-"""fahr's per-patient gradient store for Opacus' hooks: kept as made when it can be, Opacus' way otherwise.
+"""fahr's per-patient gradients under Opacus' hooks: the Linear grad sampler and the store.
 
 The end-to-end check (hooks' clipped sum against one backward pass per patient, on real faces) is
 in test_ghost_clipping.py; these pin each branch against what Opacus' own function builds.
@@ -6,6 +6,7 @@ in test_ghost_clipping.py; these pin each branch against what Opacus' own functi
 
 from __future__ import annotations
 
+import pytest
 import torch
 from opacus.grad_sample import grad_sample_module
 
@@ -47,3 +48,25 @@ def test_the_hooks_method_installs_the_store_in_opacus(monkeypatch):
     monkeypatch.setattr(grad_sample_module, "create_or_accumulate_grad_sample", grad_samples._opacus_store)
     local._private(build(ModelConfig(arch="vit_micro", finetune="head")), "hooks", 1.0)
     assert grad_sample_module.create_or_accumulate_grad_sample is grad_samples.store_grad_sample
+
+
+# (patients, tokens..., in, out): LoRA's down and up projections, a square layer, a head without
+# tokens, several token axes; both orientations of the product are taken among them
+SHAPES = [(6, 5, 8, 384), (6, 5, 384, 8), (6, 5, 128, 128), (6, 7, 40), (6, 1, 7, 3), (6, 2, 3, 4, 5)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_linear_grad_samples_are_each_patients_own_gradient(shape):
+    """Against autograd run once per patient (no Opacus): weight and bias, token sequences or not."""
+    *lead, d_in, d_out = shape
+    layer = torch.nn.Linear(d_in, d_out)
+    x = torch.randn(*lead, d_in)
+    target = torch.randn(*lead, d_out)
+    out = layer(x)
+    backprops = torch.autograd.grad(((out - target) ** 2).sum(), out)[0]
+    got = grad_samples.linear_grad_sample(layer, [x], backprops)
+    for i in range(lead[0]):
+        layer.zero_grad()
+        ((layer(x[i : i + 1]) - target[i : i + 1]) ** 2).sum().backward()
+        assert torch.allclose(got[layer.weight][i], layer.weight.grad, atol=1e-4)
+        assert torch.allclose(got[layer.bias][i], layer.bias.grad, atol=1e-4)

@@ -163,7 +163,8 @@ def _private(
         return ghost, SecureGhostOptimizer
     if clipping == "hooks":
         grad_samples.install()
-        return GradSampleModule(model, batch_first=True, loss_reduction="mean"), SecureNoiseOptimizer
+        hooks = grad_samples.PerPatientGradients(model, batch_first=True, loss_reduction="mean")
+        return hooks, SecureNoiseOptimizer
     raise ValueError(f"unknown clipping {clipping!r}; use one of {', '.join(CLIPPING_METHODS)}")
 
 
