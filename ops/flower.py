@@ -24,7 +24,7 @@ from fahr_core.io import atomic_write_json, atomic_write_text
 from fahr_core.protocol import keys
 from fahr_core.release import release
 from fahr_core.workdir import ServerWorkdir
-from fahr_ops.processes import Managed, wait_for_port
+from fahr_ops.processes import Managed, host_port, wait_for_port
 
 APP_NAME = "fahr-federation"
 
@@ -110,15 +110,14 @@ address = "{address}"
 LOOPBACK_OF_WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
 
 
-def local_address(address: str, port: int, security: SecurityConfig | None) -> str:
+def local_address(address: str, port: int) -> str:
     """host:port at which this machine's own `flwr` calls reach the SuperLink listening on `address`.
 
     A wildcard address (0.0.0.0: every interface) is nothing to connect to; dial the loopback
     address Flower's own SuperExec dials, which `check_wildcard_certificate` has made sure the
     certificate carries.
     """
-    host = LOOPBACK_OF_WILDCARD.get(address, address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(LOOPBACK_OF_WILDCARD.get(address, address), port)
 
 
 def check_wildcard_certificate(address: str, security: SecurityConfig | None) -> None:

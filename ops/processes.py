@@ -138,13 +138,14 @@ def wait_for_port(host: str, port: int, timeout_s: float, proc: Managed | None =
     while time.monotonic() < deadline:
         if proc is not None and not proc.running:
             raise RuntimeError(f"{proc.name} exited with code {proc.proc.returncode}:\n{proc.tail()}")
-        with socket.socket() as s:
+        sock, bare = _socket_for(host)
+        with sock as s:
             s.settimeout(0.5)
-            if s.connect_ex((host, port)) == 0:
+            if s.connect_ex((bare, port)) == 0:
                 return
         time.sleep(0.2)
     tail = f"\n{proc.tail()}" if proc is not None else ""
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s:.0f} s{tail}")
+    raise TimeoutError(f"nothing listening on {host_port(host, port)} after {timeout_s:.0f} s{tail}")
 
 
 def is_loopback(host: str) -> bool:
@@ -164,11 +165,28 @@ def free_local_port() -> int:
         return s.getsockname()[1]
 
 
+def _socket_for(host: str) -> tuple[socket.socket, str]:
+    """A TCP socket of the host's address family, and the host as the socket calls want it.
+
+    An IPv6 address (`::`, `[::1]`) needs an AF_INET6 socket, and no brackets; an IPv4 socket
+    cannot even parse it, so a server told to listen on `::` was refused as "in use".
+    """
+    bare = host.removeprefix("[").removesuffix("]")
+    return socket.socket(socket.AF_INET6 if ":" in bare else socket.AF_INET), bare
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port as Flower and people write it: an IPv6 address in brackets ([::1]:8000)."""
+    bare = host.removeprefix("[").removesuffix("]")
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+
+
 def port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
+    sock, bare = _socket_for(host)
+    with sock as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((host, port))
+            s.bind((bare, port))
         except OSError:
             return False
     return True

@@ -14,7 +14,7 @@ from pathlib import Path
 from fahr_core.config import ConnectionConfig, load_server_config, load_site_config
 from fahr_core.workdir import ServerWorkdir
 from fahr_ops.certs import create_server_tls, create_site_keys
-from fahr_ops.flower import console_script
+from fahr_ops.flower import console_script, local_address
 from fahr_ops.processes import Managed, free_local_port
 
 
@@ -104,7 +104,7 @@ def run_local_federation(
         while server.running and not clients:
             if ready.exists():
                 clients = [
-                    start_site(toml, f"{cfg.address}:{cfg.port}", free_local_port(), insecure)
+                    start_site(toml, local_address(cfg.address, cfg.port), free_local_port(), insecure)
                     for toml in site_tomls
                 ]
             time.sleep(0.2)

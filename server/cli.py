@@ -27,7 +27,7 @@ from fahr_ops.flower import (
     write_app,
     write_cli_connection,
 )
-from fahr_ops.processes import is_loopback, port_free, tail
+from fahr_ops.processes import host_port, is_loopback, port_free, tail
 from fahr_server.events import describe, end_of_log, follow
 from fahr_server.state import (
     ResumeError,
@@ -65,7 +65,8 @@ def run_federation(
     paths = cfg.paths
     paths.run_summary.unlink(missing_ok=True)
     if not port_free(cfg.address, cfg.port):
-        echo(f"error: {cfg.address}:{cfg.port} is in use (another SuperLink?); set [federation].port")
+        where = host_port(cfg.address, cfg.port)
+        echo(f"error: {where} is in use (another SuperLink?); set [federation].port")
         return 2
     security = None if insecure else cfg.security
     if security is None and not insecure:
@@ -81,10 +82,10 @@ def run_federation(
         return 2
     env = flower_env(paths.flwr_home)
     app_dir = write_app(paths.app, config_path, resume)
-    write_cli_connection(paths.flwr_home, local_address(cfg.address, cfg.port, security), security)
+    write_cli_connection(paths.flwr_home, local_address(cfg.address, cfg.port), security)
     mode = "plain HTTP (--insecure)" if security is None else "TLS + SuperNode authentication"
     log_path = paths.superlink_log
-    echo(f"starting SuperLink on {cfg.address}:{cfg.port}, {mode} (logs: {log_path})")
+    echo(f"starting SuperLink on {host_port(cfg.address, cfg.port)}, {mode} (logs: {log_path})")
     link = start_superlink(cfg.address, cfg.port, paths.superlink_db, log_path, env, security)
     runner = None
     console = _Console(work, echo)
@@ -97,7 +98,7 @@ def run_federation(
         if security is not None:
             register_sites(security.site_keys, env, work, log_path, echo)
             echo(f"registered {len(security.site_keys)} site key(s); unregistered sites are refused")
-        atomic_write_text(paths.ready, f"{cfg.address}:{cfg.port}\n")
+        atomic_write_text(paths.ready, f"{host_port(cfg.address, cfg.port)}\n")
         if on_ready is not None:
             on_ready()
         echo(

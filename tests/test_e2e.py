@@ -90,6 +90,27 @@ arch = "vit_micro"
     assert flower_processes_under(tmp_path) == []
 
 
+def test_a_server_on_every_ipv6_interface_runs_a_round(tmp_path, utkface):
+    """address = "::": Flower's SuperExec and fahr's own flwr calls dial ::1, which the certificate names."""
+    port = free_port()
+    security, connections = local_credentials(tmp_path / "certs", ["site1", "site2"], port)
+    connections = {k: replace(c, superlink=f"[::1]:{port}") for k, c in connections.items()}
+    tomls = make_sites(tmp_path / "sites", utkface, (30, 30), connections=connections)
+    server_toml = tmp_path / "server.toml"
+    atomic_write_text(
+        server_toml,
+        f'[federation]\nrounds = 1\nmin_sites = 2\naddress = "::"\nport = {port}\nworkdir = "server"\n'
+        f'round_timeout_s = 600\n\n[model]\narch = "vit_micro"\n\n{security}',
+    )
+    lines: list[str] = []
+    code = run_local_federation(server_toml, tomls, echo=lines.append)
+    assert code == 0, "\n".join(lines[-40:])
+    assert f"starting SuperLink on [::]:{port}" in "\n".join(lines)
+    rounds = ServerWorkdir(tmp_path / "server").rounds_log.read_text().splitlines()
+    assert [set(json.loads(r)["sites"]) for r in rounds] == [{"site1", "site2"}]
+    assert flower_processes_under(tmp_path) == []
+
+
 def test_unregistered_site_and_foreign_certificate_are_refused(tmp_path):
     """A site whose key the server never registered cannot join; nor can one trusting another CA."""
     port = free_port()
