@@ -4,10 +4,13 @@ For each seed, the demo's three sites are simulated from the bundled faces (`fah
 age mixes and rates; the seed draws the faces and the outcomes), and the demo's federation
 (3 rounds, head + last block, 3 local epochs, batch 16, lr 2e-3) is run in process
 (`fahr_client.simulation.federate`: each site's own `SiteRuntime.train_round`, DP-SGD
-charged to its ledger, example-weighted FedAvg) from the warm-start encoder, once per budget and
-once without DP. The reference is the oracle C of the simulator's true linear predictor on the
-same held-out patients. Within a seed every arm sees the same cohort (a paired comparison); DP
-noise is drawn fresh per arm from the secure source.
+charged to its ledger, example-weighted FedAvg) from the demo's start (the age model as
+`init_age_model`, or `--encoder` with a zero risk head), once per budget and once without DP;
+the `untrained` arm scores the start itself. The options change one setting at a time (what
+trains, lr, epochs, rounds), for the comparisons in docs/performance.md. The reference is the
+oracle C of the simulator's true linear predictor on the same held-out patients. Within a seed
+every arm sees the same cohort (a paired comparison); DP noise is drawn fresh per arm from the
+secure source.
 
     python benchmarks/privacy_utility.py --epsilons 1,3,8 --seeds 0,1,2 --out RUN/privacy_utility.json
 """

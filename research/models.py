@@ -14,8 +14,8 @@ skipped when its output is complete so that a killed build continues where it st
    (epsilon 8) over sites simulated from the validation faces (`fahr_client.simulation`): the MAE
    encoder or the age model's encoder, each with a zero risk head (`[model].encoder_checkpoint`),
    or the whole age model with its head folded into the risk head (`[model].init_age_model`,
-   fahr_core.models.initial); the best is written to `choice.txt` with the `[model]` line that
-   configures it (and, for an encoder, `survival_encoder`);
+   fahr_core.models.initial); the best is written to `choice.toml`, a server config's `[model]`
+   table that starts from it (with an encoder, `survival_encoder`);
 6. age-random: the same age recipe from random initialisation, the comparison that shows what
    pre-training is worth.
 
@@ -62,6 +62,8 @@ STAGES = ("shards", "mae", "age", "warm-start", "age-random")  # in order; each 
 # where the survival model can start (ModelBuild.warm_start_spec): an encoder with a zero risk head,
 # or the age model with its head folded into the risk head
 WARM_STARTS = ("mae", "age", "age-head")
+CHOICE = "choice.toml"
+WARM_START_FINETUNE = "last:1"  # the demo's: the head and the last block train
 
 
 @dataclass(frozen=True)
@@ -320,7 +322,7 @@ class ModelBuild:
         sites = simulate_sites(faces, stage / f"sites-{seed}-{name}", params, seed=seed, overwrite=True)
         work = stage / f"state-{seed}-{name}"
         shutil.rmtree(work, ignore_errors=True)  # fresh ledgers: a re-run starts the arm afresh
-        spec = replace(self.warm_start_spec(name), finetune="last:1")  # the demo's mode
+        spec = replace(self.warm_start_spec(name), finetune=WARM_START_FINETUNE)
         res = {
             "seed": seed,
             **federate(sites, spec, FederationSetup(), work, lambda s: None, self.aligned),
@@ -364,7 +366,7 @@ class ModelBuild:
             shutil.copyfile(spec.encoder_checkpoint, stage / SURVIVAL_ENCODER)
             config = f'encoder_checkpoint = "{SURVIVAL_ENCODER}"'
         else:
-            config = f'init_age_model = "{Path(spec.init_age_model).name}"  # the age model of stage age'
+            config = f'init_age_model = "../age/{FINAL_MODEL}"'
         oracle = float(np.mean([a["mean_oracle_c"] for a in arms[chosen]]))
         self.echo(
             f"[warm-start] chosen: {chosen} (held-out C {mean[chosen]:.3f}, oracle {oracle:.3f}); "
@@ -377,7 +379,16 @@ class ModelBuild:
             "mean_oracle_c": oracle,
             "arms": arms,
         }
-        atomic_write_text(stage / "choice.txt", f"{chosen}\n[model]\n{config}\n")
+        # paths relative to the file, as a server config's are: the table loads as it is
+        head = f"# fahr models build's warm start: {chosen}, mean held-out C {mean[chosen]:.3f}"
+        r = self.recipe
+        table = [
+            f'arch = "{r.arch}"',
+            f"img_size = {r.img_size}",
+            f'finetune = "{WARM_START_FINETUNE}"',
+            config,
+        ]
+        atomic_write_text(stage / CHOICE, "\n".join([head, "[model]", *table]) + "\n")
         return _finish(stage, result, started)
 
 

@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 
 from fahr_client.simulation import fedavg
 from fahr_core.age.model import load_age_model
-from fahr_core.models.checkpoint import load_encoder_weights
-from fahr_core.models.vit import SurvivalViT
+from fahr_core.config import load_server_config
+from fahr_core.models.initial import initial_model
 from fahr_research.models import (
+    CHOICE,
     DONE,
     SURVIVAL_ENCODER,
     ModelBuild,
@@ -99,15 +100,23 @@ def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None
         assert stages[arm]["init"] == init
         assert (out / arm / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "mae" / "loss_curve.png").is_file()
-    # the warm start is one of the two candidates, picked by the higher mean held-out C
+    # the warm start is one of the three candidates, picked by the highest mean held-out C, and
+    # choice.toml is a server's [model] table that starts from it
     ws = stages["warm-start"]
     assert ws["chosen"] == max(ws["mean_c"], key=ws["mean_c"].get)
     assert sorted(p.name for p in (out / "warm-start").glob("arm-*.json")) == [
+        "arm-0-age-head.json",
         "arm-0-age.json",
         "arm-0-mae.json",
     ]
-    model = SurvivalViT(TINY.arch, TINY.img_size)
-    load_encoder_weights(model.encoder, out / "warm-start" / SURVIVAL_ENCODER)
+    chosen = load_server_config(out / "warm-start" / CHOICE).model
+    expected = {
+        "mae": ("encoder_checkpoint", out / "warm-start" / SURVIVAL_ENCODER),
+        "age": ("encoder_checkpoint", out / "warm-start" / SURVIVAL_ENCODER),
+        "age-head": ("init_age_model", out / "age" / "model_final.safetensors"),
+    }[ws["chosen"]]
+    assert getattr(chosen, expected[0]) == str(expected[1].resolve())
+    initial_model(chosen)  # builds: the file it names is an encoder or age model of the recipe's arch
     # a re-run skips every complete stage; removing one stage's marker re-runs only that stage
     (out / "age-random" / DONE).unlink()
     lines.clear()
