@@ -361,12 +361,7 @@ class ModelBuild:
         }
         mean = {k: float(np.mean([a["mean_c"] for a in v])) for k, v in arms.items()}
         chosen = max(mean, key=lambda k: mean[k])
-        spec = self.warm_start_spec(chosen)
-        if spec.encoder_checkpoint:
-            shutil.copyfile(spec.encoder_checkpoint, stage / SURVIVAL_ENCODER)
-            config = f'encoder_checkpoint = "{SURVIVAL_ENCODER}"'
-        else:
-            config = f'init_age_model = "../age/{FINAL_MODEL}"'
+        config = self.write_choice(chosen, f"mean held-out C {mean[chosen]:.3f}")
         oracle = float(np.mean([a["mean_oracle_c"] for a in arms[chosen]]))
         self.echo(
             f"[warm-start] chosen: {chosen} (held-out C {mean[chosen]:.3f}, oracle {oracle:.3f}); "
@@ -379,8 +374,19 @@ class ModelBuild:
             "mean_oracle_c": oracle,
             "arms": arms,
         }
-        # paths relative to the file, as a server config's are: the table loads as it is
-        head = f"# fahr models build's warm start: {chosen}, mean held-out C {mean[chosen]:.3f}"
+        return _finish(stage, result, started)
+
+    def write_choice(self, chosen: str, why: str) -> str:
+        """Write `warm-start/choice.toml`, a server's `[model]` table that starts from `chosen` (paths
+        relative to the file, as a server config's are, so the table loads as it is), copying an
+        encoder start to `survival_encoder`; returns the line that names the start."""
+        stage = self.out / "warm-start"
+        spec = self.warm_start_spec(chosen)
+        if spec.encoder_checkpoint:
+            shutil.copyfile(spec.encoder_checkpoint, stage / SURVIVAL_ENCODER)
+            config = f'encoder_checkpoint = "{SURVIVAL_ENCODER}"'
+        else:
+            config = f'init_age_model = "../age/{FINAL_MODEL}"'
         r = self.recipe
         table = [
             f'arch = "{r.arch}"',
@@ -388,8 +394,9 @@ class ModelBuild:
             f'finetune = "{WARM_START_FINETUNE}"',
             config,
         ]
+        head = f"# fahr models build's warm start: {chosen}, {why}"
         atomic_write_text(stage / CHOICE, "\n".join([head, "[model]", *table]) + "\n")
-        return _finish(stage, result, started)
+        return config
 
 
 def smoke_recipe(recipe: Recipe) -> Recipe:

@@ -15,12 +15,15 @@ from typer.testing import CliRunner
 
 from fahr_client.simulation import fedavg
 from fahr_core.age.model import load_age_model
-from fahr_core.config import load_server_config
+from fahr_core.config import ModelConfig, load_server_config
 from fahr_core.models.initial import initial_model
 from fahr_research.models import (
+    AGE_ENCODER,
     CHOICE,
     DONE,
+    MAE_ENCODER,
     SURVIVAL_ENCODER,
+    WARM_STARTS,
     ModelBuild,
     Recipe,
     demo_face_names,
@@ -74,6 +77,14 @@ def test_recipe_json_overrides_and_rejects_unknown_fields(tmp_path: Path) -> Non
         recipe_from_json(bad)
 
 
+def _choice(out: Path, name: str) -> ModelConfig:
+    """The [model] table expected for start `name` of the build in `out`."""
+    spec = ModelConfig(arch=TINY.arch, img_size=TINY.img_size, finetune="last:1")
+    if name == "age-head":
+        return replace(spec, init_age_model=str((out / "age" / "model_final.safetensors").resolve()))
+    return replace(spec, encoder_checkpoint=str((out / "warm-start" / SURVIVAL_ENCODER).resolve()))
+
+
 @pytest.mark.slow
 def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
@@ -109,14 +120,17 @@ def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None
         "arm-0-age.json",
         "arm-0-mae.json",
     ]
-    chosen = load_server_config(out / "warm-start" / CHOICE).model
-    expected = {
-        "mae": ("encoder_checkpoint", out / "warm-start" / SURVIVAL_ENCODER),
-        "age": ("encoder_checkpoint", out / "warm-start" / SURVIVAL_ENCODER),
-        "age-head": ("init_age_model", out / "age" / "model_final.safetensors"),
-    }[ws["chosen"]]
-    assert getattr(chosen, expected[0]) == str(expected[1].resolve())
-    initial_model(chosen)  # builds: the file it names is an encoder or age model of the recipe's arch
+    assert load_server_config(out / "warm-start" / CHOICE).model == _choice(out, ws["chosen"])
+    # whichever start wins, its choice.toml configures a server that builds it from this build's files
+    build = ModelBuild(faces, out, TINY, workers=1, echo=lines.append)
+    encoders = {"mae": out / "mae" / MAE_ENCODER, "age": out / "warm-start" / AGE_ENCODER}
+    for name in WARM_STARTS:
+        build.write_choice(name, "test")
+        chosen = load_server_config(out / "warm-start" / CHOICE).model
+        assert chosen == _choice(out, name)
+        initial_model(chosen)  # the file it names is an encoder or age model of the recipe's arch
+        if name in encoders:
+            assert Path(chosen.encoder_checkpoint).read_bytes() == encoders[name].read_bytes()
     # a re-run skips every complete stage; removing one stage's marker re-runs only that stage
     (out / "age-random" / DONE).unlink()
     lines.clear()
