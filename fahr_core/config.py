@@ -6,6 +6,7 @@ file fails here with a message that names the file and the key.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import tomllib
@@ -233,6 +234,18 @@ def _section(cls: type, raw: dict[str, Any], where: str) -> Any:
     return values
 
 
+def _is_listen_address(address: object) -> bool:
+    """A host name or IP address, no port: a colon is only allowed inside an IPv6 address."""
+    if not isinstance(address, str) or not address or any(c.isspace() for c in address):
+        return False
+    if ":" not in address:
+        return True
+    try:
+        return ipaddress.ip_address(address.removeprefix("[").removesuffix("]")).version == 6
+    except ValueError:
+        return False
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -379,6 +392,15 @@ def server_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> Ser
     _check(not unknown_tables, f"{source}: unknown table(s) {', '.join(unknown_tables)}")
     cfg = ServerConfig(**values, model=model, security=security)
     _check(cfg.rounds >= 1, f"{source}: [federation].rounds must be >= 1")
+    _check(
+        _is_listen_address(cfg.address),
+        f"{source}: [federation].address must be a host name or IP address to listen on, without a "
+        f"port (0.0.0.0 for every interface; the port is [federation].port), not {cfg.address!r}",
+    )
+    _check(
+        isinstance(cfg.port, int) and not isinstance(cfg.port, bool) and 1 <= cfg.port <= 65535,
+        f"{source}: [federation].port must be a whole number in 1..65535, not {cfg.port!r}",
+    )
     _check(cfg.min_sites >= 1, f"{source}: [federation].min_sites must be >= 1")
     _check(0 < cfg.fraction_train <= 1, f"{source}: [federation].fraction_train must be in (0, 1]")
     _check(

@@ -107,7 +107,7 @@ address = "{address}"
 # Where Flower's own processes dial a SuperLink that listens on a wildcard address
 # (flwr.supercore.address.resolve_bind_address): the SuperExec the SuperLink starts checks the
 # server certificate against this loopback address, not against the server's DNS name.
-LOOPBACK_OF_WILDCARD = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1", "[::]": "::1"}
+LOOPBACK_OF_WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
 
 
 def local_address(address: str, port: int, security: SecurityConfig | None) -> str:

@@ -236,16 +236,20 @@ class ModelBuild:
         self.echo(f"[build] done: {self.out / SUMMARY}")
         return summary
 
+    def shard_sources(self) -> list[tuple[str, Path]]:
+        """(name, aligned crop file) of every training face: what the shards hold."""
+        records, _ = self.part("train")
+        table = self.faces().table
+        crop = {str(r.path): table.crop_path(r) for r in table.aligned}
+        return [(f.path.name, crop[str(f.path)]) for f in records]
+
     def shards(self) -> dict[str, Any]:
         stage = self.out / "shards"
         if (done := _done(stage)) is not None:
             self.echo("[shards] complete, skipped")
             return done
         started = time.perf_counter()
-        records, _ = self.part("train")
-        table = self.faces().table
-        crop = {str(r.path): table.crop_path(r) for r in table.aligned}
-        sources = [(f.path.name, crop[str(f.path)]) for f in records]
+        sources = self.shard_sources()
         self.echo(f"[shards] {len(sources)} aligned training faces ({len(self.exclude)} demo names excluded)")
         build_shards(sources, stage / "train", self.recipe.img_size, self.recipe.shard_size, (), 1)
         return _finish(stage, {"train_faces": len(sources)}, started)

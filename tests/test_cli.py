@@ -80,6 +80,23 @@ def test_server_config_errors_name_the_key(tmp_path):
     path.write_text("[federation]\naggregation = 'krum'\nsecure_aggregation = true\n")
     with pytest.raises(ConfigError, match=r"'krum' needs each site's update, which secure aggregation hides"):
         load_server_config(path)
+    for line, match in (
+        ("address = ''", r"\[federation\].address must be a host name or IP address"),
+        ("address = 'fahr.example.org:8443'", r"without a port"),
+        ("address = '::'", None),  # every IPv6 interface
+        ("address = '[::1]'", None),
+        ("address = 'fahr.example.org'", None),
+        ("address = 'fahr example'", r"\[federation\].address must be"),
+        ("port = 0", r"\[federation\].port must be a whole number in 1..65535, not 0"),
+        ("port = 70000", r"\[federation\].port must be"),
+        ("port = '8443'", r"\[federation\].port"),
+    ):
+        path.write_text(f"[federation]\n{line}\n")
+        if match is None:
+            load_server_config(path)
+            continue
+        with pytest.raises(ConfigError, match=match):
+            load_server_config(path)
     path.write_text("[model]\narch = 'vit_huge'\n")
     result = runner.invoke(server_app, ["run", "--config", str(path), "--insecure"])
     assert result.exit_code == 2 and "[model].arch" in result.output

@@ -199,20 +199,35 @@ def test_empty_poisson_batches_still_take_a_noise_step(
     assert set(empty) == {SecureGhostOptimizer if clipping == "ghost" else SecureNoiseOptimizer}
 
 
-def test_noise_only_step_has_the_noise_of_a_real_step():
-    layer = torch.nn.Linear(400, 250)
-    before = layer.weight.detach().clone()
-    GradSampleModule(layer)
+def _noise_only_noise(model: torch.nn.Module, sigma: float, clip: float, batch: float) -> list[torch.Tensor]:
+    """Each parameter's noise (on the sum, so times the expected batch) from one noise-only step."""
+    before = [p.detach().clone() for p in model.parameters()]
+    GradSampleModule(model)
     opt = SecureNoiseOptimizer(
-        torch.optim.SGD(layer.parameters(), lr=1.0),
-        noise_multiplier=1.3,
-        max_grad_norm=2.0,
-        expected_batch_size=5.0,
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=batch,
         stream=fresh_stream("test"),
     )
     opt.noise_only_step()
-    noise = (before - layer.weight.detach()) * 5.0
-    assert float(noise.std()) == pytest.approx(1.3 * 2.0, rel=0.02)  # > 7 standard errors at 100k values
+    return [((b - p.detach()) * batch).reshape(-1) for b, p in zip(before, model.parameters(), strict=True)]
+
+
+def test_noise_only_step_has_the_noise_of_a_real_step():
+    weight, _ = _noise_only_noise(torch.nn.Linear(400, 250), sigma=1.3, clip=2.0, batch=5.0)
+    assert float(weight.std()) == pytest.approx(1.3 * 2.0, rel=0.02)  # > 7 standard errors at 100k values
+
+
+def test_every_parameter_tensor_gets_its_own_independent_noise():
+    """The step's noise is one draw split among the tensors: each must get its own part, at full scale."""
+    model = torch.nn.Sequential(torch.nn.Linear(300, 300), torch.nn.Linear(300, 300), torch.nn.Linear(300, 7))
+    noise = _noise_only_noise(model, sigma=1.0, clip=1.0, batch=1.0)
+    for z in noise:
+        assert float(z.std()) == pytest.approx(1.0, rel=max(0.02, 6 / math.sqrt(z.numel())))
+    first, second = noise[0], noise[2]  # the two 300 x 300 weights
+    r = float(torch.corrcoef(torch.stack([first, second]))[0, 1])
+    assert abs(r) < 5 / math.sqrt(first.numel())
 
 
 @pytest.mark.parametrize("batch_size", [32, 16, 7])

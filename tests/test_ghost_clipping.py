@@ -1,9 +1,10 @@
-"""Ghost clipping (`[train].clipping = "ghost"`) releases what per-sample clipping releases.
+"""Both clipping methods (`[train].clipping`, "hooks" and "ghost") release the per-patient clipped sum.
 
 On real faces, one DP step through the site's own step loop (local._run_steps) with Opacus'
-per-sample hooks and with ghost clipping, from the same weights and the same noise stream, must
-give the same update; and with the noise at zero, ghost clipping's update must equal a clipped sum
-built from one plain backward pass per patient (no Opacus at all).
+per-sample hooks (with fahr's per-sample gradient store, fahr_core.privacy.grad_samples) and with
+ghost clipping, from the same weights and the same noise stream, must give the same update; and
+with the noise at zero, each one's update must equal a clipped sum built from one plain backward
+pass per patient (no Opacus at all).
 """
 
 from __future__ import annotations
@@ -85,17 +86,18 @@ def _per_patient_clipped_sum(model, clip: float) -> tuple[dict[str, torch.Tensor
     return total, norms
 
 
+@pytest.mark.parametrize("clipping", ["ghost", "hooks"])
 @pytest.mark.parametrize("mode", ["full", "last:1", "head", "lora", "ffa-lora"])
-def test_ghost_clipping_releases_the_per_patient_clipped_sum(mode):
+def test_dp_steps_release_the_per_patient_clipped_sum(mode, clipping):
     model = _model(mode)
     model.train()
     reference, norms = _per_patient_clipped_sum(copy.deepcopy(model), clip=1.0)
     clip = sorted(norms)[len(norms) // 2]  # the median: some patients are clipped, some are not
     reference, _ = _per_patient_clipped_sum(copy.deepcopy(model), clip)
     assert min(norms) < clip < max(norms)
-    ghost = _dp_step(model, "ghost", clip, sigma=0.0, key=bytes(32))
+    step = _dp_step(model, clipping, clip, sigma=0.0, key=bytes(32))
     for n, want in reference.items():
-        assert torch.allclose(-ghost[n] * EXPECTED_BATCH, want, atol=1e-6, rtol=1e-3), n
+        assert torch.allclose(-step[n] * EXPECTED_BATCH, want, atol=1e-6, rtol=1e-3), n
     assert all(want.abs().max() > 0 for want in reference.values())  # no trivially equal zeros
 
 

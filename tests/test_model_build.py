@@ -161,8 +161,20 @@ def test_gpu_recipe_runs_end_to_end_on_the_cpu(faces: Path, tmp_path: Path) -> N
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     torch.set_num_threads(1)
-    out = tmp_path / "out"
-    result = module.main(["--tiny", "--data", str(faces), "--out", str(out), "--workers", "1"])
+    out, packed = tmp_path / "out", tmp_path / "faces.tar"
+    # the device machine's way: faces aligned here, packed, and read from the pack there
+    module.main(
+        ["--data", str(faces), "--pack", str(packed), "--aligned", str(tmp_path / "al"), "--workers", "1"]
+    )
+    result = module.main(["--tiny", "--faces", str(packed), "--out", str(out), "--workers", "1"])
+    build = module.PackedBuild(packed, tmp_path / "again", module.TINY_RECIPE, 1, print)
+    unpacked = ModelBuild(faces, tmp_path / "direct", TINY, tmp_path / "al")
+    for part in ("train", "validation"):  # the pack holds the split's faces, WebP-close to the crops
+        records, images = build.part(part)
+        direct_records, direct_images = unpacked.part(part)
+        assert [f.path.name for f in records] == [f.path.name for f in direct_records]
+        assert [f.age for f in records] == [f.age for f in direct_records]
+        assert np.abs(images.astype(float) - direct_images).mean() < 4.0
     saved = json.loads((out / "gpu_recipe.json").read_text())
     assert saved["mae_step"]["reference_eager_images_per_s"] > 0
     assert saved["mae_step"]["gflop_per_image"] > 0

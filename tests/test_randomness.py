@@ -17,6 +17,7 @@ import torch
 from scipy import stats
 
 from fahr_core.privacy import randomness
+from fahr_core.privacy.chacha import MAX_BLOCKS, key_words, keystream_words
 from fahr_core.privacy.randomness import SecureStream
 
 MASK32 = 0xFFFFFFFF
@@ -113,3 +114,43 @@ def test_normals_come_scaled_and_cast_where_asked():
     z = SecureStream(os.urandom(32)).normal((300, 400), std=0.25, dtype=torch.float32, device="cpu")
     assert z.shape == (300, 400) and z.dtype == torch.float32
     assert float(z.std()) == pytest.approx(0.25, rel=5 * math.sqrt(1 / (2 * z.numel())))
+
+
+@pytest.mark.parametrize("first", [0, 3, 2**31 - 1, 2**32 - 3])  # across the sign bit of int32 words
+def test_torch_chacha20_blocks_equal_the_reference_blocks(first):
+    key = os.urandom(32)
+    words = keystream_words(key_words(key), first, 3, "cpu")
+    expected = b"".join(chacha20_block(key, first + i, bytes(12)) for i in range(3))
+    assert words.dtype == torch.int64
+    np.testing.assert_array_equal(words.numpy(), np.frombuffer(expected, dtype="<u4").astype(np.int64))
+
+
+def test_torch_and_openssl_keystreams_give_the_same_draws_in_any_mix():
+    """Whichever maker a draw uses (torch on a GPU, OpenSSL on the CPU), the stream continues exactly."""
+    key = os.urandom(32)
+    sizes = [5, 3, 17, 1, 9, 2]  # odd sizes: draws end inside a 64-byte block
+    mixed = SecureStream(key)
+    got = []
+    for i, n in enumerate(sizes):
+        mixed._keystream = ("torch", "openssl")[i % 2]
+        got.append(mixed.random(n))
+    expected = reference_uniforms(reference_words(key, sum(sizes)))
+    np.testing.assert_array_equal(np.concatenate(got), expected)
+    z_torch = SecureStream(key, keystream="torch").normal((7, 11), std=0.5)
+    z_openssl = SecureStream(key, keystream="openssl").normal((7, 11), std=0.5)
+    assert torch.equal(z_torch, z_openssl)
+
+
+def test_an_exhausted_stream_refuses_instead_of_repeating_its_keystream():
+    with pytest.raises(ValueError, match="exhausted"):
+        keystream_words(key_words(os.urandom(32)), MAX_BLOCKS - 1, 2, "cpu")
+    stream = SecureStream(os.urandom(32), keystream="torch")
+    stream._pos = MAX_BLOCKS * 64 - 8  # the last word of the keystream
+    stream.random(1)
+    with pytest.raises(ValueError, match="exhausted"):
+        stream.random(1)
+
+
+def test_a_stream_names_an_unknown_keystream_maker():
+    with pytest.raises(ValueError, match="keystream must be"):
+        SecureStream(os.urandom(32), keystream="numpy")  # type: ignore[arg-type]

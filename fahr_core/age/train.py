@@ -206,7 +206,10 @@ def train_age_model(
                 x = to_input(train_images[idx]).to(device)
                 flip = torch.as_tensor(rng.random(len(idx)) < 0.5, device=device)
                 x = random_shift(torch.where(flip[:, None, None, None], x.flip(-1), x), cfg.shift, rng)
-                loss = (model(x) - y[idx]).abs().mean()
+                # bf16 on a GPU (about twice the speed; the L1 in float32), float32 on the CPU
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    pred = model(x)
+                loss = (pred.float() - y[idx]).abs().mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -21,21 +21,23 @@ import hashlib
 import logging
 import math
 import os
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+from fahr_core.privacy.chacha import BLOCK_BYTES, check_blocks, key_words, keystream_words
 
 log = logging.getLogger(__name__)
 
 TEST_RNG_ENV = "FAHR_INSECURE_TEST_RNG"
 UNDER_TEST_ENV = "PYTEST_CURRENT_TEST"  # pytest sets it while a test runs
 KEY_BYTES = 32
-_NONCE = bytes(16)  # each key is used for one stream only, so a fixed nonce is safe
 _MANTISSA = 2**52 - 1  # the low 52 bits of a float64
 _ONE_BITS = 0x3FF0000000000000  # the sign and exponent bits of 1.0
-_CHACHA_BLOCK = 64  # bytes
 NORMAL_CHUNK = 1 << 22  # normals per keystream chunk: 32 MiB of keystream, whatever the tensor's size
+Keystream = Literal["openssl", "torch"]
 
 
 class SecureStream:
@@ -50,16 +52,51 @@ class SecureStream:
     core took ~75 ms per million normals, seconds per step for a ViT-B; see docs/performance.md.
     """
 
-    def __init__(self, key: bytes):
+    def __init__(self, key: bytes, keystream: Keystream | None = None):
+        """`keystream` says who makes the bits: OpenSSL on the CPU or torch (`fahr_core.privacy.chacha`)
+        on the device of each draw. The default picks torch for draws onto an accelerator and
+        OpenSSL for the CPU; both give the same bits, so only speed depends on the choice.
+        """
         if len(key) != KEY_BYTES:
             raise ValueError(f"a stream key has {KEY_BYTES} bytes, not {len(key)}")
-        self._cipher = Cipher(algorithms.ChaCha20(key, _NONCE), mode=None).encryptor()
+        if keystream not in (None, "openssl", "torch"):
+            raise ValueError(f"keystream must be 'openssl' or 'torch', got {keystream!r}")
+        self._key = key
+        self._key_words = key_words(key)
+        self._keystream = keystream
+        self._pos = 0  # keystream bytes used so far, by either maker
+        self._cipher = self._cipher_at(0)
+        self._cipher_pos = 0  # where the OpenSSL cipher stands (behind _pos after a torch draw)
 
-    def _words(self, n: int) -> torch.Tensor:
-        """The next n 64-bit keystream words (little-endian), as int64 bit patterns on the CPU."""
-        out = bytearray(8 * n + _CHACHA_BLOCK)  # update_into wants room for one more block
-        self._cipher.update_into(bytes(8 * n), out)
-        return torch.frombuffer(out, dtype=torch.int64, count=n)
+    def _cipher_at(self, pos: int) -> Any:
+        """An OpenSSL ChaCha20 encryptor positioned at keystream byte `pos` (counter = pos // 64)."""
+        block, skip = divmod(pos, BLOCK_BYTES)
+        check_blocks(block, 1)
+        cipher = Cipher(algorithms.ChaCha20(self._key, block.to_bytes(4, "little") + bytes(12)), mode=None)
+        encryptor = cipher.encryptor()
+        encryptor.update(bytes(skip))
+        return encryptor
+
+    def _mantissas(self, n: int, device: torch.device | str | None) -> torch.Tensor:
+        """The low 52 bits of the next n 64-bit keystream words (little-endian), int64 on `device`."""
+        n = int(n)  # a numpy integer would leak into the cipher's counter arithmetic
+        where = torch.device(device if device is not None else "cpu")
+        keystream = self._keystream or ("openssl" if where.type == "cpu" else "torch")
+        if keystream == "openssl":
+            if self._cipher_pos != self._pos:
+                self._cipher = self._cipher_at(self._pos)
+            out = bytearray(8 * n + BLOCK_BYTES)  # update_into wants room for one more block
+            self._cipher.update_into(bytes(8 * n), out)
+            self._cipher_pos = self._pos + 8 * n
+            bits = torch.frombuffer(out, dtype=torch.int64, count=n).to(where).bitwise_and_(_MANTISSA)
+        else:
+            first, offset = divmod(self._pos, BLOCK_BYTES)
+            words = keystream_words(self._key_words, first, -(-(offset + 8 * n) // BLOCK_BYTES), where)
+            start = offset // 4  # draws take whole 64-bit words, so the offset is a multiple of 8
+            low, high = words[start : start + 2 * n : 2], words[start + 1 : start + 2 * n : 2]
+            bits = low | ((high & (_MANTISSA >> 32)) << 32)
+        self._pos += 8 * n
+        return bits
 
     def _uniforms(self, n: int, device: torch.device | str | None) -> torch.Tensor:
         """n float64 uniforms (k + 1/2) / 2**52, k = the low 52 bits of a keystream word.
@@ -68,7 +105,7 @@ class SecureStream:
         conversion, which torch does slowly on the CPU); subtracting 1 - 2**-53 is exact, so u is
         one of 2**52 equally likely values, all in the open interval (0, 1), the smallest 2**-53.
         """
-        bits = self._words(n).to(device).bitwise_and_(_MANTISSA).bitwise_or_(_ONE_BITS)
+        bits = self._mantissas(n, device).bitwise_or_(_ONE_BITS)
         return bits.view(torch.float64).sub_(1.0 - 2.0**-53)
 
     def random(self, shape: int | tuple[int, ...]) -> np.ndarray:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from fahr_core.config import CLIPPING_METHODS, PrivacyConfig, TrainConfig
 from fahr_core.faces.images import to_input
 from fahr_core.models.vit import SurvivalViT
+from fahr_core.privacy import grad_samples
 from fahr_core.privacy.dpsgd import PoissonBatches, SamplingPlan, SecureGhostOptimizer, SecureNoiseOptimizer
 from fahr_core.privacy.ledger import PrivacyLedger
 from fahr_core.privacy.randomness import fresh_stream, insecure_rng_active
@@ -161,7 +162,9 @@ def _private(
         )
         return ghost, SecureGhostOptimizer
     if clipping == "hooks":
-        return GradSampleModule(model, batch_first=True, loss_reduction="mean"), SecureNoiseOptimizer
+        grad_samples.install()
+        hooks = grad_samples.PerPatientGradients(model, batch_first=True, loss_reduction="mean")
+        return hooks, SecureNoiseOptimizer
     raise ValueError(f"unknown clipping {clipping!r}; use one of {', '.join(CLIPPING_METHODS)}")
 
 
