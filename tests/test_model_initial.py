@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from fahr_core.age.model import load_age_model
 from fahr_core.age.predict import predict_ages
@@ -15,9 +16,10 @@ from fahr_core.cohort import demo_faces_dir
 from fahr_core.config import ConfigError, ModelConfig, server_config_from_dict
 from fahr_core.faces.images import load_faces, to_input
 from fahr_core.models.finetune import BaseMismatch, GlobalModel, prepare, site_model
-from fahr_core.models.initial import init_from_age_model, initial_model
+from fahr_core.models.initial import init_from_age_model, init_problem, initial_model
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.workdir import SiteWorkdir
+from fahr_server.cli import app as server_app
 
 AGE_MODEL = demo_faces_dir() / "age_vit_micro.safetensors"
 ENCODER = demo_faces_dir() / "encoder_vit_micro.safetensors"
@@ -93,3 +95,22 @@ def test_server_config_names_the_init_fields_it_refuses(tmp_path):
             server_config_from_dict({**base, "model": {"init_log_hr_per_year": value}}, "s.toml", tmp_path)
     with pytest.raises(ConfigError, match=r"\[model\].init_age_model .*age.safetensors not found"):
         server_config_from_dict({**base, "model": {"init_age_model": "age.safetensors"}}, "s.toml", tmp_path)
+
+
+def test_server_run_refuses_an_init_age_model_that_cannot_start_its_model_before_starting(tmp_path):
+    """Read from the file's metadata before any process starts: one line naming the setting."""
+    assert init_problem(AGE_INIT) is None
+    not_weights = tmp_path / "notes.safetensors"
+    not_weights.write_text("not weights")
+    for arch, init, needle in [
+        ("vit_tiny", AGE_MODEL, "is a vit_micro at 112 px; [model].arch and img_size say vit_tiny at 112"),
+        ("vit_micro", ENCODER, "not a fahr age model (kind=None)"),
+        ("vit_micro", not_weights, "not a safetensors file"),
+    ]:
+        path = tmp_path / "server.toml"
+        path.write_text(
+            f"[model]\narch = '{arch}'\ninit_age_model = '{init}'\n[federation]\nworkdir = 'server'\n"
+        )
+        result = CliRunner().invoke(server_app, ["run", "--config", str(path), "--insecure"])
+        assert result.exit_code == 2, result.output
+        assert f"error: {path}: [model].init_age_model {init}" in result.output and needle in result.output

@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from fahr_core.age.model import KIND as AGE_MODEL_KIND
 from fahr_core.age.model import AgeViT, load_age_model
 from fahr_core.config import ModelConfig
 from fahr_core.models.checkpoint import load_encoder_weights
@@ -67,6 +68,33 @@ def init_from_age_model(model: SurvivalViT, age: AgeViT, log_hr_per_year: float)
     head.risk.weight.copy_(k * age.head.weight)
     head.risk.bias.copy_(k * age.head.bias)
     return model
+
+
+def init_problem(spec: ModelConfig) -> str | None:
+    """Why `spec.init_age_model` cannot start `spec`'s model, naming the setting; None if it can.
+
+    Read from the file's metadata only (no weights), so `fahr-server run` refuses a wrong file in
+    a second, before it starts the SuperLink, rather than in the ServerApp after the sites joined.
+    """
+    if not spec.init_age_model:
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(spec.init_age_model, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (OSError, SafetensorError) as e:
+        return f"[model].init_age_model {spec.init_age_model}: not a safetensors file ({e})"
+    if meta.get("kind") != AGE_MODEL_KIND:
+        return (
+            f"[model].init_age_model {spec.init_age_model}: not a fahr age model (kind={meta.get('kind')!r})"
+        )
+    if (meta.get("arch"), meta.get("img_size")) != (spec.arch, str(spec.img_size)):
+        return (
+            f"[model].init_age_model {spec.init_age_model} is a {meta.get('arch')} at {meta.get('img_size')} "
+            f"px; [model].arch and img_size say {spec.arch} at {spec.img_size}"
+        )
+    return None
 
 
 def initial_model(spec: ModelConfig, seed: int = 0) -> SurvivalViT:
