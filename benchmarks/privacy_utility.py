@@ -4,10 +4,13 @@ For each seed, the demo's three sites are simulated from the bundled faces (`fah
 age mixes and rates; the seed draws the faces and the outcomes), and the demo's federation
 (3 rounds, head + last block, 3 local epochs, batch 16, lr 2e-3) is run in process
 (`fahr_client.simulation.federate`: each site's own `SiteRuntime.train_round`, DP-SGD
-charged to its ledger, example-weighted FedAvg) from the warm-start encoder, once per budget and
-once without DP. The reference is the oracle C of the simulator's true linear predictor on the
-same held-out patients. Within a seed every arm sees the same cohort (a paired comparison); DP
-noise is drawn fresh per arm from the secure source.
+charged to its ledger, example-weighted FedAvg) from the demo's start (the age model as
+`init_age_model`, or `--encoder` with a zero risk head), once per budget and once without DP;
+the `untrained` arm scores the start itself. The options change one setting at a time (what
+trains, lr, epochs, rounds), for the comparisons in docs/performance.md. The reference is the
+oracle C of the simulator's true linear predictor on the same held-out patients. Within a seed
+every arm sees the same cohort (a paired comparison); DP noise is drawn fresh per arm from the
+secure source.
 
     python benchmarks/privacy_utility.py --epsilons 1,3,8 --seeds 0,1,2 --out RUN/privacy_utility.json
 """
@@ -40,7 +43,14 @@ DEMO_SIZES = (150, 120, 90)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--encoder", type=Path, default=demo_faces_dir() / "encoder_vit_micro.safetensors")
+    ap.add_argument("--age-model", type=Path, default=demo_faces_dir() / "age_vit_micro.safetensors")
+    ap.add_argument(
+        "--encoder", type=Path, default=None, help="start from this encoder and a zero risk head instead"
+    )
+    ap.add_argument("--finetune", default="last:1", help="what the sites train (the demo's: last:1)")
+    ap.add_argument("--lr", type=float, default=None, help="local lr (default: the demo's)")
+    ap.add_argument("--local-epochs", type=int, default=None, help="local epochs (default: the demo's)")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds (default: the demo's)")
     ap.add_argument("--epsilons", default="1,3,8")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", type=Path, default=None, help="JSON of every arm (default: not written)")
@@ -48,9 +58,17 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     faces = load_labelled_faces(demo_faces_dir())
-    spec = ModelConfig(arch="vit_micro")
-    base = FederationSetup()
-    arms = [
+    start = {"encoder_checkpoint": str(a.encoder)} if a.encoder else {"init_age_model": str(a.age_model)}
+    spec = ModelConfig(arch="vit_micro", finetune=a.finetune, **start)
+    demo = FederationSetup()
+    train = replace(
+        demo.train,
+        lr=a.lr or demo.train.lr,
+        local_epochs=a.local_epochs or demo.train.local_epochs,
+    )
+    base = replace(demo, train=train, rounds=a.rounds or demo.rounds)
+    arms = [("untrained", replace(base, rounds=0))]  # the initial model itself: what training adds to it
+    arms += [
         (eps, replace(base, privacy=replace(base.privacy, epsilon=float(eps))))
         for eps in a.epsilons.split(",")
     ]
@@ -67,7 +85,7 @@ def main() -> None:
             started = time.perf_counter()
             state = work / f"state-{seed}-{label}"
             shutil.rmtree(state, ignore_errors=True)
-            res = federate(sites, a.encoder, spec, setup, state, lambda s: None, work / "aligned")
+            res = federate(sites, spec, setup, state, lambda s: None, work / "aligned")
             rows.append(
                 {"seed": seed, "epsilon": label, **res, "seconds": round(time.perf_counter() - started, 1)}
             )
@@ -79,7 +97,8 @@ def main() -> None:
             )
     print(
         f"\n# privacy-utility on the demo's sites — {time.strftime('%Y-%m-%d')}, {platform.node()}, "
-        f"encoder {a.encoder.name}, seeds {a.seeds}\n"
+        f"start {a.encoder or a.age_model}, finetune {a.finetune}, {base.rounds} rounds x "
+        f"{base.train.local_epochs} epochs at lr {base.train.lr:g}, seeds {a.seeds}\n"
     )
     print("| budget epsilon | mean held-out C (mean over seeds, SD) | mean oracle C | gap to oracle |")
     print("|---|---|---|---|")
@@ -89,7 +108,7 @@ def main() -> None:
         sd = c.std(ddof=1) if len(c) > 1 else 0.0
         print(f"| {label} | {c.mean():.3f} ({sd:.3f}) | {o.mean():.3f} | {o.mean() - c.mean():.3f} |")
     if a.out:
-        atomic_write_json(a.out, {"encoder": str(a.encoder), "rows": rows})
+        atomic_write_json(a.out, {"start": str(a.encoder or a.age_model), "setup": repr(base), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ from fahr_client.runtime import SiteRuntime
 from fahr_core.cohort.simulate import TRUTH_FILE
 from fahr_core.config import ModelConfig, PrivacyConfig, SiteConfig, TrainConfig
 from fahr_core.faces.pipeline import ALIGNED_DIR, RESULTS_DIR
-from fahr_core.models.checkpoint import load_encoder_weights
-from fahr_core.models.finetune import GlobalModel, build, from_wire
+from fahr_core.models.finetune import GlobalModel, build, from_wire, prepare
+from fahr_core.models.initial import initial_model
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.protocol import keys
 from fahr_core.survival.metrics import harrell_c
@@ -52,15 +52,11 @@ class FederationSetup:
     private: bool = True  # False: the same rounds without clipping or noise (the curve's reference arm)
 
 
-def initial_state(spec: ModelConfig, encoder: Path | None, seed: int = 0) -> tuple[GlobalModel, State]:
-    """What a server would start from: the model prepared for `spec.finetune` (seeded head, encoder from
-    `encoder` if given), split into the global model (spec with the base's hash, frozen base) and the
-    trainable tensors that travel."""
-    torch.manual_seed(seed)
-    model = build(spec)
-    if encoder is not None:
-        load_encoder_weights(model.encoder, encoder)
-    return GlobalModel.start(model, spec)
+def initial_state(spec: ModelConfig, seed: int = 0) -> tuple[GlobalModel, State]:
+    """What the server starts from (`fahr_core.models.initial.initial_model`: `spec`'s encoder
+    checkpoint or age model), prepared for `spec.finetune` and split into the global model (spec
+    with the base's hash, frozen base) and the trainable tensors that travel."""
+    return GlobalModel.start(prepare(initial_model(spec, seed), spec), spec)
 
 
 def fedavg(states: Sequence[State], weights: Sequence[float]) -> State:
@@ -79,14 +75,14 @@ def _truth(site_dir: Path) -> dict[str, float]:
 
 def federate(
     site_dirs: Sequence[Path],
-    encoder: Path | None,
     spec: ModelConfig,
     setup: FederationSetup,
     workdir: Path,
     echo: Callable[[str], object] = print,
     alignment_cache: Path | None = None,
 ) -> dict[str, Any]:
-    """Train `setup.rounds` rounds over the sites from `encoder`; per-site held-out C and oracle C.
+    """Train `setup.rounds` rounds over the sites from `spec`'s initial model (its `encoder_checkpoint`
+    or `init_age_model`, as a server's); per-site held-out C and oracle C.
 
     `workdir/<site>` holds each site's state (ledger, alignment cache); it must be fresh, since a
     site's ledger would otherwise still hold an earlier run's spend. `alignment_cache`: an
@@ -108,7 +104,7 @@ def federate(
             train=setup.train,
         )
         sites.append(SiteRuntime(cfg))
-    global_model, state = initial_state(spec, encoder)
+    global_model, state = initial_state(spec)
     for r in range(1, setup.rounds + 1):
         states, sizes = [], []
         sent = global_model.outgoing(state, with_base=r == 1)  # as the server sends it

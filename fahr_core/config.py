@@ -36,6 +36,14 @@ class ModelConfig:
     # the federation's one age model (fahr_core.age.model format), sent to every site with the final
     # evaluation for the face-age deviation analysis; "" = sites report FAD as not computed
     age_checkpoint: str = ""
+    # an age model (fahr_core.age.model format) to start the survival model from: its encoder, and a
+    # risk head folded from its age head, so round 0's risk is init_log_hr_per_year x (predicted age -
+    # its training mean) (fahr_core.models.initial); "" = encoder_checkpoint and a zero risk head.
+    # The demo names its age model in both fields.
+    init_age_model: str = ""
+    # the prior log hazard ratio per year of predicted age: adult mortality doubles about every 8 years
+    # (Gompertz), a fact of demography, not of any site; only training speed depends on it, not ranking
+    init_log_hr_per_year: float = math.log(2) / 8
     n_intervals: int = 10  # follow-up intervals of the discrete-time hazard head
     horizon_years: float = 10.0  # follow-up beyond this is censored at it
     # what the sites train and send (fahr_core.models.finetune): "full", "head", "last:N" (head and the
@@ -365,7 +373,7 @@ def site_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> SiteC
 def server_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> ServerConfig:
     fed = dict(raw.get("federation", {}))
     model = ModelConfig(**_section(ModelConfig, raw.get("model", {}), f"{source} [model]"))
-    for key in ("encoder_checkpoint", "age_checkpoint"):  # relative to the config file, like every path
+    for key in ("encoder_checkpoint", "age_checkpoint", "init_age_model"):  # relative to the config file
         if getattr(model, key):
             path = (base / getattr(model, key)).resolve()
             _check(path.is_file(), f"{source}: [model].{key} {path} not found")
@@ -420,6 +428,14 @@ def server_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> Ser
     _check(cfg.model.img_size % 16 == 0, f"{source}: [model].img_size must be a multiple of 16")
     _check(cfg.model.n_intervals >= 2, f"{source}: [model].n_intervals must be >= 2")
     _check(not cfg.model.base_sha256, f"{source}: [model].base_sha256 is computed by the server, not set")
+    _check(
+        not (cfg.model.init_age_model and cfg.model.encoder_checkpoint),
+        f"{source}: [model].init_age_model and [model].encoder_checkpoint both name an encoder; the "
+        "survival model starts from the age model's, so leave encoder_checkpoint out",
+    )
+    _finite(
+        cfg.model.init_log_hr_per_year, 0, f"{source}: [model].init_log_hr_per_year", " (per year of age)"
+    )
     problem = finetune_problem(cfg.model)
     _check(problem is None, f"{source}: {problem}")
     return cfg

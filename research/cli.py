@@ -127,8 +127,8 @@ def models_build(
         raise typer.Exit(2) from None
 
 
-DEMO_ENCODER = demo_faces_dir() / "encoder_vit_micro.safetensors"
-DEMO_AGE_MODEL = demo_faces_dir() / "age_vit_micro.safetensors"  # every site's FAD (docs/fad.md)
+# the survival model's start (its encoder and risk head, docs/models.md) and every site's FAD (docs/fad.md)
+DEMO_AGE_MODEL = demo_faces_dir() / "age_vit_micro.safetensors"
 
 
 def _refused(e: Exception) -> typer.Exit:
@@ -226,7 +226,7 @@ workdir = "server"
 [model]
 arch = "vit_micro"
 finetune = "last:1"
-encoder_checkpoint = "{DEMO_ENCODER}"
+init_age_model = "{DEMO_AGE_MODEL}"
 age_checkpoint = "{DEMO_AGE_MODEL}"
 
 {security}""",

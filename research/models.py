@@ -10,9 +10,12 @@ skipped when its output is complete so that a killed build continues where it st
 3. mae: MAE pre-training (`fahr pretrain`'s trainer, resumed from its checkpoint) and export of the
    encoder (`fahr export-encoder`);
 4. age: `fahr age train --init` that encoder (its trainer), scored on the validation part;
-5. warm start: which encoder the survival model should start from, the MAE encoder or the age
-   model's, by the held-out C of the demo's federation (epsilon 8) over sites simulated from the
-   validation faces (`fahr_client.simulation`); the better one is `survival_encoder`;
+5. warm start: where the survival model should start, by the held-out C of the demo's federation
+   (epsilon 8) over sites simulated from the validation faces (`fahr_client.simulation`): the MAE
+   encoder or the age model's encoder, each with a zero risk head (`[model].encoder_checkpoint`),
+   or the whole age model with its head folded into the risk head (`[model].init_age_model`,
+   fahr_core.models.initial); the best is written to `choice.toml`, a server config's `[model]`
+   table that starts from it (with an encoder, `survival_encoder`);
 6. age-random: the same age recipe from random initialisation, the comparison that shows what
    pre-training is worth.
 
@@ -56,6 +59,11 @@ AGE_ENCODER = "age_encoder.safetensors"
 SURVIVAL_ENCODER = "survival_encoder.safetensors"
 SUMMARY = "summary.json"
 STAGES = ("shards", "mae", "age", "warm-start", "age-random")  # in order; each needs those before it
+# where the survival model can start (ModelBuild.warm_start_spec): an encoder with a zero risk head,
+# or the age model with its head folded into the risk head
+WARM_STARTS = ("mae", "age", "age-head")
+CHOICE = "choice.toml"
+WARM_START_FINETUNE = "last:1"  # the demo's: the head and the last block train
 
 
 @dataclass(frozen=True)
@@ -297,22 +305,15 @@ class ModelBuild:
         return _finish(stage, result, started)
 
     def warm_start_arm(self, name: str, seed: int) -> dict[str, Any]:
-        """One arm of the warm-start comparison: the demo's federation from encoder `name` ("mae" or
-        "age") over the sites of `seed`. Cached in `warm-start/arm-<seed>-<name>.json`, so a killed
-        stage resumes by arm and arms can run in separate processes; each arm simulates its own
-        copy of the (deterministic) sites and keeps fresh site state (ledgers).
+        """One arm of the warm-start comparison: the demo's federation from start `name` (one of
+        WARM_STARTS) over the sites of `seed`. Cached in `warm-start/arm-<seed>-<name>.json`, so a
+        killed stage resumes by arm and arms can run in separate processes; each arm simulates its
+        own copy of the (deterministic) sites and keeps fresh site state (ledgers).
         """
         stage = self.out / "warm-start"
         cached = stage / f"arm-{seed}-{name}.json"
         if cached.is_file():
             return json.loads(cached.read_text(encoding="utf-8"))
-        if name == "mae":
-            encoder = self.out / "mae" / MAE_ENCODER
-        else:  # the age model's encoder, in the encoder file format a server loads
-            encoder = stage / AGE_ENCODER
-            if not encoder.is_file():
-                model = load_age_model(self.out / "age" / FINAL_MODEL)
-                save_weights(encoder, model.encoder.state_dict(), {"format": "fahr-age-encoder"})
         val, _ = self.part("validation")
         faces = [f for f in val if f.path.name not in self.exclude]
         r = self.recipe
@@ -325,17 +326,33 @@ class ModelBuild:
         sites = simulate_sites(faces, stage / f"sites-{seed}-{name}", params, seed=seed, overwrite=True)
         work = stage / f"state-{seed}-{name}"
         shutil.rmtree(work, ignore_errors=True)  # fresh ledgers: a re-run starts the arm afresh
-        spec = ModelConfig(arch=r.arch, img_size=r.img_size, finetune="last:1")  # the demo's mode
+        spec = replace(self.warm_start_spec(name), finetune=WARM_START_FINETUNE)
         res = {
             "seed": seed,
-            **federate(sites, encoder, spec, FederationSetup(), work, lambda s: None, self.aligned),
+            **federate(sites, spec, FederationSetup(), work, lambda s: None, self.aligned),
         }
         atomic_write_json(cached, res)
         self.echo(
-            f"[warm-start] seed {seed}, {name} encoder: mean held-out C {res['mean_c']:.3f} "
+            f"[warm-start] seed {seed}, {name}: mean held-out C {res['mean_c']:.3f} "
             f"(oracle {res['mean_oracle_c']:.3f})"
         )
         return res
+
+    def warm_start_spec(self, name: str) -> ModelConfig:
+        """The `[model]` settings of warm start `name`, with this build's files."""
+        r = self.recipe
+        if name == "mae":
+            return ModelConfig(
+                arch=r.arch, img_size=r.img_size, encoder_checkpoint=str(self.out / "mae" / MAE_ENCODER)
+            )
+        age_model = self.out / "age" / FINAL_MODEL
+        if name == "age-head":
+            return ModelConfig(arch=r.arch, img_size=r.img_size, init_age_model=str(age_model))
+        encoder = self.out / "warm-start" / AGE_ENCODER  # the age model's encoder, in the encoder format
+        if not encoder.is_file():
+            model = load_age_model(age_model)
+            save_weights(encoder, model.encoder.state_dict(), {"format": "fahr-age-encoder"})
+        return ModelConfig(arch=r.arch, img_size=r.img_size, encoder_checkpoint=str(encoder))
 
     def warm_start(self) -> dict[str, Any]:
         stage = self.out / "warm-start"
@@ -344,19 +361,46 @@ class ModelBuild:
             return done
         started = time.perf_counter()
         arms = {
-            k: [self.warm_start_arm(k, seed) for seed in self.recipe.warm_start_seeds] for k in ("mae", "age")
+            k: [self.warm_start_arm(k, seed) for seed in self.recipe.warm_start_seeds] for k in WARM_STARTS
         }
         mean = {k: float(np.mean([a["mean_c"] for a in v])) for k, v in arms.items()}
         chosen = max(mean, key=lambda k: mean[k])
-        source = self.out / "mae" / MAE_ENCODER if chosen == "mae" else stage / AGE_ENCODER
-        shutil.copyfile(source, stage / SURVIVAL_ENCODER)
+        config = self.write_choice(chosen, f"mean held-out C {mean[chosen]:.3f}")
         oracle = float(np.mean([a["mean_oracle_c"] for a in arms[chosen]]))
         self.echo(
-            f"[warm-start] chosen: {chosen} encoder (held-out C {mean[chosen]:.3f}, oracle {oracle:.3f})"
+            f"[warm-start] chosen: {chosen} (held-out C {mean[chosen]:.3f}, oracle {oracle:.3f}); "
+            f"server [model]: {config}"
         )
-        result = {"chosen": chosen, "mean_c": mean, "mean_oracle_c": oracle, "arms": arms}
-        atomic_write_text(stage / "choice.txt", f"{chosen}\n")
+        result = {
+            "chosen": chosen,
+            "model_config": config,
+            "mean_c": mean,
+            "mean_oracle_c": oracle,
+            "arms": arms,
+        }
         return _finish(stage, result, started)
+
+    def write_choice(self, chosen: str, why: str) -> str:
+        """Write `warm-start/choice.toml`, a server's `[model]` table that starts from `chosen` (paths
+        relative to the file, as a server config's are, so the table loads as it is), copying an
+        encoder start to `survival_encoder`; returns the line that names the start."""
+        stage = self.out / "warm-start"
+        spec = self.warm_start_spec(chosen)
+        if spec.encoder_checkpoint:
+            shutil.copyfile(spec.encoder_checkpoint, stage / SURVIVAL_ENCODER)
+            config = f'encoder_checkpoint = "{SURVIVAL_ENCODER}"'
+        else:
+            config = f'init_age_model = "../age/{FINAL_MODEL}"'
+        r = self.recipe
+        table = [
+            f'arch = "{r.arch}"',
+            f"img_size = {r.img_size}",
+            f'finetune = "{WARM_START_FINETUNE}"',
+            config,
+        ]
+        head = f"# fahr models build's warm start: {chosen}, {why}"
+        atomic_write_text(stage / CHOICE, "\n".join([head, "[model]", *table]) + "\n")
+        return config
 
 
 def smoke_recipe(recipe: Recipe) -> Recipe:

@@ -17,9 +17,9 @@ from flwr.serverapp import Grid, ServerApp
 from fahr_core.age.delivery import age_model_payload
 from fahr_core.config import ServerConfig, load_server_config
 from fahr_core.io import atomic_write_json
-from fahr_core.models.checkpoint import load_encoder_weights, load_weights
+from fahr_core.models.checkpoint import load_weights
 from fahr_core.models.finetune import GlobalModel, prepare
-from fahr_core.models.vit import SurvivalViT
+from fahr_core.models.initial import initial_model
 from fahr_core.protocol import keys
 from fahr_core.protocol.spec import spec_to_record
 from fahr_core.protocol.wire import metrics_to_summary
@@ -34,26 +34,12 @@ app = ServerApp()
 log = logging.getLogger("fahr_server")
 
 
-def initial_model(cfg: ServerConfig, seed: int = 0) -> SurvivalViT:
-    torch.manual_seed(seed)
-    m = cfg.model
-    model = SurvivalViT(m.arch, m.img_size, m.n_intervals)
-    if m.encoder_checkpoint:
-        load_encoder_weights(model.encoder, m.encoder_checkpoint)
-    else:
-        log.warning(
-            "no encoder_checkpoint configured: the encoder starts from random weights, "
-            "not from FAHR-Face MAE pre-training"
-        )
-    return model
-
-
 def global_start(
     cfg: ServerConfig, checkpoint: dict[str, torch.Tensor] | None = None
 ) -> tuple[GlobalModel, dict[str, torch.Tensor]]:
     """The global model (spec with its base hash, frozen base) and the trainable tensors of round 1,
     from the initial model or, resuming, from a round's checkpoint (base and trainable, unmerged)."""
-    model = prepare(initial_model(cfg), cfg.model)
+    model = prepare(initial_model(cfg.model), cfg.model)
     if checkpoint is not None:
         model.load_state_dict(checkpoint)
     return GlobalModel.start(model, cfg.model)

@@ -215,6 +215,12 @@ def run(
 ) -> None:
     """Run a federation to its end and write the global report."""
     cfg = _load(config)
+    from fahr_core.models.initial import init_problem  # here: torch is not needed for --help
+
+    problem = init_problem(cfg.model)
+    if problem:
+        typer.echo(f"error: {config}: {problem}", err=True)
+        raise typer.Exit(2)
     if auto_resume:
         try:
             resume = resume or read_state(cfg.workdir) is not None

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 from fahr_core.age.model import AgeViT, load_age_model
 from fahr_core.age.train import AgeTrainConfig, llrd_param_groups, random_shift
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
-from fahr_research.cli import DEMO_ENCODER
 from fahr_research.cli import app as fahr_app
 
 runner = CliRunner()
@@ -76,7 +75,8 @@ def trained(labelled, tmp_path_factory) -> Path:
     """`fahr age train` from the demo encoder: 3 general epochs then 1 balanced, in one command."""
     out = tmp_path_factory.mktemp("age-run")
     torch.set_num_threads(1)
-    args = ["age", "train", "--data", str(labelled), "--out", str(out / "run"), "--init", str(DEMO_ENCODER)]
+    init = demo_faces_dir() / "encoder_vit_micro.safetensors"
+    args = ["age", "train", "--data", str(labelled), "--out", str(out / "run"), "--init", str(init)]
     args += ["--arch", "vit_micro", "--epochs", "3", "--balanced-epochs", "1", "--batch-size", "16"]
     args += ["--lr", "3e-3", "--aligned", str(out / "aligned"), "--workers", "1"]
     result = runner.invoke(fahr_app, args)

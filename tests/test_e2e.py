@@ -11,11 +11,11 @@ import torch
 from fahr_core.config import load_server_config, load_site_config
 from fahr_core.io import atomic_write_text
 from fahr_core.models.checkpoint import load_weights
+from fahr_core.models.initial import initial_model
 from fahr_core.privacy.audit import verify_audit_log
 from fahr_core.workdir import ServerWorkdir
 from fahr_ops.flower import flower_env, start_supernode
 from fahr_research.local import local_credentials, run_local_federation
-from fahr_server.app import initial_model
 from fahr_server.cli import run_federation
 from tests.support import flower_processes_under, free_port, make_sites
 
@@ -46,7 +46,7 @@ arch = "vit_micro"
     assert code == 0, "\n".join(lines[-40:])
 
     work = tmp_path / "server"
-    initial = initial_model(load_server_config(server_toml)).state_dict()
+    initial = initial_model(load_server_config(server_toml).model).state_dict()
     final = load_weights(ServerWorkdir(work).global_model)
     assert any(not torch.equal(final[k], initial[k]) for k in initial if initial[k].dtype.is_floating_point)
     assert sorted(p.name for p in ServerWorkdir(work).checkpoints.iterdir()) == [

@@ -15,11 +15,15 @@ from typer.testing import CliRunner
 
 from fahr_client.simulation import fedavg
 from fahr_core.age.model import load_age_model
-from fahr_core.models.checkpoint import load_encoder_weights
-from fahr_core.models.vit import SurvivalViT
+from fahr_core.config import ModelConfig, load_server_config
+from fahr_core.models.initial import initial_model
 from fahr_research.models import (
+    AGE_ENCODER,
+    CHOICE,
     DONE,
+    MAE_ENCODER,
     SURVIVAL_ENCODER,
+    WARM_STARTS,
     ModelBuild,
     Recipe,
     demo_face_names,
@@ -73,6 +77,14 @@ def test_recipe_json_overrides_and_rejects_unknown_fields(tmp_path: Path) -> Non
         recipe_from_json(bad)
 
 
+def _choice(out: Path, name: str) -> ModelConfig:
+    """The [model] table expected for start `name` of the build in `out`."""
+    spec = ModelConfig(arch=TINY.arch, img_size=TINY.img_size, finetune="last:1")
+    if name == "age-head":
+        return replace(spec, init_age_model=str((out / "age" / "model_final.safetensors").resolve()))
+    return replace(spec, encoder_checkpoint=str((out / "warm-start" / SURVIVAL_ENCODER).resolve()))
+
+
 @pytest.mark.slow
 def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
@@ -99,15 +111,26 @@ def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None
         assert stages[arm]["init"] == init
         assert (out / arm / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "mae" / "loss_curve.png").is_file()
-    # the warm start is one of the two candidates, picked by the higher mean held-out C
+    # the warm start is one of the three candidates, picked by the highest mean held-out C, and
+    # choice.toml is a server's [model] table that starts from it
     ws = stages["warm-start"]
     assert ws["chosen"] == max(ws["mean_c"], key=ws["mean_c"].get)
     assert sorted(p.name for p in (out / "warm-start").glob("arm-*.json")) == [
+        "arm-0-age-head.json",
         "arm-0-age.json",
         "arm-0-mae.json",
     ]
-    model = SurvivalViT(TINY.arch, TINY.img_size)
-    load_encoder_weights(model.encoder, out / "warm-start" / SURVIVAL_ENCODER)
+    assert load_server_config(out / "warm-start" / CHOICE).model == _choice(out, ws["chosen"])
+    # whichever start wins, its choice.toml configures a server that builds it from this build's files
+    build = ModelBuild(faces, out, TINY, workers=1, echo=lines.append)
+    encoders = {"mae": out / "mae" / MAE_ENCODER, "age": out / "warm-start" / AGE_ENCODER}
+    for name in WARM_STARTS:
+        build.write_choice(name, "test")
+        chosen = load_server_config(out / "warm-start" / CHOICE).model
+        assert chosen == _choice(out, name)
+        initial_model(chosen)  # the file it names is an encoder or age model of the recipe's arch
+        if name in encoders:
+            assert Path(chosen.encoder_checkpoint).read_bytes() == encoders[name].read_bytes()
     # a re-run skips every complete stage; removing one stage's marker re-runs only that stage
     (out / "age-random" / DONE).unlink()
     lines.clear()

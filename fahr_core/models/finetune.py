@@ -42,7 +42,8 @@ class BaseMismatch(RuntimeError):
 def prepare(model: SurvivalViT, spec: ModelConfig) -> SurvivalViT:
     """Set what trains for `spec.finetune` (in place), adding LoRA adapters for the LoRA modes.
 
-    The survival head always trains (it is new). The position table and class token never do:
+    The survival head always trains (it is new, or folded from an age model that knows nothing of
+    survival). The position table and class token never do:
     they sit on timm's root module, where a trainable tensor sends the whole model through
     Opacus' functorch fallback (see fahr_core.models.vit).
     """

@@ -3,8 +3,9 @@
 It is the server's `[model]` table as the round config carries it, plus the frozen base's hash the
 server computed. The table below is the one place that names each setting on the wire; encoding
 and decoding both walk it, so a setting cannot be sent under one key and read under another. The
-paths of the server's own files (`encoder_checkpoint`, `age_checkpoint`) are not in it: they mean
-nothing at a site.
+paths of the server's own files (`encoder_checkpoint`, `age_checkpoint`, `init_age_model`) and
+the prior that shapes its initial model (`init_log_hr_per_year`) are not in it: they mean nothing
+at a site, which receives the initial model's weights and checks its frozen base by hash.
 """
 
 from __future__ import annotations

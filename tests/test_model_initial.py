@@ -1,0 +1,116 @@
+"""Where the survival model starts: the age model folded into the risk head, and its configuration."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fahr_core.age.model import load_age_model
+from fahr_core.age.predict import predict_ages
+from fahr_core.cohort import demo_faces_dir
+from fahr_core.config import ConfigError, ModelConfig, server_config_from_dict
+from fahr_core.faces.images import load_faces, to_input
+from fahr_core.models.finetune import BaseMismatch, GlobalModel, prepare, site_model
+from fahr_core.models.initial import init_from_age_model, init_problem, initial_model
+from fahr_core.models.vit import SurvivalViT
+from fahr_core.workdir import SiteWorkdir
+from fahr_server.cli import app as server_app
+
+AGE_MODEL = demo_faces_dir() / "age_vit_micro.safetensors"
+ENCODER = demo_faces_dir() / "encoder_vit_micro.safetensors"
+AGE_INIT = ModelConfig(arch="vit_micro", init_age_model=str(AGE_MODEL))
+
+
+@pytest.fixture(scope="module")
+def faces() -> np.ndarray:
+    """48 bundled faces (uint8 crops) spanning the demo's ages."""
+    return load_faces(sorted((demo_faces_dir() / "images").iterdir())[::7][:48], 112)
+
+
+@pytest.mark.parametrize("mode", ["last:1", "head", "full"])
+def test_round_zero_risk_is_the_age_models_predicted_age_on_the_log_hazard_scale(faces, mode, tmp_path):
+    """What a site builds from the server's first message scores every face as the age model does:
+    eta = ln2/8 per year x (predicted age - the age model's training mean), to the LayerNorms' epsilons."""
+    age = load_age_model(AGE_MODEL)
+    predicted = predict_ages(age, faces)  # the age model's own forward pass: an independent path
+    assert predicted.std() > 5  # the faces span decades: a ranking test that can fail
+    spec = replace(AGE_INIT, finetune=mode)
+    gm, trainable = GlobalModel.start(prepare(initial_model(spec), spec), spec)
+    received = gm.outgoing(trainable, with_base=True)
+    model = site_model(received, gm.spec, SiteWorkdir(tmp_path).frozen_base)
+    eta = model.risk(to_input(faces)).numpy()
+    expected = math.log(2) / 8 * (predicted - float(age.age_mean))
+    assert np.abs(eta - expected).max() < 1e-3
+    assert (np.argsort(eta) == np.argsort(predicted)).all()
+
+
+def test_the_prior_scales_the_risk_and_only_an_age_model_of_the_same_shape_folds(faces):
+    age = load_age_model(AGE_MODEL)
+    x = to_input(faces)
+    one = initial_model(replace(AGE_INIT, init_log_hr_per_year=0.05)).risk(x)
+    two = initial_model(replace(AGE_INIT, init_log_hr_per_year=0.10)).risk(x)
+    assert torch.allclose(two, 2 * one, atol=1e-4)
+    for bad in (0.0, -0.1, math.nan):
+        with pytest.raises(ValueError, match="log_hr_per_year must be a finite number > 0"):
+            init_from_age_model(SurvivalViT("vit_micro"), age, bad)
+    with pytest.raises(
+        ValueError, match=r"\[model\]\.init_age_model: .* is a vit_micro at 112 px, .*\[model\]\.arch"
+    ):
+        initial_model(replace(AGE_INIT, arch="vit_tiny"))
+    with pytest.raises(ValueError, match=r"\[model\]\.init_age_model: .*not a fahr age model"):
+        initial_model(replace(AGE_INIT, init_age_model=str(ENCODER)))
+
+
+def test_a_site_holding_the_zero_head_federations_base_refuses_the_age_initialised_one(tmp_path):
+    """In "head" mode the encoder's last LayerNorm is frozen, and the fold changed it: the frozen
+    base's hash tells the two federations apart, so a site never mixes them."""
+    spec = ModelConfig(arch="vit_micro", finetune="head")
+    zero = replace(spec, encoder_checkpoint=str(ENCODER))
+    folded = replace(spec, init_age_model=str(AGE_MODEL))
+    base = SiteWorkdir(tmp_path).frozen_base
+    gm_zero, t_zero = GlobalModel.start(prepare(initial_model(zero), zero), zero)
+    site_model(gm_zero.outgoing(t_zero, with_base=True), gm_zero.spec, base)
+    gm_folded, t_folded = GlobalModel.start(prepare(initial_model(folded), folded), folded)
+    assert gm_folded.spec.base_sha256 != gm_zero.spec.base_sha256
+    with pytest.raises(BaseMismatch, match="this site's frozen base .* differs from the federation's"):
+        site_model(gm_folded.outgoing(t_folded, with_base=False), gm_folded.spec, base)
+
+
+def test_server_config_names_the_init_fields_it_refuses(tmp_path):
+    base = {"federation": {"rounds": 1, "min_sites": 1}}
+    good = server_config_from_dict({**base, "model": {"init_age_model": str(AGE_MODEL)}}, "s.toml", tmp_path)
+    assert good.model.init_age_model == str(AGE_MODEL) and good.model.init_log_hr_per_year == math.log(2) / 8
+    both = {"init_age_model": str(AGE_MODEL), "encoder_checkpoint": str(ENCODER)}
+    with pytest.raises(
+        ConfigError, match=r"s.toml: \[model\].init_age_model and \[model\].encoder_checkpoint"
+    ):
+        server_config_from_dict({**base, "model": both}, "s.toml", tmp_path)
+    for value in (0.0, -0.05, math.inf):
+        with pytest.raises(ConfigError, match=r"s.toml: \[model\].init_log_hr_per_year must be a finite"):
+            server_config_from_dict({**base, "model": {"init_log_hr_per_year": value}}, "s.toml", tmp_path)
+    with pytest.raises(ConfigError, match=r"\[model\].init_age_model .*age.safetensors not found"):
+        server_config_from_dict({**base, "model": {"init_age_model": "age.safetensors"}}, "s.toml", tmp_path)
+
+
+def test_server_run_refuses_an_init_age_model_that_cannot_start_its_model_before_starting(tmp_path):
+    """Read from the file's metadata before any process starts: one line naming the setting."""
+    assert init_problem(AGE_INIT) is None
+    not_weights = tmp_path / "notes.safetensors"
+    not_weights.write_text("not weights")
+    for arch, init, needle in [
+        ("vit_tiny", AGE_MODEL, "is a vit_micro at 112 px; [model].arch and img_size say vit_tiny at 112"),
+        ("vit_micro", ENCODER, "not a fahr age model (kind=None)"),
+        ("vit_micro", not_weights, "not a safetensors file"),
+    ]:
+        path = tmp_path / "server.toml"
+        path.write_text(
+            f"[model]\narch = '{arch}'\ninit_age_model = '{init}'\n[federation]\nworkdir = 'server'\n"
+        )
+        result = CliRunner().invoke(server_app, ["run", "--config", str(path), "--insecure"])
+        assert result.exit_code == 2, result.output
+        assert f"error: {path}: [model].init_age_model {init}" in result.output and needle in result.output
