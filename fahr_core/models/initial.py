@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import torch
 
@@ -60,11 +61,14 @@ def init_from_age_model(model: SurvivalViT, age: AgeViT, log_hr_per_year: float)
             "[model].arch and img_size"
         )
     enc.load_state_dict(age.encoder.state_dict(), strict=True)
-    head.norm.weight.copy_(enc.fc_norm.weight)
-    head.norm.bias.copy_(enc.fc_norm.bias)
-    torch.nn.init.ones_(enc.fc_norm.weight)
-    torch.nn.init.zeros_(enc.fc_norm.bias)
-    k = log_hr_per_year * float(age.age_scale)
+    fc_norm = enc.fc_norm
+    if not isinstance(fc_norm, torch.nn.LayerNorm):  # the fold moves a LayerNorm's affine into the head
+        raise TypeError(f"the encoder's fc_norm is a {type(fc_norm).__name__}, not a LayerNorm")
+    head.norm.weight.copy_(fc_norm.weight)
+    head.norm.bias.copy_(fc_norm.bias)
+    torch.nn.init.ones_(fc_norm.weight)
+    torch.nn.init.zeros_(fc_norm.bias)
+    k = log_hr_per_year * float(age.get_buffer("age_scale"))
     head.risk.weight.copy_(k * age.head.weight)
     head.risk.bias.copy_(k * age.head.bias)
     return model
@@ -109,11 +113,11 @@ def initial_model(spec: ModelConfig, seed: int = 0) -> SurvivalViT:
     model = SurvivalViT(spec.arch, spec.img_size, spec.n_intervals)
     if spec.init_age_model:
         try:
-            init_from_age_model(model, load_age_model(spec.init_age_model), spec.init_log_hr_per_year)
+            init_from_age_model(model, load_age_model(Path(spec.init_age_model)), spec.init_log_hr_per_year)
         except ValueError as e:  # the reader meets this at server start: name the setting
             raise ValueError(f"[model].init_age_model: {e}") from None
     elif spec.encoder_checkpoint:
-        load_encoder_weights(model.encoder, spec.encoder_checkpoint)
+        load_encoder_weights(model.encoder, Path(spec.encoder_checkpoint))
     else:
         log.warning(
             "neither init_age_model nor encoder_checkpoint configured: the encoder starts from "
