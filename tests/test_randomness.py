@@ -7,6 +7,7 @@ Box-Muller normals are numpy float64 arithmetic on its words, not the stream's b
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import struct
@@ -17,7 +18,7 @@ import torch
 from scipy import stats
 
 from fahr_core.privacy import randomness
-from fahr_core.privacy.chacha import MAX_BLOCKS, key_words, keystream_words
+from fahr_core.privacy.chacha import MAX_BLOCKS, SEGMENT_BLOCKS, key_words, keystream_words
 from fahr_core.privacy.randomness import SecureStream
 
 MASK32 = 0xFFFFFFFF
@@ -51,10 +52,17 @@ def chacha20_block(key: bytes, counter: int, nonce: bytes) -> bytes:
     return struct.pack("<16I", *((x + y) & MASK32 for x, y in zip(s, init, strict=True)))
 
 
-def reference_words(key: bytes, n: int) -> np.ndarray:
-    """The first n 64-bit little-endian words of the stream's keystream (counter 0, zero nonce)."""
-    blocks = b"".join(chacha20_block(key, i, bytes(12)) for i in range(math.ceil(8 * n / 64)))
-    return np.frombuffer(blocks[: 8 * n], dtype="<u8")
+def stream_block(key: bytes, block: int) -> bytes:
+    """Block `block` of the stream: RFC 8439 with counter block mod 2^32 and nonce word block >> 32."""
+    return chacha20_block(key, block & MASK32, struct.pack("<3I", block >> 32, 0, 0))
+
+
+def reference_words(key: bytes, n: int, first_word: int = 0) -> np.ndarray:
+    """n 64-bit little-endian words of the stream's keystream from word `first_word` on."""
+    first, last = 8 * first_word // 64, math.ceil(8 * (first_word + n) / 64)
+    blocks = b"".join(stream_block(key, b) for b in range(first, last))
+    start = 8 * first_word - 64 * first
+    return np.frombuffer(blocks[start : start + 8 * n], dtype="<u8")
 
 
 def reference_uniforms(words: np.ndarray) -> np.ndarray:
@@ -116,11 +124,12 @@ def test_normals_come_scaled_and_cast_where_asked():
     assert float(z.std()) == pytest.approx(0.25, rel=5 * math.sqrt(1 / (2 * z.numel())))
 
 
-@pytest.mark.parametrize("first", [0, 3, 2**31 - 1, 2**32 - 3])  # across the sign bit of int32 words
+# across the sign bit of int32 words, and across 2^32 blocks into the counter's high word
+@pytest.mark.parametrize("first", [0, 3, 2**31 - 1, 2**32 - 2, 2**40 + 7])
 def test_torch_chacha20_blocks_equal_the_reference_blocks(first):
     key = os.urandom(32)
     words = keystream_words(key_words(key), first, 3, "cpu")
-    expected = b"".join(chacha20_block(key, first + i, bytes(12)) for i in range(3))
+    expected = b"".join(stream_block(key, first + i) for i in range(3))
     assert words.dtype == torch.int64
     np.testing.assert_array_equal(words.numpy(), np.frombuffer(expected, dtype="<u4").astype(np.int64))
 
@@ -139,6 +148,24 @@ def test_torch_and_openssl_keystreams_give_the_same_draws_in_any_mix():
     z_torch = SecureStream(key, keystream="torch").normal((7, 11), std=0.5)
     z_openssl = SecureStream(key, keystream="openssl").normal((7, 11), std=0.5)
     assert torch.equal(z_torch, z_openssl)
+
+
+@pytest.mark.parametrize("keystream", ["openssl", "torch"])
+def test_a_stream_runs_past_the_32_bit_block_counter(keystream):
+    """ViT-B's full fine-tuning draws 685 MB a step: one call passes RFC 8439's 256 GiB in ~400 steps."""
+    key = os.urandom(32)
+    stream = SecureStream(key, keystream=keystream)
+    start_word = SEGMENT_BLOCKS * 64 // 8 - 3  # three words before the end of block 2^32 - 1
+    stream._pos = 8 * start_word
+    got = np.concatenate([stream.random(7), stream.random(2)])  # across the boundary, then after it
+    np.testing.assert_array_equal(got, reference_uniforms(reference_words(key, 9, start_word)))
+
+
+def test_a_stream_cannot_be_copied():
+    stream = SecureStream(os.urandom(32))
+    for copier in (copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError, match="same keystream"):
+            copier(stream)
 
 
 def test_an_exhausted_stream_refuses_instead_of_repeating_its_keystream():

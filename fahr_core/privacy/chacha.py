@@ -21,7 +21,13 @@ import torch
 log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 64
-MAX_BLOCKS = 1 << 32  # the 32-bit block counter of RFC 8439 (OpenSSL refuses to wrap it, and so do we)
+# The block counter is 64 bits, words 12 and 13 (ChaCha20's original layout; words 14-15, the
+# nonce, stay zero). RFC 8439's counter is word 12 alone: 2^32 blocks, 256 GiB, which full
+# fine-tuning of ViT-B (685 MB of keystream per step) would exhaust after ~400 steps of one
+# training call. Block b is RFC 8439's block with counter b mod 2^32 and nonce word b >> 32, so
+# OpenSSL makes any block too. The end below (int64's arange) is never reached.
+MAX_BLOCKS = 1 << 62
+SEGMENT_BLOCKS = 1 << 32  # blocks per value of word 13: what one OpenSSL cipher object can make
 _SIGMA = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)  # "expand 32-byte k"
 _M32 = 0xFFFFFFFF
 
@@ -67,18 +73,26 @@ def _kernel(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """The block function, fused into one kernel by torch.compile on a GPU (eager elsewhere).
 
     Eager, every one of the ~300 row operations is a pass over memory; fused, the state stays in
-    registers. If compilation is unavailable the eager function gives the same bits, slower.
+    registers. The compiled kernel is used only after it reproduced the eager function (which
+    the tests check against RFC 8439) on random states; if compilation fails or differs, the eager
+    function gives the same bits, slower.
     """
     if device.type != "cuda":
         return _block_function
     if "cuda" not in _compiled:
+        _compiled["cuda"] = _block_function
+        # random states with every bit pattern, 37 blocks (not a multiple of any vector width)
+        probe = torch.randint(0, 1 << 32, (16, 37), dtype=torch.int64, device=device)
         try:
             fn = torch.compile(_block_function, dynamic=True)
-            fn(torch.zeros(16, 8, dtype=torch.int64, device=device))
-            _compiled["cuda"] = fn
+            same = torch.equal(fn(probe), _block_function(probe))
         except Exception as e:  # noqa: BLE001 - any compiler failure leaves the exact eager path
             log.warning("torch.compile of the ChaCha20 block function failed (%s); using eager torch", e)
-            _compiled["cuda"] = _block_function
+        else:
+            if same:  # the compiled kernel must give the eager function's bits, or it is not used
+                _compiled["cuda"] = fn
+            else:
+                log.warning("compiled ChaCha20 blocks differ from the eager ones; using eager torch")
     return _compiled["cuda"]
 
 
@@ -86,8 +100,7 @@ def check_blocks(first_block: int, blocks: int) -> None:
     """Refuse blocks past the counter's end: wrapping it would repeat the keystream, and the noise."""
     if first_block + blocks > MAX_BLOCKS:
         raise ValueError(
-            "ChaCha20 stream exhausted: the 32-bit block counter would overflow (256 GiB of "
-            "keystream per key); draw from a fresh stream"
+            "ChaCha20 stream exhausted: the block counter would overflow; draw from a fresh stream"
         )
 
 
@@ -101,12 +114,19 @@ def keystream_words(
 ) -> torch.Tensor:
     """The 32-bit words (int64, flat, in stream order) of `blocks` blocks from block `first_block`.
 
-    Nonce zero, the block counter in word 12: the layout of `SecureStream`'s OpenSSL cipher.
+    The block counter in words 12 (low) and 13 (high), nonce words zero (see MAX_BLOCKS).
     """
     check_blocks(first_block, blocks)
     device = torch.device(device)
+    counter = torch.arange(first_block, first_block + blocks, dtype=torch.int64, device=device)
     state = torch.zeros(16, blocks, dtype=torch.int64, device=device)
     state[0:4] = torch.tensor(_SIGMA, dtype=torch.int64, device=device)[:, None]
     state[4:12] = torch.tensor(key, dtype=torch.int64, device=device)[:, None]
-    state[12] = torch.arange(first_block, first_block + blocks, dtype=torch.int64, device=device)
+    state[12] = counter & _M32
+    state[13] = counter >> 32
     return _kernel(device)(state).t().reshape(-1)
+
+
+def openssl_nonce(block: int) -> bytes:
+    """The 16 bytes OpenSSL's ChaCha20 takes to start at `block`: counter word, then nonce words."""
+    return (block & _M32).to_bytes(4, "little") + (block >> 32).to_bytes(4, "little") + bytes(8)

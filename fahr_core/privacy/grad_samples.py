@@ -6,7 +6,8 @@ batched matrix product either way round, and Opacus' einsum picks the orientatio
 the layer's output width as its rows. For a LoRA up-projection (rank 8 in, 384 out) that is a
 product with 8-column outputs, about five times slower on a CPU than the transposed one with
 8-row outputs (then transposed back); with the small dimension first it is the faster one
-(benchmarks: docs/performance.md). The values are the same products, summed in the same order.
+(benchmarks: docs/performance.md). The values are the same products; the sum over tokens may
+round differently (a few 1e-6 relative), and clipping uses the tensor made here either way.
 
 Opacus' per-patient gradient store, without its zero-fill and copy:
 

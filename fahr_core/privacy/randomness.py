@@ -27,7 +27,14 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from fahr_core.privacy.chacha import BLOCK_BYTES, check_blocks, key_words, keystream_words
+from fahr_core.privacy.chacha import (
+    BLOCK_BYTES,
+    SEGMENT_BLOCKS,
+    check_blocks,
+    key_words,
+    keystream_words,
+    openssl_nonce,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +75,40 @@ class SecureStream:
         self._cipher = self._cipher_at(0)
         self._cipher_pos = 0  # where the OpenSSL cipher stands (behind _pos after a torch draw)
 
+    def __copy__(self) -> SecureStream:
+        raise TypeError("a SecureStream cannot be copied: two copies would draw the same keystream")
+
+    def __deepcopy__(self, memo: dict) -> SecureStream:
+        raise TypeError("a SecureStream cannot be copied: two copies would draw the same keystream")
+
     def _cipher_at(self, pos: int) -> Any:
-        """An OpenSSL ChaCha20 encryptor positioned at keystream byte `pos` (counter = pos // 64)."""
+        """An OpenSSL ChaCha20 encryptor positioned at keystream byte `pos` (block pos // 64)."""
         block, skip = divmod(pos, BLOCK_BYTES)
         check_blocks(block, 1)
-        cipher = Cipher(algorithms.ChaCha20(self._key, block.to_bytes(4, "little") + bytes(12)), mode=None)
+        cipher = Cipher(algorithms.ChaCha20(self._key, openssl_nonce(block)), mode=None)
         encryptor = cipher.encryptor()
         encryptor.update(bytes(skip))
         return encryptor
+
+    def _openssl_bytes(self, size: int) -> bytearray:
+        """The next `size` keystream bytes from OpenSSL (plus one block of slack at the end).
+
+        One OpenSSL cipher runs only to the end of its 2^32-block segment (its counter is 32 bits),
+        so a draw that crosses a segment's end continues with a cipher for the next one.
+        """
+        out = bytearray(size + BLOCK_BYTES)  # update_into wants room for one more block
+        view, done = memoryview(out), 0
+        while done < size:
+            pos = self._pos + done
+            if self._cipher_pos != pos:
+                self._cipher = self._cipher_at(pos)
+            segment_end = (pos // (SEGMENT_BLOCKS * BLOCK_BYTES) + 1) * SEGMENT_BLOCKS * BLOCK_BYTES
+            take = min(size - done, segment_end - pos)
+            self._cipher.update_into(bytes(take), view[done : done + take + BLOCK_BYTES])
+            done += take
+            # a cipher that reached its segment's end is spent: the next byte needs a new one
+            self._cipher_pos = pos + take if pos + take < segment_end else -1
+        return out
 
     def _mantissas(self, n: int, device: torch.device | str | None) -> torch.Tensor:
         """The low 52 bits of the next n 64-bit keystream words (little-endian), int64 on `device`."""
@@ -83,11 +116,7 @@ class SecureStream:
         where = torch.device(device if device is not None else "cpu")
         keystream = self._keystream or ("openssl" if where.type == "cpu" else "torch")
         if keystream == "openssl":
-            if self._cipher_pos != self._pos:
-                self._cipher = self._cipher_at(self._pos)
-            out = bytearray(8 * n + BLOCK_BYTES)  # update_into wants room for one more block
-            self._cipher.update_into(bytes(8 * n), out)
-            self._cipher_pos = self._pos + 8 * n
+            out = self._openssl_bytes(8 * n)
             bits = torch.frombuffer(out, dtype=torch.int64, count=n).to(where).bitwise_and_(_MANTISSA)
         else:
             first, offset = divmod(self._pos, BLOCK_BYTES)
