@@ -235,13 +235,14 @@ def _section(cls: type, raw: dict[str, Any], where: str) -> Any:
 
 
 def _is_listen_address(address: object) -> bool:
-    """A host name or IP address, no port: a colon is only allowed inside an IPv6 address."""
+    """A host name or IP address, no port: a colon only inside an IPv6 address, written bare
+    (Flower's SuperLink adds the brackets itself; `[::1]` would reach it as `[[::1]]`)."""
     if not isinstance(address, str) or not address or any(c.isspace() for c in address):
         return False
     if ":" not in address:
-        return True
+        return "[" not in address
     try:
-        return ipaddress.ip_address(address.removeprefix("[").removesuffix("]")).version == 6
+        return ipaddress.ip_address(address).version == 6
     except ValueError:
         return False
 
@@ -395,7 +396,8 @@ def server_config_from_dict(raw: dict[str, Any], source: str, base: Path) -> Ser
     _check(
         _is_listen_address(cfg.address),
         f"{source}: [federation].address must be a host name or IP address to listen on, without a "
-        f"port (0.0.0.0 for every interface; the port is [federation].port), not {cfg.address!r}",
+        f"port or brackets (0.0.0.0 or :: for every interface; the port is [federation].port), "
+        f"not {cfg.address!r}",
     )
     _check(
         isinstance(cfg.port, int) and not isinstance(cfg.port, bool) and 1 <= cfg.port <= 65535,

@@ -182,7 +182,10 @@ def host_port(host: str, port: int) -> str:
 
 
 def port_free(host: str, port: int) -> bool:
-    sock, bare = _socket_for(host)
+    try:  # an IPv6 socket on a host without IPv6 fails here: the port is no more usable than taken
+        sock, bare = _socket_for(host)
+    except OSError:
+        return False
     with sock as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

@@ -84,7 +84,8 @@ def test_server_config_errors_name_the_key(tmp_path):
         ("address = ''", r"\[federation\].address must be a host name or IP address"),
         ("address = 'fahr.example.org:8443'", r"without a port"),
         ("address = '::'", None),  # every IPv6 interface
-        ("address = '[::1]'", None),
+        ("address = '[::1]'", r"without a port or brackets"),
+        ("address = '::1'", None),
         ("address = 'fahr.example.org'", None),
         ("address = 'fahr example'", r"\[federation\].address must be"),
         ("port = 0", r"\[federation\].port must be a whole number in 1..65535, not 0"),
