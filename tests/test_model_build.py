@@ -183,3 +183,12 @@ def test_gpu_recipe_runs_end_to_end_on_the_cpu(faces: Path, tmp_path: Path) -> N
     assert (out / "build" / "mae" / "mae_encoder.safetensors").is_file()
     assert (out / "build" / "age" / "model_final.safetensors").is_file()
     assert (out / "build" / "age" / "curve.png").is_file()
+    # the device run's sizing: steps and epochs cut to the budgets, never above the recipe's own
+    shards, n_train = out / "build" / "shards" / "train", len(build.part("train")[0])
+    most = replace(module.TINY_RECIPE, mae_steps=400, mae_warmup=300, age_epochs=30, balanced_epochs=6)
+    cut, timing = module.sized_recipe(most, shards, n_train, (0.2, 0.2), 1e9, torch.device("cpu"))
+    assert 20 <= cut.mae_steps < 400 and cut.mae_warmup == cut.mae_steps // 10
+    assert cut.age_epochs >= 1 and cut.balanced_epochs >= 1 and cut.age_epochs + cut.balanced_epochs < 36
+    assert timing["mae_steps"] == cut.mae_steps and timing["mae_eager_images_per_s"] > 0
+    roomy, _ = module.sized_recipe(most, shards, n_train, (1e6, 1e6), 1e9, torch.device("cpu"))
+    assert (roomy.mae_steps, roomy.mae_warmup, roomy.age_epochs, roomy.balanced_epochs) == (400, 40, 30, 6)
