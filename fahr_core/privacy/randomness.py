@@ -53,9 +53,10 @@ class SecureStream:
     Every uniform takes one 64-bit keystream word, of which the low 52 bits make an exact float64
     in (0, 1) (smallest 2**-53, so Box-Muller normals reach 8.6 sigma: the tails are Gaussian
     well beyond anything millions of coordinates per step for thousands of steps ever draw).
-    Normals are Box-Muller in float64 done by torch on the device that will use them: OpenSSL
-    writes the keystream in chunks straight into a buffer torch reads without a copy, and only
-    the transform (log, sqrt, cos, sin) runs per coordinate. numpy's float64 Box-Muller on one
+    Normals are Box-Muller in float64 done by torch on the device that will use them. For the CPU,
+    OpenSSL writes the keystream in chunks straight into a buffer torch reads without a copy; for
+    a GPU, torch makes the same keystream there (`fahr_core.privacy.chacha`); either way only the
+    transform (log, sqrt, cos, sin) runs per coordinate. numpy's float64 Box-Muller on one
     core took ~75 ms per million normals, seconds per step for a ViT-B; see docs/performance.md.
     """
 
