@@ -7,6 +7,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from concurrent.futures import process
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +81,31 @@ def die_half_way(done, total):
         os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, like a power cut or the OOM killer
 align_photos(paths, Path(sys.argv[1]), BlazeFaceDetector(), workers=1, progress=die_half_way)
 """
+
+
+@pytest.mark.slow
+def test_an_interrupted_pool_is_gone_before_align_returns(tmp_path, detector, monkeypatch):
+    """Ctrl-C mid-pool: the workers and the pool's manager thread have ended when the exception
+    leaves align_photos. A manager thread still closing its wake-up pipe at interpreter exit makes
+    Python 3.11 print an EBADF traceback after the CLI's "stopped" message (seen in CI); a slow
+    manager here makes that race certain."""
+    slow = process._ExecutorManagerThread.join_executor_internals
+
+    def slow_join(self):
+        time.sleep(1.0)
+        slow(self)
+
+    monkeypatch.setattr(process._ExecutorManagerThread, "join_executor_internals", slow_join)
+
+    def interrupt(done: int, total: int) -> None:
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        align_photos(demo_photos()[:60], tmp_path, detector, workers=2, progress=interrupt)
+    left = [t for t in threading.enumerate() if isinstance(t, process._ExecutorManagerThread)]
+    assert not left
+    assert len(list((tmp_path / RESULTS_DIR).iterdir())) < 60
 
 
 @pytest.mark.slow

@@ -382,15 +382,23 @@ def _stop_now(ex: ProcessPoolExecutor, futures: dict) -> None:
     `shutdown(wait=True)`, which leaving a `with` block does, would finish every queued photo first
     (minutes after Ctrl-C). Python 3.14 has `kill_workers()`; before it, the pool's process table
     is the only handle on the workers. Results already written stay valid: the next run resumes.
+
+    It returns only after the pool's manager thread has ended: that thread closes its wake-up pipe
+    when it sees the workers die, and if it is still doing so when the interpreter exits, Python
+    3.11's exit hook writes to the pipe being closed and prints a traceback (EBADF) after the
+    command's "stopped" message.
     """
     for fut in futures:
         fut.cancel()
     workers = list((getattr(ex, "_processes", None) or {}).values())
+    manager = getattr(ex, "_executor_manager_thread", None)
     ex.shutdown(wait=False, cancel_futures=True)
     for proc in workers:
         proc.kill()
     for proc in workers:
         proc.join(timeout=5)
+    if manager is not None:
+        manager.join(timeout=10)
 
 
 def _row(path: str, rec: dict[str, Any]) -> AlignmentRow:
