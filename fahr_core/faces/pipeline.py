@@ -15,6 +15,7 @@ the parent stops them all; see `_die_with_parent`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import ctypes
 import hashlib
@@ -26,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -224,6 +225,42 @@ def _init_worker(detector: Detector, qc: QCConfig, out_dir: Path, settings: str,
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while worker processes start; deliver them when the block ends.
+
+    Ctrl-C reaches the whole process group. A new worker spends its first fraction of a second
+    importing, before any code of ours can ignore SIGINT, and one interrupted there prints a
+    traceback beside the command's own "stopped" message. A blocked signal stays blocked through
+    fork and exec, so the workers start deaf to it (then ignore it for good, `_die_with_parent`).
+    This process must not stop half-way through starting a worker either (one left waiting for
+    its start-up data dies with a traceback of its own), and another of its threads may take the
+    signal whatever this thread's mask: so in the main thread the Python handlers only note the
+    signal while held, and it is raised again, to the handlers from before, when the block ends.
+    """
+    caught: list[int] = []
+
+    def note(signum: int, _frame: object) -> None:
+        caught.append(signum)
+
+    handlers: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():  # only it may set handlers
+        handlers = {sig: signal.signal(sig, note) for sig in _HELD_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one pending here goes to `note`
+        for sig, handler in handlers.items():
+            if handler is not None:  # None: not set from Python, nothing to put back
+                signal.signal(sig, handler)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)
+
+
 def _die_with_parent(parent: int, *init_args: Any) -> None:
     """Worker initializer: never outlive the aligning process, leave Ctrl-C to it, then `_init_worker`.
 
@@ -232,7 +269,8 @@ def _die_with_parent(parent: int, *init_args: Any) -> None:
     without cleaning up (SIGKILL, OOM killer), Linux kills the worker (PR_SET_PDEATHSIG); elsewhere
     a thread polls the parent id. A parent that died before this ran is caught by getppid().
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C held since its start is dropped here
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_SIGNALS)
     linux = sys.platform.startswith("linux")
     if linux:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -345,19 +383,24 @@ def align_photos(
     elif todo:
         # spawn, not fork: the parent may hold threads (torch, progress bars) that fork would copy mid-lock
         ctx = multiprocessing.get_context("spawn")
-        ex = ProcessPoolExecutor(
-            n_workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(), *init_args)
-        )
+        ex: ProcessPoolExecutor | None = None
         futures: dict = {}
         try:
-            futures = {ex.submit(_process, p, key): key for key, p in todo.items()}
+            # the constructor starts multiprocessing's resource tracker, which holds Ctrl-C back
+            # from it the same way and then lets it through again: so outside the hold
+            ex = ProcessPoolExecutor(
+                n_workers, mp_context=ctx, initializer=_die_with_parent, initargs=(os.getpid(), *init_args)
+            )
+            with _signals_held():  # the workers start in the first submits
+                futures = {ex.submit(_process, p, key): key for key, p in todo.items()}
             for fut in as_completed(futures):
                 key = futures[fut]
                 records[key] = fut.result()
                 for _ in waiting[key]:
                     tick()
         except BaseException:  # Ctrl-C, SIGTERM (the CLI raises KeyboardInterrupt), a broken pool
-            _stop_now(ex, futures)
+            if ex is not None:
+                _stop_now(ex, futures)
             raise
         ex.shutdown()
 
