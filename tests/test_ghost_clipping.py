@@ -113,6 +113,31 @@ def test_ghost_and_hooks_give_the_same_noisy_update_from_the_same_stream(mode):
     assert not torch.allclose(other["head.risk.weight"], ghost["head.risk.weight"], atol=1e-4)  # noise
 
 
+@pytest.mark.parametrize("mode", ["full", "last:1", "lora"])
+def test_hooks_skip_the_summed_gradient_dp_throws_away_and_give_it_back_after(mode):
+    """Under the hooks a trainable Linear whose input carries a gradient gets its per-patient
+    gradients but no summed one (the optimizer replaces it by the noised clipped sum); those whose
+    input carries none keep it (LoRA's first A, on the frozen embedding; the baseline hazards'
+    Linear, on a constant). remove_hooks gives nn.Linear's forward back."""
+    model = _model(mode)
+    model.train()
+    x, t, e = _batch()
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.requires_grad]
+    dp_model, _ = local._private(model, "hooks", 1.0)
+    eta, alpha = dp_model(to_input(x))
+    discrete_hazard_nll(eta, alpha, t, e, HORIZON).backward()
+    kept = {m for m in linears if m.weight.grad is not None}
+    first_a = [model.encoder.blocks[0].attn.qkv.lora_A] if mode == "lora" else []
+    assert kept == {*first_a, model.head.baseline}
+    assert all(m.weight.grad_sample.shape[0] == len(x) for m in linears)
+    dp_model.remove_hooks()
+    assert not any("forward" in vars(m) for m in linears)
+    model.zero_grad(set_to_none=True)
+    eta, alpha = model(to_input(x))
+    discrete_hazard_nll(eta, alpha, t, e, HORIZON).backward()
+    assert all(m.weight.grad is not None for m in linears)
+
+
 def test_an_unknown_clipping_method_is_refused():
     with pytest.raises(ValueError, match="unknown clipping 'fast'"):
         local._private(_model("head"), "fast", 1.0)

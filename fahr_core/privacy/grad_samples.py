@@ -27,6 +27,8 @@ name; `install` checks it is there, so that an Opacus which moved it fails loudl
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import torch
 from opacus.grad_sample import GradSampleModule, grad_sample_module
@@ -72,7 +74,43 @@ def linear_grad_sample(
     return out
 
 
+def _per_patient_only(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` with no gradient for the layer's own tensors when `x` carries one.
+
+    Under DP-SGD the batch's summed weight gradient, which autograd would compute for every
+    trainable Linear, is thrown away: the optimizer replaces `.grad` with the noised sum of
+    clipped per-patient gradients, made from the hooks' activations and output gradients. Its
+    matrix product was about a third of the backward pass. With detached weights the output still
+    carries the input's gradient, so the hooks fire and the layers below receive theirs. When `x`
+    carries none (the first trainable layer above a frozen part), the weights are the only path
+    to a gradient and stay attached.
+    """
+    if not x.requires_grad:
+        return torch.nn.functional.linear(x, layer.weight, layer.bias)
+    bias = None if layer.bias is None else layer.bias.detach()
+    return torch.nn.functional.linear(x, layer.weight.detach(), bias)
+
+
 class PerPatientGradients(GradSampleModule):
-    """Opacus' per-sample hooks with fahr's Linear grad sampler (`linear_grad_sample`)."""
+    """Opacus' per-sample hooks with fahr's Linear grad sampler (`linear_grad_sample`), and trainable
+    Linear layers that skip the summed weight gradient nobody reads (`_per_patient_only`) until
+    `remove_hooks`."""
 
     GRAD_SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, torch.nn.Linear: linear_grad_sample}
+
+    def __init__(self, m: torch.nn.Module, *args: Any, **kwargs: Any):
+        super().__init__(m, *args, **kwargs)
+        self._rewired = [
+            layer
+            for layer in m.modules()
+            if type(layer) is torch.nn.Linear and any(p.requires_grad for p in layer.parameters())
+        ]
+        for layer in self._rewired:
+            layer.forward = partial(_per_patient_only, layer)  # type: ignore[method-assign]
+
+    def remove_hooks(self) -> None:
+        """Opacus' hooks off, and every rewired layer back to nn.Linear's own forward."""
+        super().remove_hooks()
+        for layer in self._rewired:
+            del layer.forward
+        self._rewired = []
