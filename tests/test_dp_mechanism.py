@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from fahr_client.cli import app as client_app
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.config import PrivacyConfig, TrainConfig
-from fahr_core.faces.images import load_faces
+from fahr_core.faces.images import load_faces, to_input
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy import randomness
 from fahr_core.privacy.dpsgd import PoissonBatches, SamplingPlan, SecureGhostOptimizer, SecureNoiseOptimizer
@@ -310,3 +310,23 @@ def test_secagg_rounding_from_a_secure_stream_is_unbiased():
     q, _ = quantiser.quantise(x, fresh_stream("secagg"))
     ups = float(q.astype(np.int64).mean())
     assert ups == pytest.approx(0.3, abs=5 * math.sqrt(0.3 * 0.7 / x.size))
+
+
+def test_a_round_that_fails_mid_training_leaves_a_plain_model(faces, tmp_path, monkeypatch):
+    """Opacus' hooks and the rewired Linear layers come off even when training raises, so the model
+    a caller keeps never trains without its weight gradients (AdamW skips a tensor with none)."""
+
+    def fail(*args, **kwargs):
+        raise MemoryError("out of memory in the middle of a round")
+
+    monkeypatch.setattr(local, "_run_steps", fail)
+    model = SurvivalViT("vit_micro", IMG, n_intervals=4)
+    ledger = PrivacyLedger.open(tmp_path / "ledger.json", 8.0, 1e-5)
+    train, privacy = TrainConfig(batch_size=8, local_epochs=1), PrivacyConfig(epsilon=8.0)
+    with pytest.raises(MemoryError):
+        train_dp(model, subset(faces, 16), train, privacy, ledger, 1, HORIZON, {"server_round": 1})
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    eta, alpha = model(to_input(faces.images[:4]))
+    (eta.sum() + alpha.sum()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

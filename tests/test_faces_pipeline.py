@@ -109,6 +109,27 @@ def test_ctrl_c_while_workers_start_waits_for_them_and_is_not_lost():
     assert not _blocked_in_child() & (1 << (signal.SIGINT - 1))  # and the mask is back
 
 
+def test_every_signal_held_is_delivered_even_after_one_raised():
+    """Ctrl-C, then SIGTERM, both while workers start, with Python's default handlers: the
+    KeyboardInterrupt of the first must not swallow the second, which ends the process."""
+    script = textwrap.dedent(
+        """
+        import os, signal
+        from fahr_core.faces.pipeline import _signals_held
+        try:
+            with _signals_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            pass
+        print("still running")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == -signal.SIGTERM, (done.returncode, done.stdout, done.stderr)
+    assert "still running" not in done.stdout
+
+
 @pytest.mark.slow
 def test_an_interrupted_pool_is_gone_before_align_returns(tmp_path, detector, monkeypatch):
     """Ctrl-C mid-pool: the workers and the pool's manager thread have ended when the exception

@@ -109,7 +109,8 @@ def test_merged_lora_model_is_a_plain_vit_computing_the_same_risk():
 
 @pytest.mark.parametrize("mode", ["full", "lora", "ffa-lora"])
 def test_opacus_per_sample_gradients_match_a_per_patient_loop(mode):
-    """Opacus' hooks (what train_dp uses) against one backward pass per patient, on real faces."""
+    """Opacus' own hooks against one backward pass per patient, on real faces (train_dp's
+    `PerPatientGradients` is checked the same way in tests/test_ghost_clipping.py)."""
     spec = replace(SPEC, finetune=mode)
     torch.manual_seed(0)
     model = build(spec)

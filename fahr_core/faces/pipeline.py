@@ -246,19 +246,29 @@ def _signals_held() -> Iterator[None]:
     def note(signum: int, _frame: object) -> None:
         caught.append(signum)
 
-    handlers: dict[signal.Signals, Any] = {}
-    if threading.current_thread() is threading.main_thread():  # only it may set handlers
-        handlers = {sig: signal.signal(sig, note) for sig in _HELD_SIGNALS}
+    # only the main thread may set handlers, and one set outside Python (None) could not be put back
+    handlers = {sig: signal.getsignal(sig) for sig in _HELD_SIGNALS}
+    if threading.current_thread() is not threading.main_thread() or None in handlers.values():
+        handlers = {}
+    for sig in handlers:
+        signal.signal(sig, note)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one pending here goes to `note`
         for sig, handler in handlers.items():
-            if handler is not None:  # None: not set from Python, nothing to put back
-                signal.signal(sig, handler)
-        for signum in dict.fromkeys(caught):
-            signal.raise_signal(signum)
+            signal.signal(sig, handler)
+        _raise_each(list(dict.fromkeys(caught)))
+
+
+def _raise_each(signums: list[int]) -> None:
+    """Raise every signal in turn, even after one's handler raised (SIGINT, then a SIGTERM that kills)."""
+    if signums:
+        try:
+            signal.raise_signal(signums[0])
+        finally:
+            _raise_each(signums[1:])
 
 
 def _die_with_parent(parent: int, *init_args: Any) -> None:
@@ -398,11 +408,11 @@ def align_photos(
                 records[key] = fut.result()
                 for _ in waiting[key]:
                     tick()
+            ex.shutdown()
         except BaseException:  # Ctrl-C, SIGTERM (the CLI raises KeyboardInterrupt), a broken pool
             if ex is not None:
-                _stop_now(ex, futures)
+                _stop_now(ex)
             raise
-        ex.shutdown()
 
     rows = [_row(p, records[keys[p]]) for p in names]
     csv_path = out_dir / TABLE_FILE
@@ -419,7 +429,7 @@ def _cached(result: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and "status" in record else None
 
 
-def _stop_now(ex: ProcessPoolExecutor, futures: dict) -> None:
+def _stop_now(ex: ProcessPoolExecutor) -> None:
     """Stop a pool at once: queued photos are dropped and the workers killed, not drained.
 
     `shutdown(wait=True)`, which leaving a `with` block does, would finish every queued photo first
@@ -429,10 +439,10 @@ def _stop_now(ex: ProcessPoolExecutor, futures: dict) -> None:
     It returns only after the pool's manager thread has ended: that thread closes its wake-up pipe
     when it sees the workers die, and if it is still doing so when the interpreter exits, Python
     3.11's exit hook writes to the pipe being closed and prints a traceback (EBADF) after the
-    command's "stopped" message.
+    command's "stopped" message. Queued photos are cancelled by that thread (`cancel_futures`):
+    cancelling them from here as well raced with it marking them failed when the workers died
+    (InvalidStateError in that thread).
     """
-    for fut in futures:
-        fut.cancel()
     workers = list((getattr(ex, "_processes", None) or {}).values())
     manager = getattr(ex, "_executor_manager_thread", None)
     ex.shutdown(wait=False, cancel_futures=True)

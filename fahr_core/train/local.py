@@ -211,8 +211,10 @@ def train_dp(
         expected_batch_size=plan.expected_batch_size,
         stream=fresh_stream("gaussian noise"),
     )
-    mean_loss, images = _run_steps(dp_model, loader, dp_optimizer, horizon, train.loss)
-    dp_model.remove_hooks()
+    try:
+        mean_loss, images = _run_steps(dp_model, loader, dp_optimizer, horizon, train.loss)
+    finally:  # the model is a plain module again even after a failed round (hooks, rewired layers)
+        dp_model.remove_hooks()
     rng = "INSECURE test seed" if insecure_rng_active() else "ChaCha20 keyed from os.urandom"
     epsilon = ledger.record((sigma, plan.sample_rate, plan.steps), {**round_info, "rng": rng})
     return RoundStats(
