@@ -88,6 +88,7 @@ class Recipe:
     age_batch: int = 64
     age_lr: float = 1e-3
     balanced_lr: float = 2.5e-4
+    age_cap: float = 20.0  # largest oversampling factor of a decade in the balanced stage
     layer_decay: float = 0.75
     age_shift: int = 6
     # survival warm start: the demo's federation over sites drawn from the validation faces
@@ -125,6 +126,7 @@ class Recipe:
             batch_size=self.age_batch,
             lr=self.age_lr,
             balanced_lr=self.balanced_lr,
+            cap=self.age_cap,
             layer_decay=self.layer_decay,
             shift=self.age_shift,
             seed=self.seed,

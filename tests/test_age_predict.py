@@ -51,3 +51,16 @@ def test_predict_folder_with_a_corrupt_file_and_a_non_face(tmp_path) -> None:
     expected = predict_ages(model, load_faces([crops[str(photos / n)] for n in names], 112))
     got = [float(rows[n]["predicted_age"]) for n in names]
     assert got == [round(float(e), 2) for e in expected] and len(set(got)) == 3
+
+
+def test_a_face_and_its_mirror_image_get_the_same_age_the_mean_of_both_forward_passes() -> None:
+    torch.manual_seed(0)
+    model = AgeViT("vit_micro", 112)
+    torch.nn.init.normal_(model.head.weight, std=0.25)
+    faces = load_faces(sorted((demo_faces_dir() / "images").iterdir())[:5], 112)
+    mirrored = faces[..., ::-1].copy()
+    once, flipped = predict_ages(model, faces, mirror=False), predict_ages(model, mirrored, mirror=False)
+    assert np.abs(once - flipped).max() > 0.01  # the model itself is not symmetric: a test that can fail
+    both = predict_ages(model, faces, batch_size=2)  # batches of 2 and 1: averaged face by face
+    assert np.allclose(both, (once + flipped) / 2, atol=1e-4)
+    assert np.allclose(predict_ages(model, mirrored), both, atol=1e-4)

@@ -40,15 +40,23 @@ def aligned_faces(
     return table, load_faces(crops, img_size, aligned_dir / ARRAYS_DIR)
 
 
-def predict_ages(model: AgeViT, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Predicted ages (years) of uint8 crops (N, 3, S, S), converted to floats one batch at a time."""
+def predict_ages(model: AgeViT, images: np.ndarray, batch_size: int = 256, mirror: bool = True) -> np.ndarray:
+    """Predicted ages (years) of uint8 crops (N, 3, S, S), converted to floats one batch at a time.
+
+    With `mirror` (the default) each face's age is the mean of the predictions for the face and
+    its mirror image: the model was trained on randomly flipped faces, so both are faces it knows,
+    and averaging them halves the part of the error that depends on which way a face was turned
+    (the shipped model: 7.08 -> 6.96 y validation MAE, docs/age.md). `mirror=False` is the
+    model's own forward pass, the one a linear fold of its head reproduces (`init_from_age_model`).
+    """
     model.eval()
     device = next(model.parameters()).device  # the model's device: a GPU when the caller put it there
+    out = []
     with torch.no_grad():
-        out = [
-            model(to_input(images[i : i + batch_size]).to(device)).cpu()
-            for i in range(0, len(images), batch_size)
-        ]
+        for i in range(0, len(images), batch_size):
+            x = to_input(images[i : i + batch_size]).to(device)
+            age = model(x)
+            out.append(((age + model(x.flip(-1))) / 2 if mirror else age).cpu())
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
 
