@@ -83,12 +83,12 @@ class Recipe:
     mae_workers: int = 0  # shards are memory-mapped: on a CPU a worker process costs more than reading
     mae_compile: bool = False  # torch.compile: pays off on a GPU, not for a vit_micro on a CPU
     # age fine-tuning (the same for both initialisations)
-    age_epochs: int = 24
+    age_epochs: int = 60
     balanced_epochs: int = 4
     age_batch: int = 64
     age_lr: float = 1e-3
     balanced_lr: float = 2.5e-4
-    age_cap: float = 20.0  # largest oversampling factor of a decade in the balanced stage
+    age_cap: float = 3.0  # largest oversampling factor of a decade in the balanced stage (docs/age.md)
     layer_decay: float = 0.75
     age_shift: int = 6
     # survival warm start: the demo's federation over sites drawn from the validation faces
