@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from fahr_core.age.model import AgeViT, save_age_model
+from fahr_core.age.model import AgeViT, load_age_model, save_age_model
 from fahr_core.age.predict import predict_ages
-from fahr_core.age.views import CENTRED
+from fahr_core.age.views import CENTRED, TEST_SHIFTS
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.faces.images import load_faces
 from fahr_core.faces.pipeline import AlignmentTable
@@ -58,6 +58,7 @@ def test_an_age_is_the_mean_over_the_test_views_the_same_for_a_face_and_its_mirr
     torch.manual_seed(0)
     model = AgeViT("vit_micro", 112)
     torch.nn.init.normal_(model.head.weight, std=0.25)
+    model.train_shift = 6  # trained on moved faces: all ten views
     faces = load_faces(sorted((demo_faces_dir() / "images").iterdir())[:5], 112)
     mirrored = faces[..., ::-1].copy()
     once = predict_ages(model, faces, shifts=CENTRED, mirror=False)  # the forward pass alone
@@ -68,3 +69,22 @@ def test_an_age_is_the_mean_over_the_test_views_the_same_for_a_face_and_its_mirr
     views = predict_ages(model, faces)  # the default: ten views, a set closed under mirroring
     assert np.abs(views - both).max() > 0.01
     assert np.allclose(predict_ages(model, mirrored), views, atol=1e-4)
+
+
+def test_the_training_shift_travels_with_the_file_and_picks_the_views(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = AgeViT("vit_micro", 112)
+    torch.nn.init.normal_(model.head.weight, std=0.25)
+    faces = load_faces(sorted((demo_faces_dir() / "images").iterdir())[:3], 112)
+    save_age_model(tmp_path / "still.safetensors", model)  # never trained on moved faces
+    still = load_age_model(tmp_path / "still.safetensors")
+    assert still.train_shift == 0
+    assert np.allclose(predict_ages(still, faces), predict_ages(still, faces, shifts=CENTRED), atol=1e-6)
+    model.train_shift = 6
+    save_age_model(tmp_path / "moved.safetensors", model)
+    moved = load_age_model(tmp_path / "moved.safetensors")
+    assert moved.train_shift == 6
+    assert np.allclose(predict_ages(moved, faces), predict_ages(moved, faces, shifts=TEST_SHIFTS), atol=1e-6)
+    assert not np.allclose(predict_ages(moved, faces), predict_ages(still, faces), atol=1e-3)
+    # files written before the key existed carry the shift in their trainer config: the shipped one
+    assert load_age_model(demo_faces_dir() / "age_vit_micro.safetensors").train_shift == 6

@@ -7,6 +7,7 @@ the weights the server sends, without pickle.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from fahr_core.models.checkpoint import load_weights, save_weights
 from fahr_core.models.vit import build_encoder
 
 KIND = "fahr-face-age"
+TRAIN_SHIFT = "train_shift"  # metadata key: the largest random move of the training faces, pixels
 
 
 class AgeViT(nn.Module):
@@ -42,6 +44,8 @@ class AgeViT(nn.Module):
         nn.init.zeros_(self.head.bias)  # start at the mean: early L1 gradients are sane
         self.register_buffer("age_mean", torch.tensor(float(mean_age)))
         self.register_buffer("age_scale", torch.tensor(float(sd_age)))
+        # the largest random move (pixels) of its training faces: which test-time views it knows
+        self.train_shift = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.age_mean + self.age_scale * self.head(self.encoder(x)).squeeze(-1)
@@ -50,7 +54,19 @@ class AgeViT(nn.Module):
 def save_age_model(path: Path, model: AgeViT, card: dict[str, str] | None = None) -> None:
     """Write the model with the metadata `load_age_model` needs, plus a free-form card."""
     meta = {**(card or {}), "kind": KIND, "arch": model.arch, "img_size": str(model.img_size)}
+    meta[TRAIN_SHIFT] = str(model.train_shift)
     save_weights(path, model.state_dict(), meta)
+
+
+def _train_shift(metadata: dict[str, str], where: str) -> int:
+    """The training shift a file records. Files written before it was recorded carry it in their
+    trainer config; neither means a model never trained on moved faces (0)."""
+    try:
+        if TRAIN_SHIFT in metadata:
+            return int(metadata[TRAIN_SHIFT])
+        return int(json.loads(metadata.get("config", "{}")).get("shift", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        raise ValueError(f"{where}: age model metadata has no valid {TRAIN_SHIFT} or config shift") from None
 
 
 def age_model_from_state(state: dict[str, torch.Tensor], metadata: dict[str, str], where: str) -> AgeViT:
@@ -61,6 +77,7 @@ def age_model_from_state(state: dict[str, torch.Tensor], metadata: dict[str, str
         model = AgeViT(metadata["arch"], int(metadata["img_size"]))
     except (KeyError, ValueError) as e:
         raise ValueError(f"{where}: age model metadata lacks a valid arch/img_size ({e})") from None
+    model.train_shift = _train_shift(metadata, where)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -111,6 +111,7 @@ def build_age_model(cfg: AgeTrainConfig, train_ages: np.ndarray, init: Path | No
     """A fresh AgeViT scaled to the training ages, its encoder from an MAE encoder file if given."""
     torch.manual_seed(cfg.seed)
     model = AgeViT(cfg.arch, cfg.img_size, float(np.mean(train_ages)), float(np.std(train_ages)) or 1.0)
+    model.train_shift = cfg.shift
     if init is not None:
         load_encoder_weights(model.encoder, Path(init))
     return model

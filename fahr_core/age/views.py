@@ -5,7 +5,8 @@ flips half of them, so that a small ViT fine-tuned for many epochs on about 15,0
 memorise exact pixel positions. The price is a model whose answer still depends a little on where
 the face sits and which way it is turned; averaging its answers over a fixed set of views (the face
 and its mirror image, each centred and moved 3 pixels up, down, left and right) removes most of that
-dependence, at ten times the inference cost (docs/age.md#test-time-views).
+dependence, at ten times the inference cost (docs/age.md#test-time-views). Only moves a model was
+trained on are used: one trained without (`fahr age train`'s default) gets the mirror pair alone.
 """
 
 from __future__ import annotations
@@ -15,9 +16,22 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-# (dy, dx) in pixels: the centred face and four 3-pixel moves, within the training shifts' range
-TEST_SHIFTS: tuple[tuple[int, int], ...] = ((0, 0), (3, 0), (-3, 0), (0, 3), (0, -3))
+TEST_MOVE = 3  # pixels; a model trained on smaller moves (or none) gets the mirror pair only
+# (dy, dx) in pixels: the centred face and four moves of TEST_MOVE
+TEST_SHIFTS: tuple[tuple[int, int], ...] = (
+    (0, 0),
+    (TEST_MOVE, 0),
+    (-TEST_MOVE, 0),
+    (0, TEST_MOVE),
+    (0, -TEST_MOVE),
+)
 CENTRED: tuple[tuple[int, int], ...] = ((0, 0),)
+
+
+def view_shifts(train_shift: int) -> tuple[tuple[int, int], ...]:
+    """The moves of the test-time views for a model trained on moves of up to `train_shift` pixels:
+    only moves it has seen, so a model trained without moves is scored on the centred face."""
+    return TEST_SHIFTS if train_shift >= TEST_MOVE else CENTRED
 
 
 def shift_each(x: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
@@ -41,8 +55,11 @@ def random_shift(x: torch.Tensor, shift: int, rng: np.random.Generator) -> torch
 
 def fixed_views(x: torch.Tensor, shifts: Sequence[tuple[int, int]], mirror: bool) -> Iterator[torch.Tensor]:
     """The batch `x` moved by each of `shifts` (all images alike), and with `mirror` each also flipped."""
+    pad = max(max(abs(dy), abs(dx)) for dy, dx in shifts)
+    padded = torch.nn.functional.pad(x, (pad,) * 4, mode="replicate") if pad else x
+    size = x.shape[-1]
     for dy, dx in shifts:
-        moved = shift_each(x, np.tile([dy, dx], (len(x), 1)))
+        moved = padded[..., pad - dy : pad - dy + size, pad - dx : pad - dx + size]
         yield moved
         if mirror:
             yield moved.flip(-1)
