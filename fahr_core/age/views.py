@@ -34,15 +34,23 @@ def view_shifts(train_shift: int) -> tuple[tuple[int, int], ...]:
     return TEST_SHIFTS if train_shift >= TEST_MOVE else CENTRED
 
 
+def _padded(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """`x` with `pad` pixels of replicated edge on every side: a moved face shows no border."""
+    return torch.nn.functional.pad(x, (pad,) * 4, mode="replicate") if pad else x
+
+
+def _moved(padded: torch.Tensor, pad: int, size: int, dy: int, dx: int) -> torch.Tensor:
+    """The `size` x `size` window of a `_padded` image (or batch) that moves it by (dy, dx) pixels."""
+    return padded[..., pad - dy : pad - dy + size, pad - dx : pad - dx + size]
+
+
 def shift_each(x: torch.Tensor, offsets: np.ndarray) -> torch.Tensor:
     """Image i of `x` (N, C, S, S) moved by offsets[i] = (dy, dx) pixels, edges replicated."""
     pad = int(np.abs(offsets).max()) if len(offsets) else 0
     if pad == 0:
         return x
-    size = x.shape[-1]
-    padded = torch.nn.functional.pad(x, (pad,) * 4, mode="replicate")
-    corners = pad - offsets  # where each image's window starts in the padded image
-    return torch.stack([padded[i, :, t : t + size, lf : lf + size] for i, (t, lf) in enumerate(corners)])
+    padded = _padded(x, pad)
+    return torch.stack([_moved(padded[i], pad, x.shape[-1], dy, dx) for i, (dy, dx) in enumerate(offsets)])
 
 
 def random_shift(x: torch.Tensor, shift: int, rng: np.random.Generator) -> torch.Tensor:
@@ -56,10 +64,9 @@ def random_shift(x: torch.Tensor, shift: int, rng: np.random.Generator) -> torch
 def fixed_views(x: torch.Tensor, shifts: Sequence[tuple[int, int]], mirror: bool) -> Iterator[torch.Tensor]:
     """The batch `x` moved by each of `shifts` (all images alike), and with `mirror` each also flipped."""
     pad = max(max(abs(dy), abs(dx)) for dy, dx in shifts)
-    padded = torch.nn.functional.pad(x, (pad,) * 4, mode="replicate") if pad else x
-    size = x.shape[-1]
+    padded = _padded(x, pad)
     for dy, dx in shifts:
-        moved = padded[..., pad - dy : pad - dy + size, pad - dx : pad - dx + size]
+        moved = _moved(padded, pad, x.shape[-1], dy, dx)
         yield moved
         if mirror:
             yield moved.flip(-1)
