@@ -47,6 +47,10 @@ def train_command(
     weight_decay: WeightDecay = 0.05,
     cap: Annotated[float, typer.Option(help="Largest oversampling factor of a decade in stage 2.")] = 20.0,
     shift: Annotated[int, typer.Option(help="Largest random shift of a training face, pixels.")] = 0,
+    balanced_weight: Annotated[
+        float,
+        typer.Option(help="Final model: this share of stage 2's end, the rest stage 1's (1 = stage 2)."),
+    ] = 0.5,
     select: Annotated[str, typer.Option(help="Best epoch by validation 'mae' or 'decade' MAE.")] = "mae",
     seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
     layout: Layout = "auto",
@@ -72,6 +76,7 @@ def train_command(
             layer_decay=layer_decay,
             weight_decay=weight_decay,
             cap=cap,
+            balanced_weight=balanced_weight,
             shift=shift,
             select=select,  # type: ignore[arg-type]  # checked by the config
             seed=seed,

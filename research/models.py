@@ -89,6 +89,7 @@ class Recipe:
     age_lr: float = 1e-3
     balanced_lr: float = 2.5e-4
     age_cap: float = 3.0  # largest oversampling factor of a decade in the balanced stage (docs/age.md)
+    balanced_weight: float = 0.5  # the final model: this share of the balanced end, the rest general
     layer_decay: float = 0.75
     age_shift: int = 6
     # survival warm start: the demo's federation over sites drawn from the validation faces
@@ -127,6 +128,7 @@ class Recipe:
             lr=self.age_lr,
             balanced_lr=self.balanced_lr,
             cap=self.age_cap,
+            balanced_weight=self.balanced_weight,
             layer_decay=self.layer_decay,
             shift=self.age_shift,
             seed=self.seed,
@@ -167,11 +169,12 @@ def age_curve_png(curve_csv: Path) -> bytes:
         ("val_mae", "validation MAE"),
         ("val_mean_decade_mae", "validation mean per-decade MAE"),
     ):
-        ax.plot(x, [float(r[key]) for r in rows], "o-", ms=3, lw=1, label=label)
+        ax.plot(x, [float(r[key] or "nan") for r in rows], "o-", ms=3, lw=1, label=label)
     general = sum(r["stage"] == "general" for r in rows)
     if general < len(rows):
         ax.axvline(general + 0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("epoch (general, then age-balanced after the dashed line)")
+    averaged = " (last point: the mean of both stages' ends)" if rows[-1]["stage"] == "average" else ""
+    ax.set_xlabel(f"epoch (general, then age-balanced after the dashed line){averaged}")
     ax.set_ylabel("years")
     ax.legend(fontsize=8)
     return figure_png(fig)

@@ -12,8 +12,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fahr_core.age.evaluate import age_metrics
 from fahr_core.age.model import AgeViT, load_age_model
-from fahr_core.age.train import AgeTrainConfig, llrd_param_groups
+from fahr_core.age.predict import predict_ages
+from fahr_core.age.train import AgeTrainConfig, interpolate_, llrd_param_groups, train_age_model
+from fahr_core.age.views import CENTRED
 from fahr_core.age.workflow import evaluate_on_folder
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_research.cli import app as fahr_app
@@ -42,6 +45,49 @@ def test_config_refuses_nonsense() -> None:
         AgeTrainConfig(epochs=0, balanced_epochs=0)
     with pytest.raises(ValueError, match="layer_decay"):
         AgeTrainConfig(layer_decay=0.0)
+    with pytest.raises(ValueError, match="balanced_weight"):
+        AgeTrainConfig(balanced_weight=1.5)
+
+
+def test_interpolate_moves_every_float_weight_between_the_ends() -> None:
+    torch.manual_seed(0)
+    start, end = AgeViT("vit_micro", 112, 40.0, 10.0), AgeViT("vit_micro", 112, 40.0, 10.0)
+    a = {k: v.clone() for k, v in start.state_dict().items()}
+    b = {k: v.clone() for k, v in end.state_dict().items()}
+    interpolate_(end, a, 0.25)
+    got = end.state_dict()
+    for name, value in got.items():
+        assert torch.allclose(value, 0.75 * a[name] + 0.25 * b[name], atol=1e-6), name
+    assert any(not torch.equal(a[n], b[n]) for n in a)  # the two ends differ, so the mean is a test
+
+
+def _final_state(out: Path, cfg: AgeTrainConfig, data: tuple[np.ndarray, ...]) -> dict[str, torch.Tensor]:
+    train_age_model(cfg, *data, out, echo=lambda _: None)
+    return load_age_model(out / "model_final.safetensors").state_dict()
+
+
+def test_final_model_is_the_weighted_mean_of_both_stage_ends(tmp_path) -> None:
+    """Three runs of one seed: the general stage alone, both stages kept whole, both averaged."""
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (48, 3, 112, 112), dtype=np.uint8)
+    ages = rng.uniform(1, 90, 48)
+    data = (x[:32], ages[:32], x[32:], ages[32:])
+    base = AgeTrainConfig(arch="vit_micro", epochs=1, balanced_epochs=1, batch_size=16, lr=3e-3, shift=2)
+    general = _final_state(tmp_path / "g", AgeTrainConfig(**{**base.__dict__, "balanced_epochs": 0}), data)
+    balanced = _final_state(tmp_path / "b", AgeTrainConfig(**{**base.__dict__, "balanced_weight": 1.0}), data)
+    mean = _final_state(tmp_path / "m", AgeTrainConfig(**{**base.__dict__, "balanced_weight": 0.3}), data)
+    assert any(not torch.equal(general[n], balanced[n]) for n in general)
+    for name, value in mean.items():
+        assert torch.allclose(value, 0.7 * general[name] + 0.3 * balanced[name], atol=1e-5), name
+    with (tmp_path / "m" / "curve.csv").open() as f:
+        curve = list(csv.DictReader(f))
+    assert [r["stage"] for r in curve] == ["general", "balanced", "average"]
+    model = load_age_model(tmp_path / "m" / "model_final.safetensors")
+    scored = age_metrics(data[3], predict_ages(model, data[2], shifts=CENTRED))
+    assert float(curve[-1]["val_mae"]) == pytest.approx(scored["mae"], abs=1e-3)
+    with (tmp_path / "b" / "curve.csv").open() as f:
+        assert [r["stage"] for r in csv.DictReader(f)] == ["general", "balanced"]  # weight 1: no mean
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +129,9 @@ def test_train_writes_models_curve_split_and_report(trained, labelled) -> None:
         ("general", "2"),
         ("general", "3"),
         ("balanced", "1"),
+        ("average", "1"),
     ]
-    l1 = [float(r["train_l1"]) for r in curve]
+    l1 = [float(r["train_l1"]) for r in curve[:3]]  # the average row trains nothing
     assert l1[2] < l1[0]  # the L1 falls
     best = load_age_model(run / "model_best.safetensors")
     assert best.arch == "vit_micro" and (run / "model_best.md").is_file()

@@ -68,10 +68,11 @@ def test_fedavg_is_the_example_weighted_mean() -> None:
 
 def test_recipe_json_overrides_and_rejects_unknown_fields(tmp_path: Path) -> None:
     good = tmp_path / "r.json"
-    good.write_text(json.dumps({"mae_steps": 7, "site_sizes": [5, 6], "age_cap": 5}))
+    good.write_text(json.dumps({"mae_steps": 7, "site_sizes": [5, 6], "age_cap": 5, "balanced_weight": 0.2}))
     r = recipe_from_json(good)
     assert (r.mae_steps, r.site_sizes, r.arch) == (7, (5, 6), Recipe().arch)
-    assert r.age_config().cap == 5  # the balanced stage's oversampling cap reaches the trainer
+    # the balanced stage's oversampling cap and its share of the final model reach the trainer
+    assert (r.age_config().cap, r.age_config().balanced_weight) == (5, 0.2)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"mae_stepz": 7}))
     with pytest.raises(ValueError, match="mae_stepz"):

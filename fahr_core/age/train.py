@@ -9,8 +9,12 @@ lr * decay^(L + 1 - (i + 1)), the embedding lr * decay^(L + 1), the final norm a
 lr), so a pre-trained encoder's early layers move least; linear warm-up then cosine per stage;
 random horizontal flips and random shifts of up to `shift` pixels (edge-padded crops), because a
 small ViT fine-tuned for many epochs on ~15k faces otherwise memorises exact pixel positions.
-The validation faces are scored after every epoch; the best epoch (by
-validation MAE, or by mean per-decade MAE) and the final one are saved as age models with a card.
+The final model is the weighted mean of the two stages' last weights (`balanced_weight` on the
+balanced end; WiSE-FT, Wortsman et al. 2022): both stages start from the same general model, so
+their ends lie in one basin, and the mean keeps most of what the balanced stage gives the old
+faces at a fraction of its cost on the crowded decades (measured in docs/age.md).
+The validation faces are scored after every epoch and for the mean (stage "average"); the best of
+these (by validation MAE, or by mean per-decade MAE) and the final model are saved with a card.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class AgeTrainConfig:
     warmup_fraction: float = 0.1  # of each stage's steps
     shift: int = 0  # largest random shift (pixels) of a training face; 0 turns it off
     cap: float = DEFAULT_CAP  # largest oversampling factor of a decade in stage 2
+    balanced_weight: float = 0.5  # share of stage 2's end in the final weights; 1 keeps it alone
     select: Literal["mae", "decade"] = "mae"  # what "best" minimises on validation
     seed: int = 0
 
@@ -72,6 +77,8 @@ class AgeTrainConfig:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if not 0 <= self.shift < self.img_size // 2:
             raise ValueError(f"shift must be in [0, {self.img_size // 2}), got {self.shift}")
+        if not 0.0 <= self.balanced_weight <= 1.0:
+            raise ValueError(f"balanced_weight must be in [0, 1], got {self.balanced_weight}")
         if self.select not in ("mae", "decade"):
             raise ValueError(f"select must be 'mae' or 'decade', got {self.select!r}")
 
@@ -115,6 +122,14 @@ def build_age_model(cfg: AgeTrainConfig, train_ages: np.ndarray, init: Path | No
     if init is not None:
         load_encoder_weights(model.encoder, Path(init))
     return model
+
+
+def interpolate_(model: torch.nn.Module, start: dict[str, torch.Tensor], weight: float) -> None:
+    """Move `model`'s floating-point weights to `(1 - weight) * start + weight * model`, in place."""
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                value.mul_(weight).add_(start[name].to(value.device), alpha=1.0 - weight)
 
 
 def _write_curve(out_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -168,6 +183,33 @@ def train_age_model(
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     start = time.perf_counter()
+
+    def record(stage: str, epoch: int, what: str, train_l1: float | None, peak_lr: float | None) -> None:
+        """Score the model on validation (the face and its mirror: cheap), log it, keep the best."""
+        nonlocal best
+        m = age_metrics(val_ages, predict_ages(model, val_images, shifts=CENTRED))
+        row = {
+            "stage": stage,
+            "epoch": epoch,
+            "train_l1": "" if train_l1 is None else round(train_l1, 4),
+            "val_mae": round(m["mae"], 4),
+            "val_mean_decade_mae": round(m["mean_decade_mae"], 4),
+            "lr": "" if peak_lr is None else f"{peak_lr:g}",
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        history.append(row)
+        _write_curve(out_dir, history)
+        trained = "" if train_l1 is None else f"train L1 {train_l1:.2f} y, "
+        echo(
+            f"{what}: {trained}validation MAE {row['val_mae']:.2f} y, "
+            f"mean per-decade MAE {row['val_mean_decade_mae']:.2f} y ({row['seconds']:.0f} s)"
+        )
+        key = "val_mae" if cfg.select == "mae" else "val_mean_decade_mae"
+        if best is None or row[key] < best[key]:
+            best = row
+            meta = {f"best_{k}": str(v) for k, v in row.items()}
+            _save(out_dir / BEST_MODEL, model, {**base_card, **meta})
+
     stages = [
         ("general", cfg.epochs, cfg.lr, lambda: rng.permutation(len(train_images))),
         (
@@ -177,9 +219,12 @@ def train_age_model(
             lambda: balanced_epoch(train_ages, rng, cfg.cap, size=len(train_images)),
         ),
     ]
+    general_end: dict[str, torch.Tensor] | None = None
     for stage, epochs, peak_lr, draw in stages:
         if not epochs:
             continue
+        if stage == "balanced" and cfg.epochs and cfg.balanced_weight < 1.0:
+            general_end = {k: v.detach().clone() for k, v in model.state_dict().items()}
         orders = [draw() for _ in range(epochs)]  # drawn up front: the schedule needs the step count
         total = sum(len(o) // cfg.batch_size for o in orders)
         warmup = max(1, int(cfg.warmup_fraction * total))
@@ -204,28 +249,11 @@ def train_age_model(
                 opt.step()
                 losses.append(float(loss.detach()))
                 step += 1
-            m = age_metrics(val_ages, predict_ages(model, val_images, shifts=CENTRED))  # mirrored only: cheap
-            row = {
-                "stage": stage,
-                "epoch": epoch,
-                "train_l1": round(float(np.mean(losses)), 4),
-                "val_mae": round(m["mae"], 4),
-                "val_mean_decade_mae": round(m["mean_decade_mae"], 4),
-                "lr": f"{peak_lr:g}",
-                "seconds": round(time.perf_counter() - start, 1),
-            }
-            history.append(row)
-            _write_curve(out_dir, history)
-            echo(
-                f"{stage} epoch {epoch}/{epochs}: train L1 {row['train_l1']:.2f} y, validation MAE "
-                f"{row['val_mae']:.2f} y, mean per-decade MAE {row['val_mean_decade_mae']:.2f} y "
-                f"({row['seconds']:.0f} s)"
-            )
-            key = "val_mae" if cfg.select == "mae" else "val_mean_decade_mae"
-            if best is None or row[key] < best[key]:
-                best = row
-                meta = {f"best_{k}": str(v) for k, v in row.items()}
-                _save(out_dir / BEST_MODEL, model, {**base_card, **meta})
+            record(stage, epoch, f"{stage} epoch {epoch}/{epochs}", float(np.mean(losses)), peak_lr)
+    if general_end is not None:
+        interpolate_(model, general_end, cfg.balanced_weight)
+        what = f"mean of the general and balanced ends ({cfg.balanced_weight:g} on the balanced)"
+        record("average", 1, what, None, None)
     assert best is not None  # at least one epoch ran (checked by the config)
     last = {f"final_{k}": str(v) for k, v in history[-1].items()}
     _save(out_dir / FINAL_MODEL, model, {**base_card, **last})
