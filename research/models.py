@@ -20,8 +20,8 @@ skipped when its output is complete so that a killed build continues where it st
    pre-training is worth.
 
 The bundled demo faces are left out of all training, so the demo's patients stay unseen. The
-shipped age model is the final epoch of the recipe (no epoch is picked on validation), so its
-validation numbers are an honest held-out estimate.
+shipped age model is the recipe's final model (the mean of its two stages' last weights; no epoch
+is picked on validation), so its validation numbers are an honest held-out estimate.
 """
 
 from __future__ import annotations
