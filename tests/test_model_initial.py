@@ -19,6 +19,7 @@ from fahr_core.faces.images import load_faces, to_input
 from fahr_core.models.finetune import BaseMismatch, GlobalModel, prepare, site_model
 from fahr_core.models.initial import init_from_age_model, init_problem, initial_model
 from fahr_core.models.vit import SurvivalViT
+from fahr_core.train.local import SurvivalData, patient_risk
 from fahr_core.workdir import SiteWorkdir
 from fahr_server.cli import app as server_app
 
@@ -48,6 +49,21 @@ def test_round_zero_risk_is_the_age_models_predicted_age_on_the_log_hazard_scale
     expected = math.log(2) / 8 * (predicted - float(age.age_mean))
     assert np.abs(eta - expected).max() < 1e-3
     assert (np.argsort(eta) == np.argsort(predicted)).all()
+
+
+def test_a_patients_risk_is_the_age_models_face_and_mirror_prediction_averaged_over_photos(faces):
+    """`patient_risk` scores each photo as the mean of the face and its mirror image (the age model's
+    own two views, an independent path: `predict_ages`), then averages a patient's photos."""
+    age = load_age_model(AGE_MODEL)
+    both = predict_ages(age, faces, shifts=CENTRED, mirror=True)
+    alone = predict_ages(age, faces, shifts=CENTRED, mirror=False)
+    assert np.abs(both - alone).mean() > 0.2  # the mirror image changes the answer: a test that can fail
+    photos = ((0,), (1, 2), (3, 4, 5)) + tuple((i,) for i in range(6, len(faces)))
+    data = SurvivalData(faces, photos, np.ones(len(photos)), np.ones(len(photos), dtype=np.int64))
+    risk = patient_risk(initial_model(AGE_INIT), data)
+    per_face = math.log(2) / 8 * (both - float(age.age_mean))
+    expected = np.array([per_face[list(idx)].mean() for idx in photos])
+    assert np.abs(risk - expected).max() < 1e-3
 
 
 def test_the_prior_scales_the_risk_and_only_an_age_model_of_the_same_shape_folds(faces):
