@@ -42,7 +42,11 @@ State = dict[str, torch.Tensor]
 @dataclass(frozen=True)
 class FederationSetup:
     """The demo's federation (`fahr demo`): 3 rounds, epsilon 8, 3 local epochs (the spec's `finetune`
-    says what trains: the demo's is "last:1", the head and the last block)."""
+    says what trains: the demo's is "last:1", the head and the last block).
+
+    lr 2e-3: on the demo's sites (13 seeds) it leaves the age-model start's mean held-out C where
+    it was, as 5e-4 does, but on the model build's sites from the validation faces it added 0.02
+    and 0.08 where 5e-4 added nothing (docs/performance.md#privacy-utility-curve)."""
 
     rounds: int = 3
     privacy: PrivacyConfig = field(default_factory=lambda: PrivacyConfig(epsilon=8.0, max_grad_norm=1.0))

@@ -13,9 +13,7 @@ from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import (
     SITE_CONFIG_FILE,
-    PrivacyConfig,
     SiteConfig,
-    TrainConfig,
     dump_site_config,
     load_site_config,
 )
@@ -192,6 +190,8 @@ def demo(
     port: Annotated[int, typer.Option(help="SuperLink port on 127.0.0.1")] = 8000,
 ) -> None:
     """Server + three TLS-authenticated sites on 127.0.0.1: bundled cohort, DP training, reports."""
+    from fahr_client.simulation import FederationSetup  # heavy (torch, Opacus): only the demo needs it
+
     started = time.monotonic()
     out = out.resolve()
     sites_dir = out / "sites"
@@ -203,14 +203,15 @@ def demo(
     )
     shutil.rmtree(out / "certs", ignore_errors=True)
     security, connections = local_credentials(out / "certs", names, port)
+    demo = FederationSetup()  # the settings benchmarks/privacy_utility.py measures
     for name in names:  # a fresh run: each site's ledger, caches and report start empty
         cfg = SiteConfig(
             connection=connections[name],
             name=name,
             data=Path("."),
             workdir=Path(SITE_WORKDIR),
-            privacy=PrivacyConfig(epsilon=8.0, max_grad_norm=1.0),
-            train=TrainConfig(local_epochs=3, batch_size=16, lr=2e-3, threads=1),
+            privacy=demo.privacy,
+            train=demo.train,
         )
         dump_site_config(cfg, sites_dir / name / SITE_CONFIG_FILE)
         shutil.rmtree(sites_dir / name / SITE_WORKDIR, ignore_errors=True)
