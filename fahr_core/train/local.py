@@ -234,9 +234,9 @@ def patient_risk(model: SurvivalViT, data: SurvivalData, batch_size: int = 64) -
     """Risk score per patient: the mean of eta over the patient's photos, each seen as itself and as
     its mirror image.
 
-    The mirror image is a view every start was trained on (the age model's and MAE's training flip
-    faces, and the aligned template is symmetric), and averaging the two halves the noise that
-    hangs on which way a face was turned: on the demo's held-out patients (200 seeds,
+    The aligned template is symmetric, so a mirrored face is an ordinary face of the same person
+    (the age model, the demo's start, is trained on random flips), and averaging the two views
+    lowers the noise of one forward pass: on the demo's held-out patients (200 seeds,
     benchmarks/start_ceiling.py) the age-model start ranks at C 0.734 with it and 0.731 without.
     """
     x = to_input(data.images)
