@@ -17,7 +17,6 @@ of the goal's gap is the start's, and how much a seed's luck moves it.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import platform
 import shutil
@@ -33,7 +32,7 @@ from fahr_core.age.model import load_age_model
 from fahr_core.age.predict import aligned_faces, predict_ages
 from fahr_core.age.views import CENTRED
 from fahr_core.cohort import demo_faces_dir, load_cohort, load_labelled_faces, split_patients
-from fahr_core.cohort.simulate import TRUTH_FILE, SimulationParams, simulate_sites
+from fahr_core.cohort.simulate import SimulationParams, load_truth, simulate_sites
 from fahr_core.config import SiteConfig
 from fahr_core.io import atomic_write_json
 from fahr_core.survival.metrics import harrell_c
@@ -77,8 +76,7 @@ def main() -> None:
         sites = simulate_sites(faces, work / f"sites-{seed}", params, seed, list(DEMO_SITES))
         c: dict[str, list[float]] = {s: [] for s in SCORES}
         for site in sites:
-            with (site / TRUTH_FILE).open(newline="", encoding="utf-8") as f:
-                truth = {r["patient_id"]: float(r["linear_predictor"]) for r in csv.DictReader(f)}
+            truth = load_truth(site)
             _, test = split_patients(load_cohort(site), split.test_fraction, split.split_seed)
             held = [(p, _digest(p.photos[0])) for p in test.patients]
             held = [(p, d) for p, d in held if d in forward]  # faces that passed QC

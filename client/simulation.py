@@ -15,7 +15,6 @@ their cohort, as the privacy-utility curve wants.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from fahr_client.runtime import SiteRuntime
-from fahr_core.cohort.simulate import TRUTH_FILE
+from fahr_core.cohort.simulate import load_truth
 from fahr_core.config import ModelConfig, PrivacyConfig, SiteConfig, TrainConfig
 from fahr_core.faces.pipeline import ALIGNED_DIR, RESULTS_DIR
 from fahr_core.models.finetune import GlobalModel, build, from_wire, prepare
@@ -70,11 +69,6 @@ def fedavg(states: Sequence[State], weights: Sequence[float]) -> State:
         k: sum(float(wi) * s[k].double() for wi, s in zip(w, states, strict=True)).to(states[0][k].dtype)
         for k in states[0]
     }
-
-
-def _truth(site_dir: Path) -> dict[str, float]:
-    with (site_dir / TRUTH_FILE).open(newline="", encoding="utf-8") as f:
-        return {r["patient_id"]: float(r["linear_predictor"]) for r in csv.DictReader(f)}
 
 
 def federate(
@@ -132,7 +126,7 @@ def federate(
     per_site = {}
     for site in sites:
         split = site.load(spec.img_size)
-        truth = _truth(site.cfg.data)
+        truth = load_truth(site.cfg.data)
         oracle = np.array([truth[p.patient_id] for p in split.test_cohort.patients])
         t, e = split.test.time, split.test.event
         per_site[site.cfg.name] = {

@@ -191,6 +191,14 @@ def simulate_sites(
     return site_dirs
 
 
+def load_truth(site_dir: Path) -> dict[str, float]:
+    """The simulator's true linear predictor per patient id, read back from a site's truth.csv.
+
+    Evaluation only (the oracle a model is compared with); training never reads it."""
+    with (Path(site_dir) / TRUTH_FILE).open(newline="", encoding="utf-8") as f:
+        return {r["patient_id"]: float(r["linear_predictor"]) for r in csv.DictReader(f)}
+
+
 def _write_site(
     name: str,
     site_dir: Path,
