@@ -1,17 +1,20 @@
-"""What an age-based start can reach on the demo's held-out patients, in expectation over many seeds.
+"""What an age-based start can reach on simulated sites' held-out patients, in expectation over many seeds.
 
 The privacy-utility curve (`privacy_utility.py`) runs a few seeds, and with 6-23 deaths per site
 a seed's held-out C moves by several hundredths. This benchmark runs no federation: it draws the
 demo's three sites for each of many seeds (the same `simulate_sites` draws, the sites' own split
-of 30%) and scores each site's held-out patients with risk scores that need no training: the
-simulator's true linear predictor (the oracle), the true age alone, and the age model's predicted
-age from its forward pass alone, as the mean over the face and its mirror image (what the
+of 30%), from the bundled faces or, with `--data`, from the validation part of the model build's
+fixed split (faces the age model never saw, as the build's warm-start stage draws its sites), and
+scores each site's held-out patients with risk scores that need no training: the simulator's true
+linear predictor (the oracle), the true age alone, and the age model's predicted age (what the
 untrained `init_age_model` start ranks by: the fold of its head into the risk head is exact,
-docs/models.md, and `patient_risk` averages the two views), as the mean over its ten test-time
-views, and that mean plus the true sex at the simulator's log hazard ratio. So it says how much
-of the goal's gap is the start's, and how much a seed's luck moves it.
+docs/models.md) from its forward pass alone, as the mean over the face and its mirror image, as
+the mean over its ten test-time views (what `patient_risk` averages), and that mean plus the true
+sex at the simulator's log hazard ratio. So it says how much of the goal's gap is the start's, and
+how much a seed's luck moves it.
 
     python benchmarks/start_ceiling.py --seeds 200
+    python benchmarks/start_ceiling.py --seeds 200 --data ../shared/data/utkface --aligned RUN/aligned
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from fahr_core.cohort.simulate import SimulationParams, load_truth, simulate_sit
 from fahr_core.config import SiteConfig
 from fahr_core.io import atomic_write_json
 from fahr_core.survival.metrics import harrell_c
+from fahr_research.models import ModelBuild, Recipe
 
 SCORES = (
     "oracle",
@@ -56,19 +60,31 @@ def main() -> None:
     ap.add_argument("--age-model", type=Path, default=demo_faces_dir() / "age_vit_micro.safetensors")
     ap.add_argument("--seeds", type=int, default=200, help="seeds 0..N-1")
     ap.add_argument("--out", type=Path, default=None, help="per-seed C of every score as JSON")
+    ap.add_argument(
+        "--data", type=Path, default=None, help="labelled faces: draw the sites from their validation part"
+    )
+    ap.add_argument("--aligned", type=Path, default=None, help="alignment cache (e.g. a model build's)")
+    ap.add_argument("--sizes", default=",".join(map(str, DEMO_SIZES)), help="patients per site")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    faces = load_labelled_faces(demo_faces_dir())
     model = load_age_model(a.age_model)
     work = Path(tempfile.mkdtemp(prefix="fahr-start-ceiling-"))
-    table, images = aligned_faces([f.path for f in faces], work / "aligned", model.img_size, workers=1)
+    aligned = a.aligned or work / "aligned"
+    if a.data is None:
+        faces = load_labelled_faces(demo_faces_dir())
+    else:
+        build = ModelBuild(
+            a.data, work / "build", Recipe(img_size=model.img_size), aligned, echo=lambda s: None
+        )
+        faces = [f for f in build.part("validation")[0] if f.path.name not in build.exclude]
+    table, images = aligned_faces([f.path for f in faces], aligned, model.img_size, workers=1)
     # the simulator copies the bundled files, so a site photo's bytes name its face
     names = [_digest(Path(r.path)) for r in table.aligned]
     forward = dict(zip(names, predict_ages(model, images, shifts=CENTRED, mirror=False), strict=True))
     mirrored = dict(zip(names, predict_ages(model, images, shifts=CENTRED), strict=True))
     views = dict(zip(names, predict_ages(model, images), strict=True))
-    params = SimulationParams(site_sizes=DEMO_SIZES)
+    params = SimulationParams(site_sizes=tuple(int(n) for n in a.sizes.split(",")))
     split = SiteConfig(name="", data=Path(), workdir=Path())  # the sites' default split
     per_seed: dict[str, list[float]] = {s: [] for s in SCORES}
     started = time.perf_counter()
@@ -100,8 +116,9 @@ def main() -> None:
     shutil.rmtree(work)
     oracle = np.array(per_seed["oracle"])
     print(
-        f"\n# start ceiling on the demo's held-out patients — {time.strftime('%Y-%m-%d')}, "
-        f"{platform.node()}, age model {a.age_model}, seeds 0-{a.seeds - 1}, "
+        f"\n# start ceiling on the held-out patients of the demo's sites — {time.strftime('%Y-%m-%d')}, "
+        f"{platform.node()}, age model {a.age_model}, faces {a.data or 'bundled'}, sites of {a.sizes}, "
+        f"seeds 0-{a.seeds - 1}, "
         f"{time.perf_counter() - started:.0f} s\n"
     )
     print("| risk score | mean held-out C (SD over seeds) | gap to oracle (SD over seeds) |")

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from fahr_core.age.model import load_age_model
 from fahr_core.age.predict import predict_ages
-from fahr_core.age.views import CENTRED
+from fahr_core.age.views import CENTRED, TEST_SHIFTS, view_shifts
 from fahr_core.cohort import demo_faces_dir
 from fahr_core.config import ConfigError, ModelConfig, server_config_from_dict
 from fahr_core.faces.images import load_faces, to_input
@@ -51,17 +51,19 @@ def test_round_zero_risk_is_the_age_models_predicted_age_on_the_log_hazard_scale
     assert (np.argsort(eta) == np.argsort(predicted)).all()
 
 
-def test_a_patients_risk_is_the_age_models_face_and_mirror_prediction_averaged_over_photos(faces):
-    """`patient_risk` scores each photo as the mean of the face and its mirror image (the age model's
-    own two views, an independent path: `predict_ages`), then averages a patient's photos."""
+def test_a_patients_risk_is_the_age_models_ten_view_prediction_averaged_over_photos(faces):
+    """`patient_risk` scores each photo as the mean over the age model's ten test-time views (the
+    face and its mirror, centred and moved; an independent path: `predict_ages`' default views for
+    a model trained on moves), then averages a patient's photos."""
     age = load_age_model(AGE_MODEL)
-    both = predict_ages(age, faces, shifts=CENTRED, mirror=True)
-    alone = predict_ages(age, faces, shifts=CENTRED, mirror=False)
-    assert np.abs(both - alone).mean() > 0.2  # the mirror image changes the answer: a test that can fail
+    assert view_shifts(age.train_shift) == TEST_SHIFTS  # the shipped model was trained on moves
+    ten = predict_ages(age, faces)
+    pair = predict_ages(age, faces, shifts=CENTRED, mirror=True)
+    assert np.abs(ten - pair).mean() > 0.1  # the moved views change the answer: a test that can fail
     photos = ((0,), (1, 2), (3, 4, 5)) + tuple((i,) for i in range(6, len(faces)))
     data = SurvivalData(faces, photos, np.ones(len(photos)), np.ones(len(photos), dtype=np.int64))
     risk = patient_risk(initial_model(AGE_INIT), data)
-    per_face = math.log(2) / 8 * (both - float(age.age_mean))
+    per_face = math.log(2) / 8 * (ten - float(age.age_mean))
     expected = np.array([per_face[list(idx)].mean() for idx in photos])
     assert np.abs(risk - expected).max() < 1e-3
 
