@@ -48,12 +48,13 @@ check: $(STAMP)
 	$(BIN)/mypy fahr_core
 	$(BIN)/python -m pytest -q -m "not e2e and not slow"
 
-# Rebuild every shipped model from the shared faces (docs/models.md): about 1.5-2.5 hours on the
-# 2-core machine; re-run to resume. MODELS_OUT must be outside the repository.
+# Rebuild every shipped model from the shared faces (docs/models.md): about 2.5 hours on the
+# 2-core machine, one torch thread in each of two processes; re-run to resume. MODELS_OUT must be
+# outside the repository.
 MODELS_DATA ?= ../shared/data/utkface
 MODELS_OUT ?= ../runs/models
 models: $(STAMP)
-	$(BIN)/fahr models build --data $(MODELS_DATA) --out $(MODELS_OUT) --threads 1
+	$(BIN)/fahr models build --data $(MODELS_DATA) --out $(MODELS_OUT) --threads 1 --jobs 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports && $(BIN)/mypy fahr_core

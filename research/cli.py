@@ -111,6 +111,12 @@ def models_build(
     only: Annotated[
         str, typer.Option(help="stages to run, comma-separated (default: all, see docs/models.md)")
     ] = "",
+    jobs: Annotated[
+        int,
+        typer.Option(
+            min=1, max=2, help="2: age-random and half the warm-start arms in a second process (2 cores)"
+        ),
+    ] = 1,
 ) -> None:
     """MAE encoder, age model (and its random-init twin) and survival warm start (docs/models.md)."""
     from fahr_research.models import STAGES, ModelBuild, recipe_from_json
@@ -118,9 +124,9 @@ def models_build(
     set_threads(threads)
     try:
         r = recipe_from_json(recipe)
-        build = ModelBuild(data, out, r, aligned, workers or None, echo=lambda s: typer.echo(s))
+        build = ModelBuild(data, out, r, aligned, workers or None, echo=lambda s: typer.echo(s), jobs=jobs)
         build.run(only.split(",") if only else STAGES)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
 

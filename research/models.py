@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -96,7 +99,7 @@ class Recipe:
     site_sizes: tuple[int, ...] = (150, 120, 90)
     site_mean_ages: tuple[float, ...] = (42.0, 55.0, 68.0)
     site_rates: tuple[float, ...] = (0.02, 0.03, 0.015)
-    warm_start_seeds: tuple[int, ...] = (0, 1, 2)
+    warm_start_seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
     shard_size: int = 2000
     seed: int = 0
 
@@ -146,7 +149,8 @@ def _done(stage_dir: Path) -> dict[str, Any] | None:
 
 
 def _finish(stage_dir: Path, result: dict[str, Any], started: float) -> dict[str, Any]:
-    result = {**result, "seconds": round(time.perf_counter() - started, 1)}
+    """Mark a stage complete; `pid` says which process of a `jobs` build ran it."""
+    result = {**result, "seconds": round(time.perf_counter() - started, 1), "pid": os.getpid()}
     atomic_write_json(stage_dir / DONE, result)
     return result
 
@@ -192,8 +196,12 @@ class ModelBuild:
         workers: int | None = None,
         exclude: frozenset[str] | None = None,
         echo: Callable[[str], object] = print,
+        jobs: int = 1,
     ) -> None:
+        if jobs not in (1, 2):
+            raise ValueError(f"jobs must be 1 or 2, got {jobs}")
         self.data, self.out, self.recipe = Path(data), Path(out), recipe
+        self.jobs = jobs
         self.aligned = Path(aligned) if aligned else self.out / "aligned"
         self.workers = workers
         self.exclude = demo_face_names() if exclude is None else exclude
@@ -219,7 +227,9 @@ class ModelBuild:
     def run(self, only: Sequence[str] = STAGES) -> dict[str, Any]:
         """Run the stages in `only` that are not yet complete, in order; with all of them, write
         `summary.json`. A subset lets a second process run an independent stage (age-random needs
-        only the faces) beside the chain on the same build folder.
+        only the faces) beside the chain on the same build folder; with `jobs=2` the build does
+        that itself once the faces are aligned, and splits the warm-start arms between two
+        processes, so that one command keeps both cores of a 2-core machine busy.
         """
         unknown = sorted(set(only) - set(STAGES))
         if unknown:
@@ -233,13 +243,65 @@ class ModelBuild:
             "warm-start": self.warm_start,
             "age-random": lambda: self.age("age-random", None),
         }
-        results = {name: steps[name]() for name in STAGES if name in only}
+        chain = [name for name in STAGES if name in only]
+        beside: tuple[str, ...] = ()
+        if (
+            self.jobs > 1
+            and len(chain) > 1
+            and "age-random" in chain
+            and _done(self.out / "age-random") is None
+        ):
+            self.faces()  # aligned here, with every alignment worker, before the second process reads them
+            beside = ("age-random",)
+            chain.remove("age-random")
+        with self._beside("[age-random]", stages=beside):
+            results = {name: steps[name]() for name in chain}
+        results |= {name: steps[name]() for name in beside}  # complete by now: read back from done.json
         if set(only) != set(STAGES):
             return {"stages": results}
+        results = {name: results[name] for name in STAGES}
         summary = {"data": str(self.data), "recipe": asdict(self.recipe), "stages": results}
         atomic_write_json(self.out / SUMMARY, summary)
         self.echo(f"[build] done: {self.out / SUMMARY}")
         return summary
+
+    @contextmanager
+    def _beside(
+        self, what: str, stages: Sequence[str] = (), arms: Sequence[tuple[str, int]] = ()
+    ) -> Iterator[None]:
+        """Run `stages` and then warm-start `arms` in a second (spawned) process while the block
+        runs here; wait for it at the end, stop it if the block fails, and fail if it failed.
+        Nothing to do: no process. Its results land in the build folder, as a resumed build's do."""
+        if not stages and not arms:
+            yield
+            return
+        import torch
+
+        args = (
+            self.data,
+            self.out,
+            self.recipe,
+            self.aligned,
+            self.workers,
+            self.exclude,
+            torch.get_num_threads(),
+        )
+        child = multiprocessing.get_context("spawn").Process(
+            target=_second_process, args=(*args, tuple(stages), tuple(arms)), name=f"fahr-build {what}"
+        )
+        child.start()
+        self.echo(f"{what} running in a second process (pid {child.pid})")
+        try:
+            yield
+        except BaseException:
+            child.terminate()
+            child.join()
+            raise
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(
+                f"{what} failed in the second process (exit code {child.exitcode}); re-run to resume"
+            )
 
     def shard_sources(self) -> list[tuple[str, Path]]:
         """(name, aligned crop file) of every training face: what the shards hold."""
@@ -334,6 +396,7 @@ class ModelBuild:
         spec = replace(self.warm_start_spec(name), finetune=WARM_START_FINETUNE)
         res = {
             "seed": seed,
+            "pid": os.getpid(),
             **federate(sites, spec, FederationSetup(), work, lambda s: None, self.aligned),
         }
         atomic_write_json(cached, res)
@@ -365,6 +428,17 @@ class ModelBuild:
             self.echo("[warm-start] complete, skipped")
             return done
         started = time.perf_counter()
+        todo = [
+            (k, seed)
+            for k in WARM_STARTS
+            for seed in self.recipe.warm_start_seeds
+            if not (stage / f"arm-{seed}-{k}.json").is_file()
+        ]
+        there = todo[1::2] if self.jobs > 1 else []
+        with self._beside("[warm-start]", arms=there):
+            for k, seed in todo:
+                if (k, seed) not in there:
+                    self.warm_start_arm(k, seed)
         arms = {
             k: [self.warm_start_arm(k, seed) for seed in self.recipe.warm_start_seeds] for k in WARM_STARTS
         }
@@ -406,6 +480,28 @@ class ModelBuild:
         head = f"# fahr models build's warm start: {chosen}, {why}"
         atomic_write_text(stage / CHOICE, "\n".join([head, "[model]", *table]) + "\n")
         return config
+
+
+def _second_process(
+    data: Path,
+    out: Path,
+    recipe: Recipe,
+    aligned: Path,
+    workers: int | None,
+    exclude: frozenset[str],
+    threads: int,
+    stages: tuple[str, ...],
+    arms: tuple[tuple[str, int], ...],
+) -> None:
+    """`ModelBuild._beside`'s process: the same build folder, its own torch threads and log lines."""
+    import torch
+
+    torch.set_num_threads(threads)
+    build = ModelBuild(data, out, recipe, aligned, workers, exclude, echo=lambda s: print(s, flush=True))
+    if stages:
+        build.run(stages)
+    for name, seed in arms:
+        build.warm_start_arm(name, seed)
 
 
 def smoke_recipe(recipe: Recipe) -> Recipe:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from fahr_research.models import (
     CHOICE,
     DONE,
     MAE_ENCODER,
+    STAGES,
     SURVIVAL_ENCODER,
     WARM_STARTS,
     ModelBuild,
@@ -139,6 +141,27 @@ def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None
     ModelBuild(faces, out, TINY, workers=1, echo=lines.append).run()
     skipped = [line for line in lines if line.endswith("complete, skipped")]
     assert len(skipped) == 4 and any(line.startswith("[age-random] 2") for line in lines)
+    assert json.loads((out / "age-random" / DONE).read_text())["pid"] == os.getpid()
+    # with jobs=2, age-random and every other warm-start arm run in a second process beside the chain
+    for done in ("age-random", "warm-start"):
+        (out / done / DONE).unlink()
+    for arm in (out / "warm-start").glob("arm-*.json"):
+        arm.unlink()
+    summary = ModelBuild(faces, out, TINY, workers=1, echo=lines.append, jobs=2).run()
+    assert list(summary["stages"]) == list(STAGES)
+    assert summary["stages"]["age-random"]["pid"] not in (os.getpid(), None)
+    arm_pids = {json.loads(p.read_text())["pid"] for p in (out / "warm-start").glob("arm-*.json")}
+    assert os.getpid() in arm_pids and len(arm_pids) == 2
+
+
+def test_a_failure_in_the_second_process_fails_the_build_by_name(faces: Path, tmp_path: Path) -> None:
+    """jobs=2: an age-random that cannot run (too few faces for one batch) stops the build with an
+    error naming it, instead of a build that goes on as if it had run."""
+    torch.set_num_threads(1)
+    big_batch = replace(TINY, age_batch=100_000, age_epochs=1, balanced_epochs=0)
+    build = ModelBuild(faces, tmp_path / "run", big_batch, workers=1, echo=lambda s: None, jobs=2)
+    with pytest.raises(RuntimeError, match=r"\[age-random\] failed in the second process"):
+        build.run(["shards", "age-random"])
 
 
 def test_cli_refuses_a_bad_recipe_in_one_line(faces: Path, tmp_path: Path) -> None:
