@@ -31,6 +31,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -493,9 +494,20 @@ def _second_process(
     stages: tuple[str, ...],
     arms: tuple[tuple[str, int], ...],
 ) -> None:
-    """`ModelBuild._beside`'s process: the same build folder, its own torch threads and log lines."""
+    """`ModelBuild._beside`'s process: the same build folder, its own torch threads and log lines.
+
+    It ends itself when the build that started it is gone (killed with a signal that runs no
+    clean-up): otherwise a re-run of the command would train the same stage twice at once."""
     import torch
 
+    parent = os.getppid()
+
+    def orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=orphaned, daemon=True, name="parent-watch").start()
     torch.set_num_threads(threads)
     build = ModelBuild(data, out, recipe, aligned, workers, exclude, echo=lambda s: print(s, flush=True))
     if stages:

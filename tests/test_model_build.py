@@ -5,7 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -217,3 +222,53 @@ def test_gpu_recipe_runs_end_to_end_on_the_cpu(faces: Path, tmp_path: Path) -> N
     assert timing["mae_steps"] == cut.mae_steps and timing["mae_eager_images_per_s"] > 0
     roomy, _ = module.sized_recipe(most, shards, n_train, (1e6, 1e6), 1e9, torch.device("cpu"))
     assert (roomy.mae_steps, roomy.mae_warmup, roomy.age_epochs, roomy.balanced_epochs) == (400, 40, 30, 6)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs: a zombie (exited, not yet reaped by whoever adopted it) does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_the_second_process_ends_when_the_build_is_killed(faces: Path, tmp_path: Path) -> None:
+    """A build killed with SIGKILL runs no clean-up; its second process must still end, or a
+    re-run of the command would train age-random twice at once into the same folder."""
+    script = (
+        "import sys, torch\n"
+        "from dataclasses import replace\n"
+        "from pathlib import Path\n"
+        "from fahr_research.models import ModelBuild, Recipe, smoke_recipe\n"
+        "torch.set_num_threads(1)\n"
+        "r = replace(smoke_recipe(Recipe()), age_epochs=100_000)\n"
+        "b = ModelBuild(Path(sys.argv[1]), Path(sys.argv[2]), r, workers=1,"
+        " echo=lambda s: print(s, flush=True), jobs=2)\n"
+        "b.run(['shards', 'age-random'])\n"
+    )
+    build = subprocess.Popen(
+        [sys.executable, "-c", script, str(faces), str(tmp_path / "run")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert build.stdout is not None
+        for line in build.stdout:
+            if m := re.match(r"\[age-random\] running in a second process \(pid (\d+)\)", line):
+                child = int(m.group(1))
+                break
+        else:
+            pytest.fail("the build never started its second process")
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "age-random" / "curve.csv").exists() and time.monotonic() < deadline:
+            time.sleep(0.5)  # until the second process is training
+        assert _alive(child)
+        build.kill()
+        build.wait()
+        deadline = time.monotonic() + 15
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+            pytest.fail("the second process outlived the killed build")
+    finally:
+        build.kill()
