@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fahr_client.simulation import FederationSetup, federate
 from fahr_core.age.evaluate import write_evaluation
@@ -276,8 +277,6 @@ class ModelBuild:
         if not stages and not arms:
             yield
             return
-        import torch
-
         args = (
             self.data,
             self.out,
@@ -372,6 +371,9 @@ class ModelBuild:
         }
         return _finish(stage, result, started)
 
+    def _arm_file(self, name: str, seed: int) -> Path:
+        return self.out / "warm-start" / f"arm-{seed}-{name}.json"
+
     def warm_start_arm(self, name: str, seed: int) -> dict[str, Any]:
         """One arm of the warm-start comparison: the demo's federation from start `name` (one of
         WARM_STARTS) over the sites of `seed`. Cached in `warm-start/arm-<seed>-<name>.json`, so a
@@ -379,7 +381,7 @@ class ModelBuild:
         own copy of the (deterministic) sites and keeps fresh site state (ledgers).
         """
         stage = self.out / "warm-start"
-        cached = stage / f"arm-{seed}-{name}.json"
+        cached = self._arm_file(name, seed)
         if cached.is_file():
             return json.loads(cached.read_text(encoding="utf-8"))
         val, _ = self.part("validation")
@@ -433,7 +435,7 @@ class ModelBuild:
             (k, seed)
             for k in WARM_STARTS
             for seed in self.recipe.warm_start_seeds
-            if not (stage / f"arm-{seed}-{k}.json").is_file()
+            if not self._arm_file(k, seed).is_file()
         ]
         there = todo[1::2] if self.jobs > 1 else []
         with self._beside("[warm-start]", arms=there):
@@ -498,8 +500,6 @@ def _second_process(
 
     It ends itself when the build that started it is gone (killed with a signal that runs no
     clean-up): otherwise a re-run of the command would train the same stage twice at once."""
-    import torch
-
     parent = os.getppid()
 
     def orphaned() -> None:
