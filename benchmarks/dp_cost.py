@@ -52,7 +52,7 @@ def _arms(spec: ModelConfig, device: torch.device) -> dict[str, Callable[[list[B
     base = build(spec).to(device).train()
     plain = copy.deepcopy(base)
     plain_opt = torch.optim.AdamW(_trainable(plain), lr=1e-3)
-    arms = {"plain": lambda b: _run_steps(plain, b, plain_opt, HORIZON, "discrete_hazard")}
+    arms = {"plain": lambda b: _run_steps(plain, b, plain_opt, HORIZON, "discrete_hazard", device)}
     for clipping in CLIPPING_METHODS:
         model = copy.deepcopy(base)
         dp_model, optimizer_class = _private(model, clipping, 1.0)
@@ -64,7 +64,7 @@ def _arms(spec: ModelConfig, device: torch.device) -> dict[str, Callable[[list[B
             stream=SecureStream(os.urandom(32)),
         )
         arms[f"dp {clipping}"] = lambda b, m=dp_model, o=dp_opt: _run_steps(
-            m, b, o, HORIZON, "discrete_hazard"
+            m, b, o, HORIZON, "discrete_hazard", device
         )
     return arms
 

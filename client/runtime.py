@@ -24,6 +24,7 @@ from fahr_core.faces.pipeline import AlignmentTable, Progress, align_photos, ali
 from fahr_core.faces.qc import QCConfig
 from fahr_core.io import atomic_write_json
 from fahr_core.models.checkpoint import save_weights
+from fahr_core.models.device import placed_on
 from fahr_core.models.finetune import merge, site_model, split_state
 from fahr_core.models.saliency import MIN_PATIENTS_FOR_SALIENCY, CohortSaliency, cohort_saliency
 from fahr_core.models.vit import SurvivalViT
@@ -180,13 +181,15 @@ class SiteRuntime:
             keys.STEPS: stats.steps,
         }
         log.info(  # DP training speed (images/s, setup included) is for the site's operator only
-            "site %s round %d: loss %.4f, %.1f s, %.1f images/s (DP-SGD, %s clipping), epsilon %.3f / %g",
+            "site %s round %d: loss %.4f, %.1f s, %.1f images/s (DP-SGD, %s clipping, on %s), "
+            "epsilon %.3f / %g",
             self.cfg.name,
             server_round,
             stats.loss,
             stats.seconds,
             stats.images / max(stats.seconds, 1e-9),
             self.cfg.train.clipping,
+            stats.device,
             stats.epsilon,
             ledger.budget,
         )
@@ -207,7 +210,8 @@ class SiteRuntime:
         fad = None
         scorers = {"Survival risk score": lambda x: model(x)[0]}
         if age_model is not None:
-            predicted = predict_ages(age_model.model, images)
+            with placed_on(age_model.model):
+                predicted = predict_ages(age_model.model, images)
             fad = np.array([predicted[list(idx)].mean() for idx in photos]) - age
             scorers["Predicted age"] = age_model.model
         if len(test) < MIN_PATIENTS_FOR_SALIENCY:

@@ -64,7 +64,7 @@ def _dp_step(model, clipping: str, clip: float, sigma: float, key: bytes) -> dic
         expected_batch_size=EXPECTED_BATCH,
         stream=SecureStream(key),
     )
-    local._run_steps(dp_model, [_batch()], optimizer, HORIZON, "discrete_hazard")
+    local._run_steps(dp_model, [_batch()], optimizer, HORIZON, "discrete_hazard", torch.device("cpu"))
     dp_model.remove_hooks()
     return {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}
 

@@ -213,6 +213,9 @@ def test_gpu_recipe_runs_end_to_end_on_the_cpu(faces: Path, tmp_path: Path) -> N
     assert (out / "build" / "mae" / "mae_encoder.safetensors").is_file()
     assert (out / "build" / "age" / "model_final.safetensors").is_file()
     assert (out / "build" / "age" / "curve.png").is_file()
+    site = saved["site"]  # a site's DP round where a site trains: on this machine, its CPU
+    assert site["device"] == "cpu" and site["dp_steps"] >= 3 and site["dp_images_per_s"] > 0
+    assert 0 < site["epsilon"] <= 8.0 and all(0.0 <= site[c] <= 1.0 for c in ("c_start", "c_trained"))
     # the device run's sizing: steps and epochs cut to the budgets, never above the recipe's own
     shards, n_train = out / "build" / "shards" / "train", len(build.part("train")[0])
     most = replace(module.TINY_RECIPE, mae_steps=400, mae_warmup=300, age_epochs=30, balanced_epochs=6)

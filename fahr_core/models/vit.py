@@ -104,5 +104,8 @@ class SurvivalViT(nn.Module):
 
     @torch.no_grad()
     def risk(self, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """eta of every image of `x`, batch by batch on the model's device; returned on the CPU."""
         self.eval()
-        return torch.cat([self(x[i : i + batch_size])[0] for i in range(0, len(x), batch_size)])
+        device = next(self.parameters()).device
+        batches = (x[i : i + batch_size].to(device) for i in range(0, len(x), batch_size))
+        return torch.cat([self(b)[0].cpu() for b in batches])

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from fahr_core.age.views import TEST_SHIFTS, fixed_views
 from fahr_core.config import CLIPPING_METHODS, PrivacyConfig, TrainConfig
 from fahr_core.faces.images import to_input
+from fahr_core.models.device import placed_on
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.privacy import grad_samples
 from fahr_core.privacy.dpsgd import PoissonBatches, SamplingPlan, SecureGhostOptimizer, SecureNoiseOptimizer
@@ -82,6 +83,7 @@ class RoundStats:
     delta: float
     seconds: float
     images: int  # photos through the DP steps: images / seconds is the round's DP training speed
+    device: str  # where the steps ran ("cpu", "cuda"): for the site's own log
 
 
 def _run_steps(
@@ -90,8 +92,11 @@ def _run_steps(
     optimizer: torch.optim.Optimizer,
     horizon: float,
     loss_name: str,
+    device: torch.device,
 ) -> tuple[float, int]:
     """One pass over `loader`, shared by private and non-private training: (mean loss, images seen).
+
+    Batches travel to `device` as uint8 (a quarter of float32's bytes) and are scaled there.
 
     A None batch (an empty Poisson batch) is a noise-only step of the SecureNoiseOptimizer. Under
     ghost clipping the loss is Opacus' per-patient wrapper, whose backward() runs the two passes
@@ -105,7 +110,7 @@ def _run_steps(
             assert isinstance(optimizer, SecureNoiseOptimizer)
             optimizer.noise_only_step()
             continue
-        x, t, e = batch
+        x, t, e = (v.to(device, non_blocking=True) for v in batch)
         eta, alpha = model(to_input(x))
         if isinstance(model, GradSampleModuleFastGradientClipping):
             per_patient = LOSSES[loss_name].compute(eta, alpha, t, e, horizon, reduction="none")
@@ -137,9 +142,11 @@ def train_nonprivate(
     loader = DataLoader(
         _PatientDataset(data, lambda k: int(rng.integers(k))), batch_size=train.batch_size, shuffle=True
     )
-    optimizer = _optimizer(model, train)
-    model.train()
-    losses = [_run_steps(model, loader, optimizer, horizon, train.loss)[0] for _ in range(train.local_epochs)]
+    with placed_on(model) as device:
+        optimizer = _optimizer(model, train)
+        model.train()
+        epochs = range(train.local_epochs)
+        losses = [_run_steps(model, loader, optimizer, horizon, train.loss, device)[0] for _ in epochs]
     return float(np.mean(losses))
 
 
@@ -201,21 +208,23 @@ def train_dp(
         batch_sampler=PoissonBatches(plan, fresh_stream("poisson sampling")),
         collate_fn=_collate_or_none,
     )
-    optimizer = _optimizer(model, train)
-    model.train()  # Opacus validates the module in training mode
-    ModuleValidator.validate(model, strict=True)
-    dp_model, optimizer_class = _private(model, train.clipping, privacy.max_grad_norm)
-    dp_optimizer = optimizer_class(
-        optimizer,
-        noise_multiplier=sigma,
-        max_grad_norm=privacy.max_grad_norm,
-        expected_batch_size=plan.expected_batch_size,
-        stream=fresh_stream("gaussian noise"),
-    )
-    try:
-        mean_loss, images = _run_steps(dp_model, loader, dp_optimizer, horizon, train.loss)
-    finally:  # the model is a plain module again even after a failed round (hooks, rewired layers)
-        dp_model.remove_hooks()
+    with placed_on(model) as device:  # the GPU when there is one; the noise is drawn on it too
+        optimizer = _optimizer(model, train)
+        model.train()  # Opacus validates the module in training mode
+        ModuleValidator.validate(model, strict=True)
+        dp_model, optimizer_class = _private(model, train.clipping, privacy.max_grad_norm)
+        dp_optimizer = optimizer_class(
+            optimizer,
+            noise_multiplier=sigma,
+            max_grad_norm=privacy.max_grad_norm,
+            expected_batch_size=plan.expected_batch_size,
+            stream=fresh_stream("gaussian noise"),
+        )
+        try:
+            mean_loss, images = _run_steps(dp_model, loader, dp_optimizer, horizon, train.loss, device)
+        finally:  # the model is a plain module again even after a failed round (hooks, rewired layers)
+            dp_optimizer.zero_grad(set_to_none=True)  # per-patient and summed gradients: not kept
+            dp_model.remove_hooks()
     rng = "INSECURE test seed" if insecure_rng_active() else "ChaCha20 keyed from os.urandom"
     epsilon = ledger.record((sigma, plan.sample_rate, plan.steps), {**round_info, "rng": rng})
     return RoundStats(
@@ -228,6 +237,7 @@ def train_dp(
         delta=ledger.delta,
         seconds=time.perf_counter() - start,
         images=images,
+        device=device.type,
     )
 
 
@@ -244,9 +254,7 @@ def patient_risk(model: SurvivalViT, data: SurvivalData, batch_size: int = 64) -
     validation faces, which the age model never saw.
     """
     x = to_input(data.images)
-    eta = (
-        torch.stack([model.risk(v, batch_size) for v in fixed_views(x, TEST_SHIFTS, mirror=True)])
-        .mean(0)
-        .numpy()
-    )
+    with placed_on(model):
+        views = [model.risk(v, batch_size) for v in fixed_views(x, TEST_SHIFTS, mirror=True)]
+    eta = torch.stack(views).mean(0).numpy()
     return np.array([eta[list(idx)].mean() for idx in data.photos])
