@@ -114,7 +114,9 @@ def models_build(
     jobs: Annotated[
         int,
         typer.Option(
-            min=1, max=2, help="2: age-random and half the warm-start arms in a second process (2 cores)"
+            min=1,
+            max=2,
+            help="2: MAE on two processes, then age-random and half the warm-start arms beside (2 cores)",
         ),
     ] = 1,
 ) -> None:

@@ -31,6 +31,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 
 DONE = "done.json"
 MAE_ENCODER = "mae_encoder.safetensors"
+MAE_SUMMARY = "ranks.json"  # a multi-process MAE stage's steps and final loss, from rank 0
 AGE_ENCODER = "age_encoder.safetensors"
 SURVIVAL_ENCODER = "survival_encoder.safetensors"
 SUMMARY = "summary.json"
@@ -253,11 +255,15 @@ class ModelBuild:
             and "age-random" in chain
             and _done(self.out / "age-random") is None
         ):
-            self.faces()  # aligned here, with every alignment worker, before the second process reads them
             beside = ("age-random",)
             chain.remove("age-random")
+        # shards, then MAE (itself on `jobs` processes); age-random starts beside what follows
+        first = [name for name in chain if name in ("shards", "mae")]
+        results = {name: steps[name]() for name in first}
+        if beside:
+            self.faces()  # aligned here, with every alignment worker, before the second process reads them
         with self._beside("[age-random]", stages=beside):
-            results = {name: steps[name]() for name in chain}
+            results |= {name: steps[name]() for name in chain if name not in first}
         results |= {name: steps[name]() for name in beside}  # complete by now: read back from done.json
         if set(only) != set(STAGES):
             return {"stages": results}
@@ -328,13 +334,53 @@ class ModelBuild:
             return done
         started = time.perf_counter()
         cfg = self.recipe.pretrain_config()
-        summary = pretrain(
-            cfg, self.out / "shards" / "train", stage, resume=True, echo=lambda s: self.echo(f"[mae] {s}")
-        )
+        shards = self.out / "shards" / "train"
+        if self.jobs > 1:
+            summary = self._pretrain_ranks(cfg, shards, stage)
+        else:
+            summary = pretrain(cfg, shards, stage, resume=True, echo=lambda s: self.echo(f"[mae] {s}"))
         export_encoder(stage / CHECKPOINT, stage / MAE_ENCODER)
         result = {"steps": summary["steps"], "final_loss": summary["final_loss"], "encoder": MAE_ENCODER}
         self.echo(f"[mae] {summary['steps']} steps, loss {summary['final_loss']:.4f}: {stage / MAE_ENCODER}")
         return _finish(stage, result, started)
+
+    def _pretrain_ranks(self, cfg: PretrainConfig, shards: Path, stage: Path) -> dict[str, Any]:
+        """MAE pre-training as `jobs` torch.distributed processes (gloo), one per core, each with
+        its share of the recipe's batch. The trainer makes N processes train like one with the same
+        global batch (same images, masks and learning rate per step; fahr_core.train.pretrain), so
+        this is the one-process stage in about half the time, and either resumes the other's
+        checkpoint.
+        """
+        if cfg.batch_size % self.jobs:
+            raise ValueError(f"mae_batch {cfg.batch_size} does not split into {self.jobs} processes")
+        per_rank = replace(cfg, batch_size=cfg.batch_size // self.jobs)
+        with socket.socket() as s:  # a free port for the ranks to meet on (torchrun's way)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ctx = multiprocessing.get_context("spawn")
+        ranks = [
+            ctx.Process(
+                target=_pretrain_rank,
+                args=(per_rank, shards, stage, rank, self.jobs, port, torch.get_num_threads()),
+                name=f"fahr-build [mae] rank {rank}",
+            )
+            for rank in range(self.jobs)
+        ]
+        for p in ranks:
+            p.start()
+        self.echo(f"[mae] {self.jobs} processes (pids {', '.join(str(p.pid) for p in ranks)})")
+        try:
+            for p in ranks:
+                p.join()
+        except BaseException:
+            for p in ranks:
+                p.terminate()
+                p.join()
+            raise
+        failed = [f"rank {i} (exit code {p.exitcode})" for i, p in enumerate(ranks) if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"[mae] failed in {', '.join(failed)}; re-run to resume")
+        return json.loads((stage / MAE_SUMMARY).read_text(encoding="utf-8"))
 
     def age(self, name: str, init: Path | None) -> dict[str, Any]:
         stage = self.out / name
@@ -485,6 +531,38 @@ class ModelBuild:
         return config
 
 
+def _end_with_parent() -> None:
+    """End this (spawned) process when the build that started it is gone (killed with a signal
+    that runs no clean-up): otherwise a re-run of the command would train the same stage twice."""
+    parent = os.getppid()
+
+    def orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=orphaned, daemon=True, name="parent-watch").start()
+
+
+def _pretrain_rank(
+    cfg: PretrainConfig, shards: Path, stage: Path, rank: int, world: int, port: int, threads: int
+) -> None:
+    """One process of `ModelBuild._pretrain_ranks`: rank 0 logs and writes the stage's summary."""
+    _end_with_parent()
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(threads)
+    echo = (lambda s: print(f"[mae] {s}", flush=True)) if rank == 0 else (lambda s: None)
+    summary = pretrain(cfg, shards, stage, resume=True, echo=echo)
+    if rank == 0:
+        atomic_write_json(stage / MAE_SUMMARY, {k: summary[k] for k in ("steps", "final_loss")})
+
+
 def _second_process(
     data: Path,
     out: Path,
@@ -496,18 +574,8 @@ def _second_process(
     stages: tuple[str, ...],
     arms: tuple[tuple[str, int], ...],
 ) -> None:
-    """`ModelBuild._beside`'s process: the same build folder, its own torch threads and log lines.
-
-    It ends itself when the build that started it is gone (killed with a signal that runs no
-    clean-up): otherwise a re-run of the command would train the same stage twice at once."""
-    parent = os.getppid()
-
-    def orphaned() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=orphaned, daemon=True, name="parent-watch").start()
+    """`ModelBuild._beside`'s process: the same build folder, its own torch threads and log lines."""
+    _end_with_parent()
     torch.set_num_threads(threads)
     build = ModelBuild(data, out, recipe, aligned, workers, exclude, echo=lambda s: print(s, flush=True))
     if stages:

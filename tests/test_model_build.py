@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fahr_client.simulation import fedavg
 from fahr_core.age.model import load_age_model
 from fahr_core.config import ModelConfig, load_server_config
 from fahr_core.models.initial import initial_model
+from fahr_core.train.pretrain import load_checkpoint
 from fahr_research.models import (
     AGE_ENCODER,
     CHOICE,
@@ -157,6 +159,28 @@ def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None
     assert summary["stages"]["age-random"]["pid"] not in (os.getpid(), None)
     arm_pids = {json.loads(p.read_text())["pid"] for p in (out / "warm-start").glob("arm-*.json")}
     assert os.getpid() in arm_pids and len(arm_pids) == 2
+
+
+@pytest.mark.slow
+def test_two_jobs_pretrain_as_two_ranks_that_train_like_one_process(faces: Path, tmp_path: Path) -> None:
+    """jobs=2: the MAE stage runs as two torch.distributed processes, each with half the batch,
+    and ends where the one-process stage does (same images, masks and steps), so a build on both
+    cores ships the same encoder in about half the time."""
+    torch.set_num_threads(1)
+    one = ModelBuild(faces, tmp_path / "one", TINY, workers=1, echo=lambda s: None)
+    one.run(["shards", "mae"])
+    two = ModelBuild(faces, tmp_path / "two", TINY, one.aligned, workers=1, echo=lambda s: None, jobs=2)
+    two.run(["shards", "mae"])
+    a, b = (load_checkpoint(out / "mae" / "checkpoint.pt") for out in (tmp_path / "two", tmp_path / "one"))
+    assert (a["world_size"], a["config"]["batch_size"], b["world_size"]) == (2, TINY.mae_batch // 2, 1)
+    assert a["images_seen"] == b["images_seen"] == TINY.mae_steps * TINY.mae_batch
+    losses = [[h["loss"] for h in c["history"]] for c in (a, b)]
+    np.testing.assert_allclose(*losses, rtol=1e-4)
+    encoders = [load_file(out / "mae" / MAE_ENCODER) for out in (tmp_path / "two", tmp_path / "one")]
+    for k, v in encoders[1].items():
+        torch.testing.assert_close(encoders[0][k], v, rtol=1e-4, atol=1e-5)
+    done = json.loads((tmp_path / "two" / "mae" / DONE).read_text())
+    assert (done["steps"], done["final_loss"]) == (TINY.mae_steps, a["history"][-1]["loss"])
 
 
 def test_a_failure_in_the_second_process_fails_the_build_by_name(faces: Path, tmp_path: Path) -> None:
