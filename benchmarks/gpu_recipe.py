@@ -301,7 +301,7 @@ def _site(images: np.ndarray, ages: np.ndarray, horizon: float, rng: np.random.G
     )
 
 
-def site_training(age_model: Path, images: np.ndarray, ages: np.ndarray, out: Path, arch: str) -> dict:
+def site_training(age_model: Path, images: np.ndarray, ages: np.ndarray, workdir: Path, arch: str) -> dict:
     """Part 4: one DP-SGD round of a site on the compute device, and its held-out risk scores."""
     spec = ModelConfig(arch=arch, img_size=images.shape[-1], init_age_model=str(age_model), finetune="last:1")
     model = prepare(initial_model(spec), spec)
@@ -310,7 +310,7 @@ def site_training(age_model: Path, images: np.ndarray, ages: np.ndarray, out: Pa
     train = _site(images[:half], ages[:half], spec.horizon_years, rng)
     test = _site(images[half:], ages[half:], spec.horizon_years, rng)
     c_start = harrell_c(test.time, test.event, patient_risk(model, test))
-    ledger = PrivacyLedger.open(out / "ledger.json", 8.0, n_train=len(train))
+    ledger = PrivacyLedger.open(workdir / "ledger.json", 8.0, n_train=len(train))
     stats = train_dp(
         model,
         train,
@@ -406,7 +406,10 @@ def main(argv: list[str] | None = None) -> dict:
     records, images = build.part("validation")
     n = 64 if a.tiny else len(records)
     ages = np.array([r.age for r in records[:n]])
-    result["site"] = site_training(build.out / "age" / FINAL_MODEL, images[:n], ages, a.out, recipe.arch)
+    torch.backends.cuda.matmul.allow_tf32 = False  # as at a site: fahr-client leaves torch's default
+    with tempfile.TemporaryDirectory() as ledger_dir:  # a fresh budget on every run into the same --out
+        age_model = build.out / "age" / FINAL_MODEL
+        result["site"] = site_training(age_model, images[:n], ages, Path(ledger_dir), recipe.arch)
     echo(json.dumps(result["site"]))
     result["seconds"] = round(time.perf_counter() - started, 1)
     save()

@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +32,7 @@ from fahr_research.models import DONE, ModelBuild, Recipe
 
 def arm(out: Path, aligned: Path, recipe: Recipe, jobs: int) -> dict:
     """The build's shards + mae stages with `jobs` processes: wall time and steady images/s."""
+    shutil.rmtree(out, ignore_errors=True)  # a stage done by an earlier run would be skipped, not timed
     build = ModelBuild(demo_faces_dir(), out, recipe, aligned, exclude=frozenset(), echo=print, jobs=jobs)
     build.run(["shards", "mae"])
     done = json.loads((out / "mae" / DONE).read_text(encoding="utf-8"))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import socket
@@ -54,14 +55,13 @@ from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import ModelConfig
 from fahr_core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from fahr_core.models.checkpoint import save_weights
-from fahr_core.train.pretrain import CHECKPOINT, PretrainConfig, export_encoder, pretrain
+from fahr_core.train.pretrain import CHECKPOINT, PretrainConfig, export_encoder, load_checkpoint, pretrain
 from fahr_core.train.shards import build_shards
 
 log = logging.getLogger(__name__)
 
 DONE = "done.json"
 MAE_ENCODER = "mae_encoder.safetensors"
-MAE_SUMMARY = "ranks.json"  # a multi-process MAE stage's steps and final loss, from rank 0
 AGE_ENCODER = "age_encoder.safetensors"
 SURVIVAL_ENCODER = "survival_encoder.safetensors"
 SUMMARY = "summary.json"
@@ -231,9 +231,10 @@ class ModelBuild:
     def run(self, only: Sequence[str] = STAGES) -> dict[str, Any]:
         """Run the stages in `only` that are not yet complete, in order; with all of them, write
         `summary.json`. A subset lets a second process run an independent stage (age-random needs
-        only the faces) beside the chain on the same build folder; with `jobs=2` the build does
-        that itself once the faces are aligned, and splits the warm-start arms between two
-        processes, so that one command keeps both cores of a 2-core machine busy.
+        only the faces) beside the chain on the same build folder; with `jobs=2` the build runs
+        MAE pre-training as two processes, then age-random in a second process beside the age
+        model and the warm start, whose arms it splits between two processes, so that one command
+        keeps both cores of a 2-core machine busy.
         """
         unknown = sorted(set(only) - set(STAGES))
         if unknown:
@@ -335,7 +336,8 @@ class ModelBuild:
         started = time.perf_counter()
         cfg = self.recipe.pretrain_config()
         shards = self.out / "shards" / "train"
-        if self.jobs > 1:
+        gpus = torch.cuda.device_count()  # the trainer puts rank r on GPU r: a rank per core or per GPU
+        if self.jobs > 1 and (gpus == 0 or gpus >= self.jobs):
             summary = self._pretrain_ranks(cfg, shards, stage)
         else:
             summary = pretrain(cfg, shards, stage, resume=True, echo=lambda s: self.echo(f"[mae] {s}"))
@@ -369,18 +371,19 @@ class ModelBuild:
         for p in ranks:
             p.start()
         self.echo(f"[mae] {self.jobs} processes (pids {', '.join(str(p.pid) for p in ranks)})")
-        try:
+        try:  # until all have ended or one has failed: the others would wait for it in a collective
+            while any(p.is_alive() for p in ranks) and all(p.exitcode in (None, 0) for p in ranks):
+                multiprocessing.connection.wait([p.sentinel for p in ranks if p.is_alive()])
+        finally:
             for p in ranks:
+                if p.is_alive():
+                    p.terminate()
                 p.join()
-        except BaseException:
-            for p in ranks:
-                p.terminate()
-                p.join()
-            raise
         failed = [f"rank {i} (exit code {p.exitcode})" for i, p in enumerate(ranks) if p.exitcode != 0]
         if failed:
             raise RuntimeError(f"[mae] failed in {', '.join(failed)}; re-run to resume")
-        return json.loads((stage / MAE_SUMMARY).read_text(encoding="utf-8"))
+        state = load_checkpoint(stage / CHECKPOINT)  # rank 0 saves it at the last step
+        return {"steps": state["step"], "final_loss": state["history"][-1]["loss"]}
 
     def age(self, name: str, init: Path | None) -> dict[str, Any]:
         stage = self.out / name
@@ -547,7 +550,7 @@ def _end_with_parent() -> None:
 def _pretrain_rank(
     cfg: PretrainConfig, shards: Path, stage: Path, rank: int, world: int, port: int, threads: int
 ) -> None:
-    """One process of `ModelBuild._pretrain_ranks`: rank 0 logs and writes the stage's summary."""
+    """One process of `ModelBuild._pretrain_ranks` (rank 0 logs and checkpoints)."""
     _end_with_parent()
     os.environ.update(
         RANK=str(rank),
@@ -558,9 +561,7 @@ def _pretrain_rank(
     )
     torch.set_num_threads(threads)
     echo = (lambda s: print(f"[mae] {s}", flush=True)) if rank == 0 else (lambda s: None)
-    summary = pretrain(cfg, shards, stage, resume=True, echo=echo)
-    if rank == 0:
-        atomic_write_json(stage / MAE_SUMMARY, {k: summary[k] for k in ("steps", "final_loss")})
+    pretrain(cfg, shards, stage, resume=True, echo=echo)
 
 
 def _second_process(

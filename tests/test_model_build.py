@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -181,6 +182,40 @@ def test_two_jobs_pretrain_as_two_ranks_that_train_like_one_process(faces: Path,
         torch.testing.assert_close(encoders[0][k], v, rtol=1e-4, atol=1e-5)
     done = json.loads((tmp_path / "two" / "mae" / DONE).read_text())
     assert (done["steps"], done["final_loss"]) == (TINY.mae_steps, a["history"][-1]["loss"])
+
+
+def test_a_rank_that_dies_stops_the_mae_stage_instead_of_hanging_it(faces: Path, tmp_path: Path) -> None:
+    """jobs=2: when one MAE process dies, the other would wait for it in a collective until gloo's
+    timeout (30 minutes); the build must end both at once and name the rank."""
+    torch.set_num_threads(1)
+    long = replace(TINY, mae_steps=100_000, mae_warmup=10)
+    killed: list[int] = []
+
+    def echo(line: str) -> None:
+        if m := re.match(r"\[mae\] 2 processes \(pids (\d+), (\d+)\)", line):
+            killed.append(int(m.group(2)))
+            time.sleep(5.0)  # both ranks started, importing torch or meeting on the port
+            os.kill(killed[0], signal.SIGKILL)
+
+    build = ModelBuild(faces, tmp_path / "run", long, workers=1, echo=echo, jobs=2)
+    build.run(["shards"])
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            build.run(["mae"])
+        except BaseException as e:  # handed to the test thread below
+            errors.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    started = time.monotonic()
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "the MAE stage kept waiting for a dead rank"
+    assert killed and time.monotonic() - started < 120
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+    assert re.search(r"\[mae\] failed in .*rank 1 \(exit code -9\)", str(errors[0]))
+    assert not (tmp_path / "run" / "mae" / DONE).exists()
 
 
 def test_a_failure_in_the_second_process_fails_the_build_by_name(faces: Path, tmp_path: Path) -> None:

@@ -26,8 +26,8 @@ def placed_on(module: torch.nn.Module, device: torch.device | None = None) -> It
     """
     device = compute_device() if device is None else device
     home = next(module.parameters()).device
-    module.to(device)
-    try:
+    try:  # the move itself may fail half-way (out of GPU memory): it is undone too
+        module.to(device)
         yield device
     finally:
         module.to(home)

@@ -223,7 +223,7 @@ def train_dp(
         try:
             mean_loss, images = _run_steps(dp_model, loader, dp_optimizer, horizon, train.loss, device)
         finally:  # the model is a plain module again even after a failed round (hooks, rewired layers)
-            dp_optimizer.zero_grad(set_to_none=True)  # per-patient and summed gradients: not kept
+            dp_optimizer.zero_grad(set_to_none=True)  # frees the per-patient and summed gradients
             dp_model.remove_hooks()
     rng = "INSECURE test seed" if insecure_rng_active() else "ChaCha20 keyed from os.urandom"
     epsilon = ledger.record((sigma, plan.sample_rate, plan.steps), {**round_info, "rng": rng})
