@@ -3,11 +3,13 @@
 pyproject.toml holds everything else. setuptools' own `packages.find` cannot map the folders
 `ops`, `server`, `client` and `research` to the import names `fahr_ops`, `fahr_server`,
 `fahr_client` and `fahr_research`, and a hand-written list silently dropped new subpackages (a
-wheel once shipped without fahr_core.age); here every folder with an __init__.py below each root
-is a package.
+wheel once shipped without fahr_core.age); here every folder below each root is a package.
+Folders without an __init__.py count too (namespace discovery): the data folders
+fahr_core/demo_data and its images/ are importable to Python, and setuptools warns of an
+ambiguous configuration when package data lies in a folder it was not told is a package.
 """
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 PACKAGE_DIRS = {
     "fahr_core": "fahr_core",
@@ -22,6 +24,6 @@ setup(
     packages=[
         f"{name}{suffix}"
         for name, folder in PACKAGE_DIRS.items()
-        for suffix in ["", *(f".{sub}" for sub in find_packages(folder))]
+        for suffix in ["", *(f".{sub}" for sub in find_namespace_packages(folder, exclude=["*__pycache__*"]))]
     ],
 )

@@ -40,10 +40,18 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path: Path) -> None
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-          str(source)], tmp_path)  # fmt: skip
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(dist), str(source)], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    # setuptools warns where a later release will refuse the configuration (a license table) or
+    # guess at it (package data in a folder not declared a package)
+    assert "BuildBackendWarning" not in built.stderr, built.stderr
     (wheel,) = dist.glob("fahr-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    (metadata_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    metadata = zipfile.ZipFile(wheel).read(metadata_name).decode()
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()  # SPDX, not the deprecated table
     for package in (
         "fahr_core/age/",
         "fahr_ops/",
