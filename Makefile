@@ -48,9 +48,9 @@ check: $(STAMP)
 	$(BIN)/mypy fahr_core
 	$(BIN)/python -m pytest -q -m "not e2e and not slow"
 
-# Rebuild every shipped model from the shared faces (docs/models.md): about 2 hours 10 minutes on
-# the 2-core machine, one torch thread in each of two processes; re-run to resume. MODELS_OUT must
-# be outside the repository.
+# Rebuild every shipped model from the shared faces (docs/models.md): 109 minutes from a fresh
+# clone on the 2-core machine, one torch thread in each of two processes; re-run to resume.
+# MODELS_OUT must be outside the repository.
 MODELS_DATA ?= ../shared/data/utkface
 MODELS_OUT ?= ../runs/models
 models: $(STAMP)
