@@ -371,9 +371,8 @@ class ModelBuild:
         for p in ranks:
             p.start()
         self.echo(f"[mae] {self.jobs} processes (pids {', '.join(str(p.pid) for p in ranks)})")
-        try:  # until all have ended or one has failed: the others would wait for it in a collective
-            while any(p.is_alive() for p in ranks) and all(p.exitcode in (None, 0) for p in ranks):
-                multiprocessing.connection.wait([p.sentinel for p in ranks if p.is_alive()])
+        try:
+            _wait_for_all_or_a_failure(ranks)
         finally:
             for p in ranks:
                 if p.is_alive():
@@ -532,6 +531,16 @@ class ModelBuild:
         head = f"# fahr models build's warm start: {chosen}, {why}"
         atomic_write_text(stage / CHOICE, "\n".join([head, "[model]", *table]) + "\n")
         return config
+
+
+def _wait_for_all_or_a_failure(procs: Sequence[multiprocessing.process.BaseProcess]) -> None:
+    """Return when every process has ended, or as soon as one has failed (its peers would wait for
+    it in a collective until gloo's timeout). One snapshot of the exit codes per pass: a process
+    that dies after it keeps its sentinel in the wait, which is then ready at once; reading the
+    codes twice could miss a death between the reads and wait on the living alone."""
+    while None in (codes := [p.exitcode for p in procs]) and set(codes) <= {None, 0}:
+        running = [p.sentinel for p, code in zip(procs, codes, strict=True) if code is None]
+        multiprocessing.connection.wait(running)
 
 
 def _end_with_parent() -> None:

@@ -36,6 +36,7 @@ from fahr_research.models import (
     WARM_STARTS,
     ModelBuild,
     Recipe,
+    _wait_for_all_or_a_failure,
     demo_face_names,
     recipe_from_json,
     smoke_recipe,
@@ -216,6 +217,33 @@ def test_a_rank_that_dies_stops_the_mae_stage_instead_of_hanging_it(faces: Path,
     assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
     assert re.search(r"\[mae\] failed in .*rank 1 \(exit code -9\)", str(errors[0]))
     assert not (tmp_path / "run" / "mae" / DONE).exists()
+
+
+class _Rank:
+    """A stand-in process: its exit codes in the order they are read, then the last for good, and
+    a sentinel that is ready once `ended` (a pipe whose writer is closed)."""
+
+    def __init__(self, codes: list[int | None], ended: bool) -> None:
+        self.codes = codes
+        self.sentinel, writer = os.pipe()
+        if ended:
+            os.close(writer)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.codes.pop(0) if len(self.codes) > 1 else self.codes[0]
+
+
+def test_a_rank_that_dies_between_two_reads_of_the_exit_codes_still_ends_the_wait() -> None:
+    """The race the kill test above met once in CI: rank 1 dies after its exit code was read as
+    running, before the list of sentinels to wait on is made. Waiting only on ranks read alive a
+    second time leaves the living rank 0 alone in the wait, which ends after gloo's 30 minutes."""
+    living = _Rank([None], ended=False)  # waits in a collective for the dead one
+    dying = _Rank([None, -9], ended=True)
+    waiter = threading.Thread(target=_wait_for_all_or_a_failure, args=([living, dying],), daemon=True)
+    waiter.start()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive(), "the wait missed the death of rank 1"
 
 
 def test_a_failure_in_the_second_process_fails_the_build_by_name(faces: Path, tmp_path: Path) -> None:
