@@ -86,7 +86,7 @@ class Recipe:
     mae_batch: int = 128
     mae_base_lr: float = 4e-3
     mae_warmup: int = 300
-    mae_steps: int = 4800
+    mae_steps: int = 9600
     mae_workers: int = 0  # shards are memory-mapped: on a CPU a worker process costs more than reading
     mae_compile: bool = False  # torch.compile: pays off on a GPU, not for a vit_micro on a CPU
     # age fine-tuning (the same for both initialisations)

@@ -249,8 +249,8 @@ def patient_risk(model: SurvivalViT, data: SurvivalData, batch_size: int = 64) -
     The aligned template is symmetric, so a mirrored face is an ordinary face of the same person,
     and the age model, the demo's start, is trained on random flips and moves of up to 6 pixels;
     averaging the views lowers the noise of one forward pass. Held-out C of the age-model start,
-    200 seeds of simulated sites (benchmarks/start_ceiling.py): 0.731 / 0.734 / 0.734 (one pass /
-    mirror pair / ten views) on the demo's faces, 0.669 / 0.671 / 0.676 on the model build's
+    200 seeds of simulated sites (benchmarks/start_ceiling.py): 0.734 / 0.737 / 0.738 (one pass /
+    mirror pair / ten views) on the demo's faces, 0.677 / 0.678 / 0.680 on the model build's
     validation faces, which the age model never saw.
     """
     x = to_input(data.images)
