@@ -248,10 +248,9 @@ def patient_risk(model: SurvivalViT, data: SurvivalData, batch_size: int = 64) -
 
     The aligned template is symmetric, so a mirrored face is an ordinary face of the same person,
     and the age model, the demo's start, is trained on random flips and moves of up to 6 pixels;
-    averaging the views lowers the noise of one forward pass. Held-out C of the age-model start,
-    200 seeds of simulated sites (benchmarks/start_ceiling.py): 0.734 / 0.737 / 0.738 (one pass /
-    mirror pair / ten views) on the demo's faces, 0.677 / 0.678 / 0.680 on the model build's
-    validation faces, which the age model never saw.
+    averaging the views lowers the noise of one forward pass. What it is worth in held-out C, one
+    pass against the mirror pair against ten views, is measured by benchmarks/start_ceiling.py for
+    each shipped age model (docs/performance.md#privacy-utility-curve).
     """
     x = to_input(data.images)
     with placed_on(model):
