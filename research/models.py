@@ -55,6 +55,7 @@ from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import ModelConfig
 from fahr_core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from fahr_core.models.checkpoint import save_weights
+from fahr_core.models.device import compute_device
 from fahr_core.train.pretrain import CHECKPOINT, PretrainConfig, export_encoder, load_checkpoint, pretrain
 from fahr_core.train.shards import build_shards
 
@@ -403,7 +404,7 @@ class ModelBuild:
             lambda s: self.echo(f"[{name}] {s}"),
         )
         atomic_write_bytes(stage / "curve.png", age_curve_png(stage / CURVE_FILE))
-        model = load_age_model(stage / FINAL_MODEL)
+        model = load_age_model(stage / FINAL_MODEL).to(compute_device())  # ten views of every face
         extra = {"model": str(stage / FINAL_MODEL), "data": str(self.data), "part": "validation"}
         metrics = write_evaluation(stage / "validation", val, predict_ages(model, x_val), extra)
         self.echo(
