@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +25,8 @@ from typer.testing import CliRunner
 
 from fahr_client.simulation import fedavg
 from fahr_core.age.model import load_age_model
+from fahr_core.age.predict import predict_ages
+from fahr_core.age.train import FINAL_MODEL
 from fahr_core.config import ModelConfig, load_server_config
 from fahr_core.models.initial import initial_model
 from fahr_core.train.pretrain import load_checkpoint
@@ -267,9 +271,8 @@ def test_cli_refuses_a_bad_recipe_in_one_line(faces: Path, tmp_path: Path) -> No
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.slow
-def test_gpu_recipe_runs_end_to_end_on_the_cpu(faces: Path, tmp_path: Path) -> None:
-    """benchmarks/gpu_recipe.py --tiny: every part runs and writes its JSON, weights and curves."""
+def _gpu_recipe() -> Any:
+    """benchmarks/gpu_recipe.py as a module (benchmarks/ is no package)."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_recipe.py"
@@ -277,13 +280,40 @@ def test_gpu_recipe_runs_end_to_end_on_the_cpu(faces: Path, tmp_path: Path) -> N
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_recipe_parts_go_on_past_a_failure_and_stop_at_the_deadline(tmp_path: Path) -> None:
+    """The device gives one shot: a failing part is recorded and the next still runs; a part that
+    would start too close to the deadline is skipped; the JSON on disk holds every outcome."""
+    module = _gpu_recipe()
+    run = module.Parts(tmp_path, 60.0, {"device": "cpu"})
+    assert run.run("broken", lambda: 1 / 0) is None
+    assert run.run("fine", lambda: {"x": 1}) == {"x": 1}
+    assert run.run("too_long", lambda: {"y": 2}, needs=3600.0) is None
+    saved = json.loads((tmp_path / module.RESULT_FILE).read_text())
+    assert saved["errors"] == {"broken": "ZeroDivisionError: division by zero"}
+    assert saved["fine"] == {"x": 1} and "too_long" not in saved and "too_long" in saved["skipped"]
+    assert module._vit_s_budgets(run, 150.0, 100.0) == (0.0, 0.0)  # 60 s left: less than the reserve
+    roomy = module.Parts(tmp_path, 1e6, {})
+    assert module._vit_s_budgets(roomy, 150.0, 100.0) == (150.0, 100.0)
+    cut = module.Parts(tmp_path, module.RESERVE_S + 125.0, {})
+    mae, age = module._vit_s_budgets(cut, 150.0, 100.0)
+    assert 74 < mae < 75 and 49 < age < 50 and mae / age == pytest.approx(1.5)
+
+
+@pytest.mark.slow
+def test_gpu_recipe_runs_end_to_end_on_the_cpu(faces: Path, tmp_path: Path) -> None:
+    """benchmarks/gpu_recipe.py --tiny: every part runs and writes its JSON, weights and curves."""
+    module = _gpu_recipe()
     torch.set_num_threads(1)
-    out, packed = tmp_path / "out", tmp_path / "faces.tar"
+    out, work, packed = tmp_path / "out", tmp_path / "work", tmp_path / "faces.tar"
     # the device machine's way: faces aligned here, packed, and read from the pack there
     module.main(
         ["--data", str(faces), "--pack", str(packed), "--aligned", str(tmp_path / "al"), "--workers", "1"]
     )
-    result = module.main(["--tiny", "--faces", str(packed), "--out", str(out), "--workers", "1"])
+    args = ["--tiny", "--faces", str(packed), "--out", str(out), "--work", str(work), "--workers", "1"]
+    result = module.main([*args, "--max-file-mib", "0.25"])
     build = module.PackedBuild(packed, tmp_path / "again", module.TINY_RECIPE, 1, print)
     unpacked = ModelBuild(faces, tmp_path / "direct", TINY, tmp_path / "al")
     for part in ("train", "validation"):  # the pack holds the split's faces, WebP-close to the crops
@@ -292,19 +322,31 @@ def test_gpu_recipe_runs_end_to_end_on_the_cpu(faces: Path, tmp_path: Path) -> N
         assert [f.path.name for f in records] == [f.path.name for f in direct_records]
         assert [f.age for f in records] == [f.age for f in direct_records]
         assert np.abs(images.astype(float) - direct_images).mean() < 4.0
-    saved = json.loads((out / "gpu_recipe.json").read_text())
-    assert saved["mae_step"]["reference_eager_images_per_s"] > 0
-    assert saved["mae_step"]["gflop_per_image"] > 0
+    saved = json.loads((out / module.RESULT_FILE).read_text())
+    assert "errors" not in saved and "skipped" not in saved
+    for mode in module.MAE_MODES:  # eager, compiled (traced forward and backward), the recipe's input
+        assert saved["mae_step"][f"{mode}_images_per_s"] > 0
+    assert saved["mae_step"]["gflop_per_image"] > 0 and saved["mae_step"]["speed_up"] > 0
     assert saved["input"]["images_per_s"] > 0
-    assert saved["age"]["val_mae"] == result["age"]["val_mae"]
-    assert (out / "build" / "mae" / "mae_encoder.safetensors").is_file()
-    assert (out / "build" / "age" / "model_final.safetensors").is_file()
-    assert (out / "build" / "age" / "curve.png").is_file()
+    assert saved["age"]["val_mae"] == result["age"]["val_mae"] and saved["age"]["val_by_decade"]
+    # what comes back is small and complete: JSON, curves, the age model's weights in parts
+    weights = saved["weights"]
+    assert len(weights["parts"]) > 1
+    assert all((out / p).stat().st_size <= 0.25 * 2**20 for p in weights["parts"])
+    assert sorted(f.name for f in out.iterdir()) == sorted(
+        [module.RESULT_FILE, "mae_curve.png", "age_curve.png", *weights["parts"]]
+    )
+    joined = b"".join((out / p).read_bytes() for p in weights["parts"])
+    assert hashlib.sha256(joined).hexdigest() == weights["sha256"]
+    (tmp_path / weights["file"]).write_bytes(joined)
+    shipped, final = load_age_model(tmp_path / weights["file"]), load_age_model(work / "age" / FINAL_MODEL)
+    _, val_images = build.part("validation")
+    assert np.abs(predict_ages(shipped, val_images) - predict_ages(final, val_images)).max() < 0.5
     site = saved["site"]  # a site's DP round where a site trains: on this machine, its CPU
     assert site["device"] == "cpu" and site["dp_steps"] >= 3 and site["dp_images_per_s"] > 0
     assert 0 < site["epsilon"] <= 8.0 and all(0.0 <= site[c] <= 1.0 for c in ("c_start", "c_trained"))
     # the device run's sizing: steps and epochs cut to the budgets, never above the recipe's own
-    shards, n_train = out / "build" / "shards" / "train", len(build.part("train")[0])
+    shards, n_train = work / "shards" / "train", len(build.part("train")[0])
     most = replace(module.TINY_RECIPE, mae_steps=400, mae_warmup=300, age_epochs=30, balanced_epochs=6)
     cut, timing = module.sized_recipe(most, shards, n_train, (0.2, 0.2), 1e9, torch.device("cpu"))
     assert 20 <= cut.mae_steps < 400 and cut.mae_warmup == cut.mae_steps // 10
