@@ -564,20 +564,19 @@ def main(argv: list[str] | None = None) -> dict:
     arch, batch, steps = ("vit_micro", 8, 2) if a.tiny else ("vit_base", a.mae_batch, 50)
     recipe_workers = recipe.mae_workers
     run.run("mae_step", lambda: mae_throughput(shards, arch, batch, steps, recipe_workers, device, run))
-    if not a.tiny:
-        budgets = _vit_s_budgets(run, a.mae_seconds, a.age_seconds)
-        n_train = len(build.part("train")[0])
-        input_ips = result.get("input", {}).get("images_per_s", 1e9)
-        sized: list[Recipe] = []
+    budgets = _vit_s_budgets(run, a.mae_seconds, a.age_seconds)
+    n_train = len(build.part("train")[0])
+    input_ips = result.get("input", {}).get("images_per_s", 1e9)
+    sized: list[Recipe] = []
 
-        def size() -> dict:
-            cut, timing = sized_recipe(recipe, shards, n_train, budgets, input_ips, device)
-            sized.append(cut)
-            return {**timing, "budgets_s": [round(b, 1) for b in budgets]}
+    def size() -> dict:
+        cut, timing = sized_recipe(recipe, shards, n_train, budgets, input_ips, device)
+        sized.append(cut)
+        return {**timing, "budgets_s": [round(b, 1) for b in budgets]}
 
-        if run.run("sizing", size, needs=RESERVE_S) is None:
-            return result
-        recipe = build.recipe = sized[0]
+    if run.run("sizing", size, needs=RESERVE_S) is None:
+        return result
+    recipe = build.recipe = sized[0]
     result["recipe"] = asdict(recipe)
     if run.run("mae", build.mae) is None:
         return result

@@ -328,6 +328,11 @@ def test_gpu_recipe_runs_end_to_end_on_the_cpu(faces: Path, tmp_path: Path) -> N
         assert saved["mae_step"][f"{mode}_images_per_s"] > 0
     assert saved["mae_step"]["gflop_per_image"] > 0 and saved["mae_step"]["speed_up"] > 0
     assert saved["input"]["images_per_s"] > 0
+    # sized as on the device, the recipe's steps and epochs the most it runs
+    sizing = saved["sizing"]
+    assert saved["recipe"]["mae_steps"] == sizing["mae_steps"] <= module.TINY_RECIPE.mae_steps
+    mae_budget, age_budget = sizing["budgets_s"]
+    assert 0 < mae_budget <= 150.0 and mae_budget / age_budget == pytest.approx(1.5, rel=0.01)
     assert saved["age"]["val_mae"] == result["age"]["val_mae"] and saved["age"]["val_by_decade"]
     # what comes back is small and complete: JSON, curves, the age model's weights in parts
     weights = saved["weights"]
