@@ -85,6 +85,7 @@ RESULT_FILE = "gpu_recipe.json"
 # torch.compile of a ViT, and what follows the ViT-S stages (their compilation, the evaluation of
 # ten views, the site's DP round and its ChaCha20 kernels' compilation).
 COMPILE_S = 90.0
+SITE_S = 45.0
 RESERVE_S = 150.0
 PACK_LIST = "faces.csv"  # in a pack: name, age, sex, part; the images are PART/NAME.webp
 WEBP_QUALITY = 85  # 1.7 KB a face: the 18,000 shared faces fit the device's 64 MiB with the repo
@@ -101,6 +102,7 @@ GPU_RECIPE = Recipe(
     mae_warmup=300,
     mae_steps=3000,  # 3000 x 1024 = 3.1 M images: 200 epochs of 15,000 faces
     mae_workers=12,
+    mae_checkpoint_every=1000,  # a ViT-S checkpoint with its optimizer is 300 MB
     mae_compile=True,
     age_epochs=50,
     balanced_epochs=10,
@@ -223,7 +225,9 @@ def mae_throughput(
                 with counter:
                     step(0)
                 out["gflop_per_image"] = counter.get_total_flops() / batch / 1e9
-            ips = _images_per_s(step, batch, steps, device)
+            # the recipe's warm-up also takes the batches its loader queued during compilation
+            warmup = 3 + (2 * workers if mode == "recipe" else 0)
+            ips = _images_per_s(step, batch, steps, device, warmup)
         except Exception as e:  # noqa: BLE001 - one shot on the device: keep the other modes' figures
             traceback.print_exc()
             out[f"{mode}_error"] = f"{type(e).__name__}: {e}"
@@ -449,12 +453,14 @@ class Parts:
         else:
             try:
                 value = part()
+                text = json.dumps(value)
             except Exception as e:  # noqa: BLE001 - recorded; the parts that do not need it go on
                 traceback.print_exc()
                 self.result.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+                value = None
             else:
                 self.result[name] = value
-                print(f"[{name}] {json.dumps(value)}", flush=True)
+                print(f"[{name}] {text}", flush=True)
         self.save()
         return value
 
@@ -472,7 +478,7 @@ def export_weights(model: Path, out: Path, name: str, max_bytes: int) -> dict:
     half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
     blob = save(half, metadata={**metadata, "dtype": "bfloat16"})
     chunks = [blob[i : i + max_bytes] for i in range(0, len(blob), max_bytes)]
-    names = [name] if len(chunks) == 1 else [f"{name}.part{i}" for i in range(len(chunks))]
+    names = [name] if len(chunks) == 1 else [f"{name}.part{i:02d}" for i in range(len(chunks))]
     for part, chunk in zip(names, chunks, strict=True):
         atomic_write_bytes(out / part, chunk)
     return {"file": name, "parts": names, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
@@ -495,7 +501,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--out",
         type=Path,
-        default=Path(os.environ.get("OUT", "gpu-recipe-out")),
+        default=os.environ.get("OUT"),
         help="what the run keeps: its JSON, curves and the age model's weights (default $OUT)",
     )
     ap.add_argument(
@@ -516,6 +522,8 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     if (a.data is None) == (a.faces is None):
         ap.error("give exactly one of --data and --faces")
+    if a.out is None and not a.pack:
+        ap.error("give --out (the device machine sets $OUT)")
     if a.pack:
         if a.data is None:
             ap.error("--pack needs --data")
@@ -566,7 +574,8 @@ def main(argv: list[str] | None = None) -> dict:
     run.run("mae_step", lambda: mae_throughput(shards, arch, batch, steps, recipe_workers, device, run))
     budgets = _vit_s_budgets(run, a.mae_seconds, a.age_seconds)
     n_train = len(build.part("train")[0])
-    input_ips = result.get("input", {}).get("images_per_s", 1e9)
+    # the MAE stage's loader has the recipe's workers, the input part timed one per core
+    input_ips = result.get("input", {}).get("images_per_s_per_worker", 1e9) * max(1, recipe.mae_workers)
     sized: list[Recipe] = []
 
     def size() -> dict:
@@ -594,7 +603,11 @@ def main(argv: list[str] | None = None) -> dict:
     ages = np.array([r.age for r in records[:n]])
     torch.backends.cuda.matmul.allow_tf32 = False  # as at a site: fahr-client leaves torch's default
     with tempfile.TemporaryDirectory() as ledger_dir:  # a fresh budget on every run
-        run.run("site", lambda: site_training(age_model, images[:n], ages, Path(ledger_dir), recipe.arch))
+        run.run(
+            "site",
+            lambda: site_training(age_model, images[:n], ages, Path(ledger_dir), recipe.arch),
+            needs=SITE_S,
+        )
     print("\n| figure | value |\n|---|---|")
     for section in ("input", "mae_step", "sizing", "age", "weights", "site", "skipped", "errors"):
         for k, v in result.get(section, {}).items():

@@ -90,6 +90,7 @@ class Recipe:
     mae_steps: int = 9600
     mae_workers: int = 0  # shards are memory-mapped: on a CPU a worker process costs more than reading
     mae_compile: bool = False  # torch.compile: pays off on a GPU, not for a vit_micro on a CPU
+    mae_checkpoint_every: int = 200  # steps (and always the last); resumable within minutes on the CPU
     # age fine-tuning (the same for both initialisations)
     age_epochs: int = 60
     balanced_epochs: int = 4
@@ -119,7 +120,7 @@ class Recipe:
             base_lr=self.mae_base_lr,
             warmup_steps=self.mae_warmup,
             total_steps=self.mae_steps,
-            checkpoint_every=max(1, min(200, self.mae_steps)),
+            checkpoint_every=max(1, min(self.mae_checkpoint_every, self.mae_steps)),
             log_every=max(1, min(50, self.mae_steps)),
             num_workers=self.mae_workers,
             compile=self.mae_compile,

@@ -297,6 +297,13 @@ def test_gpu_recipe_parts_go_on_past_a_failure_and_stop_at_the_deadline(tmp_path
     assert module._vit_s_budgets(run, 150.0, 100.0) == (0.0, 0.0)  # 60 s left: less than the reserve
     roomy = module.Parts(tmp_path, 1e6, {})
     assert module._vit_s_budgets(roomy, 150.0, 100.0) == (150.0, 100.0)
+    # MAE modes likewise: each failure recorded, the next mode tried; none started past the deadline
+    cpu = torch.device("cpu")
+    failed = module.mae_throughput(tmp_path, "no_such_arch", 8, 2, 0, cpu, roomy)
+    assert all("unknown arch" in failed[f"{mode}_error"] for mode in module.MAE_MODES)
+    late = module.mae_throughput(tmp_path, "vit_micro", 8, 2, 0, cpu, run)
+    assert all(f"{mode}_skipped" in late for mode in module.MAE_MODES)
+    assert not any(k.endswith("images_per_s") for k in [*failed, *late])
     cut = module.Parts(tmp_path, module.RESERVE_S + 125.0, {})
     mae, age = module._vit_s_budgets(cut, 150.0, 100.0)
     assert 74 < mae < 75 and 49 < age < 50 and mae / age == pytest.approx(1.5)
