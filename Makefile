@@ -48,9 +48,9 @@ check: $(STAMP)
 	$(BIN)/mypy fahr_core
 	$(BIN)/python -m pytest -q -m "not e2e and not slow"
 
-# Rebuild every shipped model from the shared faces (docs/models.md): about 128 minutes from a
-# fresh clone on the 2-core machine (109 measured, plus the doubled MAE stage's 18.5), one torch
-# thread in each of two processes; re-run to resume.
+# Rebuild every shipped model from the shared faces (docs/models.md): about 140 minutes from a
+# fresh clone on the 2-core machine (158 measured with the test suite beside its MAE stage), one
+# torch thread in each of two processes; re-run to resume.
 # MODELS_OUT must be outside the repository.
 MODELS_DATA ?= ../shared/data/utkface
 MODELS_OUT ?= ../runs/models
