@@ -570,8 +570,7 @@ def main(argv: list[str] | None = None) -> dict:
     in_batch, in_batches = (32, 3) if a.tiny else (1024, 200)
     run.run("input", lambda: input_throughput(shards, in_batch, in_batches, a.workers, cuda))
     arch, batch, steps = ("vit_micro", 8, 2) if a.tiny else ("vit_base", a.mae_batch, 50)
-    recipe_workers = recipe.mae_workers
-    run.run("mae_step", lambda: mae_throughput(shards, arch, batch, steps, recipe_workers, device, run))
+    run.run("mae_step", lambda: mae_throughput(shards, arch, batch, steps, recipe.mae_workers, device, run))
     budgets = _vit_s_budgets(run, a.mae_seconds, a.age_seconds)
     n_train = len(build.part("train")[0])
     # the MAE stage's loader has the recipe's workers, the input part timed one per core
