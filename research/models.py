@@ -327,7 +327,9 @@ class ModelBuild:
         started = time.perf_counter()
         sources = self.shard_sources()
         self.echo(f"[shards] {len(sources)} aligned training faces ({len(self.exclude)} demo names excluded)")
-        build_shards(sources, stage / "train", self.recipe.img_size, self.recipe.shard_size, (), 1)
+        # a shard's bytes do not depend on which process decodes it: all the alignment's workers
+        workers = self.workers or os.cpu_count() or 1
+        build_shards(sources, stage / "train", self.recipe.img_size, self.recipe.shard_size, (), workers)
         return _finish(stage, {"train_faces": len(sources)}, started)
 
     def mae(self) -> dict[str, Any]:

@@ -51,6 +51,15 @@ def test_shards_hold_exactly_the_decoded_photos_in_order(faces, tmp_path):
     assert index.verify() == []
 
 
+def test_shards_are_the_same_bytes_whichever_processes_decode_them(faces, tmp_path):
+    """The model build decodes with all its workers and a rebuild must reproduce its shards."""
+    one = build_shards(_sources(faces), tmp_path / "one", shard_size=4, workers=1)
+    two = build_shards(_sources(faces), tmp_path / "two", shard_size=4, workers=2)
+    assert one.read_bytes() == two.read_bytes()  # the index: names, counts and each shard's sha256
+    for shard in sorted((tmp_path / "one").glob("shard-*.npy")):
+        assert shard.read_bytes() == (tmp_path / "two" / shard.name).read_bytes()
+
+
 def test_corrupt_and_unreadable_photos_are_skipped_and_named(faces, tmp_path):
     (faces / "id1" / "truncated.jpg").write_bytes((faces / "id0" / "big.jpg").read_bytes()[:300])
     (faces / "id2" / "notes.jpg").write_text("not a photo")
