@@ -29,17 +29,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from privacy_utility import DEMO_SITES, DEMO_SIZES
+from privacy_utility import DEMO_SITES, add_site_options, site_faces
 
 from fahr_core.age.model import load_age_model
 from fahr_core.age.predict import aligned_faces, predict_ages
 from fahr_core.age.views import CENTRED
-from fahr_core.cohort import demo_faces_dir, load_cohort, load_labelled_faces, split_patients
+from fahr_core.cohort import demo_faces_dir, load_cohort, split_patients
 from fahr_core.cohort.simulate import SimulationParams, load_truth, simulate_sites
 from fahr_core.config import SiteConfig
 from fahr_core.io import atomic_write_json
 from fahr_core.survival.metrics import harrell_c
-from fahr_research.models import ModelBuild, Recipe
 
 SCORES = (
     "oracle",
@@ -60,24 +59,14 @@ def main() -> None:
     ap.add_argument("--age-model", type=Path, default=demo_faces_dir() / "age_vit_micro.safetensors")
     ap.add_argument("--seeds", type=int, default=200, help="seeds 0..N-1")
     ap.add_argument("--out", type=Path, default=None, help="per-seed C of every score as JSON")
-    ap.add_argument(
-        "--data", type=Path, default=None, help="labelled faces: draw the sites from their validation part"
-    )
-    ap.add_argument("--aligned", type=Path, default=None, help="alignment cache (e.g. a model build's)")
-    ap.add_argument("--sizes", default=",".join(map(str, DEMO_SIZES)), help="patients per site")
     ap.add_argument("--threads", type=int, default=1)
+    add_site_options(ap)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = load_age_model(a.age_model)
     work = Path(tempfile.mkdtemp(prefix="fahr-start-ceiling-"))
     aligned = a.aligned or work / "aligned"
-    if a.data is None:
-        faces = load_labelled_faces(demo_faces_dir())
-    else:
-        build = ModelBuild(
-            a.data, work / "build", Recipe(img_size=model.img_size), aligned, echo=lambda s: None
-        )
-        faces = [f for f in build.part("validation")[0] if f.path.name not in build.exclude]
+    faces = site_faces(a.data, work, aligned, model.img_size)
     table, images = aligned_faces([f.path for f in faces], aligned, model.img_size, workers=1)
     # the simulator copies the bundled files, so a site photo's bytes name its face
     names = [_digest(Path(r.path)) for r in table.aligned]
