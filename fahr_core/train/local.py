@@ -125,9 +125,24 @@ def _run_steps(
 
 
 def _optimizer(model: SurvivalViT, train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the tensors the fine-tuning mode left trainable (fahr_core.models.finetune.prepare)."""
+    """AdamW over the tensors the fine-tuning mode left trainable (fahr_core.models.finetune.prepare),
+    the baseline and the risk bias at `train.baseline_lr`, the rest at `train.lr`.
+
+    Why two rates: the server cannot know a site's hazard level, so the baseline starts wherever the
+    global model left it (at first the head's constant), often several log units off. Adam moves each
+    tensor entry by about its lr per step, so at the weights' lr the baseline would need thousands of
+    steps to get there, and until it does every patient's gradient says "lower (or raise) all risks",
+    which Adam writes into every risk weight at full step: a drift of the ranking that no data asked
+    for, which from an age-model start cost the held-out C a few hundredths (docs/performance.md).
+    The baseline and the bias rank no one, so a large lr for them costs nothing in ranking.
+    """
+    level = {id(model.head.baseline.weight), id(model.head.risk.bias)}
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    groups = [
+        {"params": [p for p in params if id(p) not in level], "lr": train.lr},
+        {"params": [p for p in params if id(p) in level], "lr": train.baseline_lr},
+    ]
+    return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
 
 
 def train_nonprivate(
