@@ -1,4 +1,4 @@
-"""The privacy-utility curve on the demo's sites: mean held-out C against the sites' epsilon budget.
+"""The privacy-utility curve on simulated sites: mean held-out C against the sites' epsilon budget.
 
 For each seed, the demo's three sites are simulated from the bundled faces (`fahr demo`'s sizes,
 age mixes and rates; the seed draws the faces and the outcomes) or, with `--data`, from the
@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="local lr (default: the demo's)")
     ap.add_argument("--local-epochs", type=int, default=None, help="local epochs (default: the demo's)")
     ap.add_argument("--batch", type=int, default=None, help="expected batch size (default: the demo's)")
+    ap.add_argument("--level-lr", type=float, default=None, help="the risk bias's lr (default: the demo's)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default: the demo's)")
     ap.add_argument("--epsilons", default="1,3,8")
     ap.add_argument("--seeds", default="0,1,2")
@@ -94,6 +95,7 @@ def main() -> None:
         lr=a.lr or demo.train.lr,
         local_epochs=a.local_epochs or demo.train.local_epochs,
         batch_size=a.batch or demo.train.batch_size,
+        level_lr=a.level_lr or demo.train.level_lr,
     )
     base = replace(demo, train=train, rounds=a.rounds or demo.rounds)
     arms = [("untrained", replace(base, rounds=0))]  # the initial model itself: what training adds to it
@@ -124,10 +126,11 @@ def main() -> None:
                 flush=True,
             )
     print(
-        f"\n# privacy-utility on the demo's sites — {time.strftime('%Y-%m-%d')}, {platform.node()}, "
+        f"\n# privacy-utility on the demo's federation — {time.strftime('%Y-%m-%d')}, {platform.node()}, "
         f"faces {a.data or 'bundled'}, sites of {a.sizes}, "
         f"start {a.encoder or a.age_model}, finetune {a.finetune}, {base.rounds} rounds x "
-        f"{base.train.local_epochs} epochs at lr {base.train.lr:g}, batch {base.train.batch_size}, "
+        f"{base.train.local_epochs} epochs at lr {base.train.lr:g} (level {base.train.level_lr:g}), "
+        f"batch {base.train.batch_size}, "
         f"seeds {a.seeds}\n"
     )
     print("| budget epsilon | mean held-out C (mean over seeds, SD) | mean oracle C | gap to oracle |")

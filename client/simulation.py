@@ -46,9 +46,9 @@ class FederationSetup:
     lr 2e-3: on the demo's sites (13 seeds) it leaves the age-model start's mean held-out C where
     it was, as 5e-4 does, but on the model build's sites from the validation faces it added 0.02
     and 0.08 where 5e-4 added nothing (docs/performance.md#privacy-utility-curve). On larger
-    sites (228-326 patients) from those faces it keeps the start (-0.003, SE 0.004, 12 seeds) now
-    that the baseline and risk bias learn at TrainConfig.baseline_lr (with them at 2e-3: -0.019);
-    5e-4 keeps it closer still but learns less where a cohort holds more than age
+    sites (228-326 patients) from those faces it keeps the start (-0.000, SE 0.004, 12 seeds) now
+    that the risk bias learns at TrainConfig.level_lr (with it at 2e-3: -0.019); 5e-4 keeps it
+    closer still but learns less where a cohort holds more than age
     (docs/performance.md#the-sites-hazard-level)."""
 
     rounds: int = 3

@@ -96,10 +96,9 @@ class TrainConfig:
     local_epochs: int = 1
     batch_size: int = 32  # Poisson sample rate 1 / ceil(n / batch_size) (privacy/dpsgd.py)
     lr: float = 1e-3
-    # lr of the terms that shift every patient's log hazard alike (the per-interval baseline and the
-    # risk bias): they rank no one, and they must reach the site's own hazard level within a round
-    # (fahr_core.train.local._optimizer)
-    baseline_lr: float = 0.05
+    # lr of the risk bias, which shifts every patient's log hazard alike and ranks no one: it must
+    # reach the site's own hazard level within a round or two (fahr_core.train.local._optimizer)
+    level_lr: float = 0.05
     weight_decay: float = 0.0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     loss: str = "discrete_hazard"  # sites train under DP, so only per-patient losses are accepted
@@ -283,7 +282,7 @@ def _check_site_values(cfg: SiteConfig, source: str) -> None:
     _finite(p.max_grad_norm, 0, f"{source}: [privacy].max_grad_norm", " (the clipping bound)")
     _check(p.evaluations_per_run >= 0, f"{source}: [privacy].evaluations_per_run must be >= 0")
     _finite(t.lr, 0, f"{source}: [train].lr", "")
-    _finite(t.baseline_lr, 0, f"{source}: [train].baseline_lr", "")
+    _finite(t.level_lr, 0, f"{source}: [train].level_lr", "")
     _finite(t.weight_decay, 0, f"{source}: [train].weight_decay", "", inclusive=True)
     _check(t.threads >= 0, f"{source}: [train].threads must be >= 0 (0 = torch's default), not {t.threads}")
     _check(a.workers >= 0, f"{source}: [alignment].workers must be >= 0 (0 = one per CPU), not {a.workers}")

@@ -196,7 +196,7 @@ def test_unreadable_cohort_and_photo_folder_are_named(tmp_path):
         ('[site]\nname = "s"\ndata = "."\n[privacy]\nmax_grad_norm = inf\n', "[privacy].max_grad_norm"),
         ('[site]\nname = "s"\ndata = "."\n[privacy]\ndelta = nan\n', "[privacy].delta"),
         ('[site]\nname = "s"\ndata = "."\n[train]\nlr = inf\n', "[train].lr"),
-        ('[site]\nname = "s"\ndata = "."\n[train]\nbaseline_lr = 0\n', "[train].baseline_lr"),
+        ('[site]\nname = "s"\ndata = "."\n[train]\nlevel_lr = 0\n', "[train].level_lr"),
         ('[site]\nname = "s"\ndata = "."\n[train]\nweight_decay = -0.1\n', "[train].weight_decay"),
     ],
 )

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,22 +127,25 @@ def _run_steps(
 
 def _optimizer(model: SurvivalViT, train: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the tensors the fine-tuning mode left trainable (fahr_core.models.finetune.prepare),
-    the baseline and the risk bias at `train.baseline_lr`, the rest at `train.lr`.
+    the risk bias at `train.level_lr` without weight decay, the rest at `train.lr`.
 
-    Why two rates: the server cannot know a site's hazard level, so the baseline starts wherever the
-    global model left it (at first the head's constant), often several log units off. Adam moves each
-    tensor entry by about its lr per step, so at the weights' lr the baseline would need thousands of
-    steps to get there, and until it does every patient's gradient says "lower (or raise) all risks",
-    which Adam writes into every risk weight at full step: a drift of the ranking that no data asked
-    for, which from an age-model start cost 0.019 of held-out C on sites of 228-326 patients
-    (docs/performance.md#the-sites-hazard-level).
-    The baseline and the bias rank no one, so a large lr for them costs nothing in ranking.
+    Why a rate of its own: the server cannot know a site's hazard level, so the model starts
+    wherever the global model left it (at first the head's constant baseline), often several log
+    units off. Adam moves each tensor entry by about its lr per step, so at the weights' lr nothing
+    would get there in a federation's few hundred steps, and until something does, every patient's
+    gradient says "lower (or raise) all risks", which Adam writes into every risk weight at full
+    step: a drift of the ranking that no data asked for, which from an age-model start cost 0.019 of
+    held-out C on sites of 228-326 patients (docs/performance.md#the-sites-hazard-level). The bias
+    shifts every patient alike and ranks no one, so a large lr costs no C. It is the bias and not
+    the per-interval baseline: under DP each baseline entry's gradient is mostly noise, which a large
+    lr would turn into a random walk of the calibration's shape, where the bias pools every
+    interval's signal.
     """
-    level = {id(model.head.baseline.weight), id(model.head.risk.bias)}
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if id(p) not in level], "lr": train.lr},
-        {"params": [p for p in params if id(p) in level], "lr": train.baseline_lr},
+    level = model.head.risk.bias
+    groups: list[dict[str, Any]] = [
+        {"params": [p for p in params if p is not level]},
+        {"params": [level], "lr": train.level_lr, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
 
