@@ -76,7 +76,8 @@ def _expected_deaths(model: SurvivalViT, x: torch.Tensor, data: SurvivalData, ho
     """The deaths the model's hazards predict for these patients over their own follow-up."""
     with torch.no_grad():
         eta, alpha = model.eval()(x)
-    exposure, _ = interval_exposure(torch.from_numpy(data.time), torch.from_numpy(data.event), 10, horizon)
+    k = alpha.shape[1]  # the model's own intervals
+    exposure, _ = interval_exposure(torch.from_numpy(data.time), torch.from_numpy(data.event), k, horizon)
     return float((exposure * torch.exp(alpha + eta.unsqueeze(1))).sum())
 
 
