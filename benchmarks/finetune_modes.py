@@ -32,6 +32,7 @@ from fahr_client.runtime import SiteRuntime
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
 from fahr_core.config import ModelConfig, PrivacyConfig, SiteConfig, TrainConfig
+from fahr_core.models import shipped
 from fahr_core.models.checkpoint import load_encoder_weights
 from fahr_core.models.finetune import GlobalModel, merge, prepare, site_model, split_state, to_wire
 from fahr_core.models.vit import SurvivalViT
@@ -41,7 +42,6 @@ from fahr_core.train.local import patient_risk, train_nonprivate
 from fahr_core.workdir import SITE_WORKDIR
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface"
-ENCODER = demo_faces_dir() / "encoder_vit_micro.safetensors"
 MODES = ("full", "last:1", "head", "lora", "ffa-lora")
 
 
@@ -54,7 +54,7 @@ def run(spec: ModelConfig, sites: list[SiteRuntime], rounds: int, dp: bool) -> d
     """One federation; returns bytes per site-round, seconds per round, the pooled held-out C (CI)."""
     torch.manual_seed(0)
     model = SurvivalViT(spec.arch, spec.img_size, spec.n_intervals)
-    load_encoder_weights(model.encoder, ENCODER)
+    load_encoder_weights(model.encoder, shipped.AGE_ENCODER)
     gm, trainable = GlobalModel.start(prepare(model, spec), spec)
     for site in sites:  # a fresh federation: no spend, no kept base
         site.cfg.paths.ledger.unlink(missing_ok=True)

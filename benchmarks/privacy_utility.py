@@ -40,6 +40,7 @@ from fahr_core.config import ModelConfig
 from fahr_core.faces.detect import BlazeFaceDetector
 from fahr_core.faces.pipeline import align_photos
 from fahr_core.io import atomic_write_json
+from fahr_core.models import shipped
 from fahr_research.models import ModelBuild, Recipe
 
 DEMO_SITES = ("maastro", "boston", "leiden")  # fahr demo's sites and sizes
@@ -66,7 +67,7 @@ def site_faces(data: Path | None, work: Path, aligned: Path, img_size: int) -> l
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--age-model", type=Path, default=demo_faces_dir() / "age_vit_micro.safetensors")
+    ap.add_argument("--age-model", type=Path, default=shipped.AGE_MODEL)
     ap.add_argument(
         "--encoder", type=Path, default=None, help="start from this encoder and a zero risk head instead"
     )

@@ -34,10 +34,11 @@ from privacy_utility import DEMO_SITES, add_site_options, site_faces
 from fahr_core.age.model import load_age_model
 from fahr_core.age.predict import aligned_faces, predict_ages
 from fahr_core.age.views import CENTRED
-from fahr_core.cohort import demo_faces_dir, load_cohort, split_patients
+from fahr_core.cohort import load_cohort, split_patients
 from fahr_core.cohort.simulate import SimulationParams, load_truth, simulate_sites
 from fahr_core.config import SiteConfig
 from fahr_core.io import atomic_write_json
+from fahr_core.models import shipped
 from fahr_core.survival.metrics import harrell_c
 
 SCORES = (
@@ -56,7 +57,7 @@ def _digest(path: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--age-model", type=Path, default=demo_faces_dir() / "age_vit_micro.safetensors")
+    ap.add_argument("--age-model", type=Path, default=shipped.AGE_MODEL)
     ap.add_argument("--seeds", type=int, default=200, help="seeds 0..N-1")
     ap.add_argument("--out", type=Path, default=None, help="per-seed C of every score as JSON")
     ap.add_argument("--threads", type=int, default=1)

@@ -491,6 +491,15 @@ def _toml_value(v: Any) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def model_table(spec: ModelConfig) -> str:
+    """`spec` as a server config's `[model]` table: `arch` and every key that differs from the default
+    (paths as given), so the table says what is chosen and nothing the defaults already say."""
+    default = ModelConfig()
+    keys = [f.name for f in fields(spec) if f.name != "base_sha256"]
+    chosen = [k for k in keys if k == "arch" or getattr(spec, k) != getattr(default, k)]
+    return "\n".join(["[model]", *(f"{k} = {_toml_value(getattr(spec, k))}" for k in chosen)]) + "\n"
+
+
 def dump_site_config(cfg: SiteConfig, path: Path) -> None:
     """Write `cfg` as TOML (atomically), with paths as given; used by `fahr cohort simulate` and the demo."""
     lines = ["[site]"]

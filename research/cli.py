@@ -16,8 +16,10 @@ from fahr_core.config import (
     SiteConfig,
     dump_site_config,
     load_site_config,
+    model_table,
 )
 from fahr_core.io import atomic_write_text
+from fahr_core.models import shipped
 from fahr_core.workdir import SITE_WORKDIR, ServerWorkdir
 from fahr_ops.certs import create_server_tls, create_site_keys, renew_server_tls
 from fahr_ops.cli import new_app
@@ -40,7 +42,7 @@ certs_app = typer.Typer(
 )
 app.add_typer(certs_app, name="certs")
 models_app = typer.Typer(
-    help="Models: rebuild every shipped model from labelled faces.", no_args_is_help=True
+    help="Models: where the shipped ones are, and rebuilding them from labelled faces.", no_args_is_help=True
 )
 app.add_typer(models_app, name="models")
 
@@ -133,8 +135,18 @@ def models_build(
         raise typer.Exit(2) from None
 
 
-# the survival model's start (its encoder and risk head, docs/models.md) and every site's FAD (docs/fad.md)
-DEMO_AGE_MODEL = demo_faces_dir() / "age_vit_micro.safetensors"
+@models_app.command("shipped")
+def models_shipped() -> None:
+    """Where the shipped models are, and the server.toml model table that starts from them, as the demo."""
+    typer.echo(
+        "# fahr's shipped models (docs/models.md; a model card, .md, beside each):\n"
+        f"#   age model:               {shipped.AGE_MODEL}\n"
+        f"#   MAE encoder:             {shipped.MAE_ENCODER}\n"
+        f"#   the age model's encoder: {shipped.AGE_ENCODER}\n"
+        "# the survival model's start that `fahr models build` chose and the demo uses, for a server.toml:\n"
+        + model_table(shipped.start_spec()),
+        nl=False,
+    )
 
 
 def _refused(e: Exception) -> typer.Exit:
@@ -232,12 +244,7 @@ min_sites = {len(names)}
 port = {port}
 workdir = "server"
 
-[model]
-arch = "vit_micro"
-finetune = "last:1"
-init_age_model = "{DEMO_AGE_MODEL}"
-age_checkpoint = "{DEMO_AGE_MODEL}"
-
+{model_table(shipped.start_spec())}
 {security}""",
     )
     shutil.rmtree(out / "server", ignore_errors=True)

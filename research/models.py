@@ -52,8 +52,9 @@ from fahr_core.age.train import CURVE_FILE, FINAL_MODEL, AgeTrainConfig
 from fahr_core.age.workflow import LabelledFaces, train_on_faces
 from fahr_core.cohort import demo_faces_dir
 from fahr_core.cohort.simulate import SimulationParams, simulate_sites
-from fahr_core.config import ModelConfig
+from fahr_core.config import ModelConfig, model_table
 from fahr_core.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fahr_core.models import shipped
 from fahr_core.models.checkpoint import save_weights
 from fahr_core.models.device import compute_device
 from fahr_core.train.pretrain import CHECKPOINT, PretrainConfig, export_encoder, load_checkpoint, pretrain
@@ -71,14 +72,13 @@ STAGES = ("shards", "mae", "age", "warm-start", "age-random")  # in order; each 
 # or the age model with its head folded into the risk head
 WARM_STARTS = ("mae", "age", "age-head")
 CHOICE = "choice.toml"
-WARM_START_FINETUNE = "last:1"  # the demo's: the head and the last block train
 
 
 @dataclass(frozen=True)
 class Recipe:
     """Everything that decides the shipped models; the defaults are the measured recipe (docs/age.md)."""
 
-    arch: str = "vit_micro"
+    arch: str = shipped.ARCH
     img_size: int = 112
     # MAE pre-training
     decoder_dim: int = 64
@@ -448,7 +448,7 @@ class ModelBuild:
         sites = simulate_sites(faces, stage / f"sites-{seed}-{name}", params, seed=seed, overwrite=True)
         work = stage / f"state-{seed}-{name}"
         shutil.rmtree(work, ignore_errors=True)  # fresh ledgers: a re-run starts the arm afresh
-        spec = replace(self.warm_start_spec(name), finetune=WARM_START_FINETUNE)
+        spec = replace(self.warm_start_spec(name), finetune=shipped.FINETUNE)
         res = {
             "seed": seed,
             "pid": os.getpid(),
@@ -520,21 +520,16 @@ class ModelBuild:
         encoder start to `survival_encoder`; returns the line that names the start."""
         stage = self.out / "warm-start"
         spec = self.warm_start_spec(chosen)
+        key = "encoder_checkpoint" if spec.encoder_checkpoint else "init_age_model"
         if spec.encoder_checkpoint:
             shutil.copyfile(spec.encoder_checkpoint, stage / SURVIVAL_ENCODER)
-            config = f'encoder_checkpoint = "{SURVIVAL_ENCODER}"'
+            path = SURVIVAL_ENCODER
         else:
-            config = f'init_age_model = "../age/{FINAL_MODEL}"'
-        r = self.recipe
-        table = [
-            f'arch = "{r.arch}"',
-            f"img_size = {r.img_size}",
-            f'finetune = "{WARM_START_FINETUNE}"',
-            config,
-        ]
+            path = f"../age/{FINAL_MODEL}"
+        start = replace(spec, finetune=shipped.FINETUNE, **{key: path})
         head = f"# fahr models build's warm start: {chosen}, {why}"
-        atomic_write_text(stage / CHOICE, "\n".join([head, "[model]", *table]) + "\n")
-        return config
+        atomic_write_text(stage / CHOICE, f"{head}\n{model_table(start)}")
+        return f'{key} = "{path}"'
 
 
 def _wait_for_all_or_a_failure(procs: Sequence[multiprocessing.process.BaseProcess]) -> None:

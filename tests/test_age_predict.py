@@ -16,6 +16,7 @@ from fahr_core.age.views import CENTRED, TEST_SHIFTS
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.faces.images import load_faces
 from fahr_core.faces.pipeline import AlignmentTable
+from fahr_core.models import shipped
 from fahr_research.cli import app as fahr_app
 
 
@@ -87,4 +88,4 @@ def test_the_training_shift_travels_with_the_file_and_picks_the_views(tmp_path) 
     assert np.allclose(predict_ages(moved, faces), predict_ages(moved, faces, shifts=TEST_SHIFTS), atol=1e-6)
     assert not np.allclose(predict_ages(moved, faces), predict_ages(still, faces), atol=1e-3)
     # files written before the key existed carry the shift in their trainer config: the shipped one
-    assert load_age_model(demo_faces_dir() / "age_vit_micro.safetensors").train_shift == 6
+    assert load_age_model(shipped.AGE_MODEL).train_shift == 6

@@ -19,6 +19,7 @@ from fahr_core.age.train import AgeTrainConfig, interpolate_, llrd_param_groups,
 from fahr_core.age.views import CENTRED
 from fahr_core.age.workflow import evaluate_on_folder
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
+from fahr_core.models import shipped
 from fahr_research.cli import app as fahr_app
 
 runner = CliRunner()
@@ -109,7 +110,7 @@ def trained(labelled, tmp_path_factory) -> Path:
     """`fahr age train` from the demo encoder: 3 general epochs then 1 balanced, in one command."""
     out = tmp_path_factory.mktemp("age-run")
     torch.set_num_threads(1)
-    init = demo_faces_dir() / "encoder_vit_micro.safetensors"
+    init = shipped.AGE_ENCODER
     args = ["age", "train", "--data", str(labelled), "--out", str(out / "run"), "--init", str(init)]
     args += ["--arch", "vit_micro", "--epochs", "3", "--balanced-epochs", "1", "--batch-size", "16"]
     args += ["--lr", "3e-3", "--aligned", str(out / "aligned"), "--workers", "1"]

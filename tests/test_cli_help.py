@@ -31,12 +31,15 @@ def test_help_is_complete_and_keeps_bracketed_text(prog, path, cmd) -> None:
     assert out.exit_code == 0, out.output
     assert (cmd.help or "").strip(), f"{prog} {' '.join(path)} has no help text"
     shown = flat(out.output)
+    texts = {"": cmd.help or ""}
     for param in cmd.params:
         if isinstance(param, click.Option) and param.name != "help":
             assert param.help, f"{prog} {' '.join(path)} {param.opts[0]} has no help text"
-            # Rich markup would swallow "[federation]"; the source escapes it as "\[federation]"
-            for bracketed in re.findall(r"\[[^\]]*\]", param.help.replace("\\[", "[")):
-                assert bracketed in shown, f"{prog} {' '.join(path)} {param.opts[0]}: {bracketed} lost"
+            texts[f" {param.opts[0]}"] = param.help
+    for where, text in texts.items():
+        # Rich markup would swallow "[federation]"; the source escapes it as "\[federation]"
+        for bracketed in re.findall(r"\[[^\]]*\]", text.replace("\\[", "[")):
+            assert bracketed in shown, f"{prog} {' '.join(path)}{where}: {bracketed} lost"
 
 
 @pytest.mark.parametrize("prog", APPS)

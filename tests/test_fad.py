@@ -26,6 +26,7 @@ from fahr_core.age.model import AgeViT, load_age_model, save_age_model
 from fahr_core.cohort import demo_faces_dir, load_cohort, load_labelled_faces, split_patients
 from fahr_core.cohort.simulate import SimulationParams, sample_outcomes
 from fahr_core.config import ConfigError, ModelConfig, load_server_config, load_site_config
+from fahr_core.models import shipped
 from fahr_core.models.finetune import GlobalModel, prepare
 from fahr_core.models.vit import SurvivalViT
 from fahr_core.protocol.outbound import check_outbound
@@ -184,7 +185,7 @@ def test_age_model_travels_byte_for_byte(tmp_path):
     with pytest.raises(ValueError, match="not the one the server sent"):
         receive_age_model(tampered, sha256, tmp_path / "other.safetensors")
     not_age = tmp_path / "encoder.safetensors"
-    not_age.write_bytes((demo_faces_dir() / "encoder_vit_micro.safetensors").read_bytes())
+    not_age.write_bytes((shipped.AGE_ENCODER).read_bytes())
     with pytest.raises(ValueError, match="not a fahr age model"):
         age_model_payload(not_age)
 

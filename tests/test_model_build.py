@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,11 @@ from fahr_client.simulation import fedavg
 from fahr_core.age.model import load_age_model
 from fahr_core.age.predict import predict_ages
 from fahr_core.age.train import FINAL_MODEL
-from fahr_core.config import ModelConfig, load_server_config
+from fahr_core.config import ModelConfig, load_server_config, model_table, server_config_from_dict
+from fahr_core.models import shipped
 from fahr_core.models.initial import initial_model
 from fahr_core.train.pretrain import load_checkpoint
+from fahr_research.cli import app
 from fahr_research.models import (
     AGE_ENCODER,
     CHOICE,
@@ -100,6 +103,39 @@ def _choice(out: Path, name: str) -> ModelConfig:
     if name == "age-head":
         return replace(spec, init_age_model=str((out / "age" / "model_final.safetensors").resolve()))
     return replace(spec, encoder_checkpoint=str((out / "warm-start" / SURVIVAL_ENCODER).resolve()))
+
+
+def test_a_model_table_loads_back_as_the_spec_it_was_written_from(tmp_path: Path) -> None:
+    encoder = tmp_path / "enc.safetensors"
+    encoder.write_bytes(shipped.AGE_ENCODER.read_bytes())
+    spec = ModelConfig(
+        arch="vit_tiny",
+        img_size=64,
+        n_intervals=6,
+        finetune="ffa-lora",
+        lora_rank=4,
+        lora_targets="qkv,fc1",
+        wire_dtype="bfloat16",
+        init_log_hr_per_year=0.05,
+        encoder_checkpoint=str(encoder),
+    )
+    table = model_table(spec)
+    assert "lora_alpha" not in table  # a default says nothing a reader needs
+    raw = tomllib.loads(table)
+    assert server_config_from_dict(raw, "t.toml", tmp_path).model == spec
+
+
+def test_models_shipped_prints_a_server_table_that_starts_from_the_shipped_files(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["models", "shipped"])
+    assert result.exit_code == 0, result.output
+    for file in (shipped.AGE_MODEL, shipped.MAE_ENCODER, shipped.AGE_ENCODER):
+        assert str(file) in result.output and file.with_suffix(".md").is_file()
+    server_toml = tmp_path / "server.toml"
+    server_toml.write_text("[federation]\nrounds = 3\n" + result.output)
+    spec = load_server_config(server_toml).model
+    assert spec == shipped.start_spec() and spec.finetune == "last:1"
+    assert spec.init_age_model == spec.age_checkpoint == str(shipped.AGE_MODEL)
+    assert initial_model(spec).head.risk.weight.abs().sum() > 0  # the age head, folded in
 
 
 @pytest.mark.slow
@@ -261,8 +297,6 @@ def test_a_failure_in_the_second_process_fails_the_build_by_name(faces: Path, tm
 
 
 def test_cli_refuses_a_bad_recipe_in_one_line(faces: Path, tmp_path: Path) -> None:
-    from fahr_research.cli import app
-
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"mae_stepz": 1}))
     args = ["models", "build", "--data", str(faces), "--out", str(tmp_path / "r"), "--recipe", str(recipe)]

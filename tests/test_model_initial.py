@@ -17,6 +17,7 @@ from fahr_core.age.views import CENTRED, TEST_SHIFTS, view_shifts
 from fahr_core.cohort import demo_faces_dir, load_labelled_faces
 from fahr_core.config import ConfigError, ModelConfig, PrivacyConfig, TrainConfig, server_config_from_dict
 from fahr_core.faces.images import load_faces, to_input
+from fahr_core.models import shipped
 from fahr_core.models.finetune import BaseMismatch, GlobalModel, prepare, site_model
 from fahr_core.models.initial import init_from_age_model, init_problem, initial_model
 from fahr_core.models.vit import SurvivalViT
@@ -27,9 +28,7 @@ from fahr_core.train.local import SurvivalData, patient_risk, train_dp
 from fahr_core.workdir import SiteWorkdir
 from fahr_server.cli import app as server_app
 
-AGE_MODEL = demo_faces_dir() / "age_vit_micro.safetensors"
-ENCODER = demo_faces_dir() / "encoder_vit_micro.safetensors"
-AGE_INIT = ModelConfig(arch="vit_micro", init_age_model=str(AGE_MODEL))
+AGE_INIT = ModelConfig(arch="vit_micro", init_age_model=str(shipped.AGE_MODEL))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +41,7 @@ def faces() -> np.ndarray:
 def test_round_zero_risk_is_the_age_models_predicted_age_on_the_log_hazard_scale(faces, mode, tmp_path):
     """What a site builds from the server's first message scores every face as the age model does:
     eta = ln2/8 per year x (predicted age - the age model's training mean), to the LayerNorms' epsilons."""
-    age = load_age_model(AGE_MODEL)
+    age = load_age_model(shipped.AGE_MODEL)
     predicted = predict_ages(age, faces, shifts=CENTRED, mirror=False)  # its own forward pass
     assert predicted.std() > 5  # the faces span decades: a ranking test that can fail
     spec = replace(AGE_INIT, finetune=mode)
@@ -59,7 +58,7 @@ def test_a_patients_risk_is_the_age_models_ten_view_prediction_averaged_over_pho
     """`patient_risk` scores each photo as the mean over the age model's ten test-time views (the
     face and its mirror, centred and moved; an independent path: `predict_ages`' default views for
     a model trained on moves), then averages a patient's photos."""
-    age = load_age_model(AGE_MODEL)
+    age = load_age_model(shipped.AGE_MODEL)
     assert view_shifts(age.train_shift) == TEST_SHIFTS  # the shipped model was trained on moves
     ten = predict_ages(age, faces)
     pair = predict_ages(age, faces, shifts=CENTRED, mirror=True)
@@ -132,7 +131,7 @@ def test_in_every_mode_only_the_risk_bias_trains_at_the_level_lr(mode):
 
 
 def test_the_prior_scales_the_risk_and_only_an_age_model_of_the_same_shape_folds(faces):
-    age = load_age_model(AGE_MODEL)
+    age = load_age_model(shipped.AGE_MODEL)
     x = to_input(faces)
     one = initial_model(replace(AGE_INIT, init_log_hr_per_year=0.05)).risk(x)
     two = initial_model(replace(AGE_INIT, init_log_hr_per_year=0.10)).risk(x)
@@ -145,15 +144,15 @@ def test_the_prior_scales_the_risk_and_only_an_age_model_of_the_same_shape_folds
     ):
         initial_model(replace(AGE_INIT, arch="vit_tiny"))
     with pytest.raises(ValueError, match=r"\[model\]\.init_age_model: .*not a fahr age model"):
-        initial_model(replace(AGE_INIT, init_age_model=str(ENCODER)))
+        initial_model(replace(AGE_INIT, init_age_model=str(shipped.AGE_ENCODER)))
 
 
 def test_a_site_holding_the_zero_head_federations_base_refuses_the_age_initialised_one(tmp_path):
     """In "head" mode the encoder's last LayerNorm is frozen, and the fold changed it: the frozen
     base's hash tells the two federations apart, so a site never mixes them."""
     spec = ModelConfig(arch="vit_micro", finetune="head")
-    zero = replace(spec, encoder_checkpoint=str(ENCODER))
-    folded = replace(spec, init_age_model=str(AGE_MODEL))
+    zero = replace(spec, encoder_checkpoint=str(shipped.AGE_ENCODER))
+    folded = replace(spec, init_age_model=str(shipped.AGE_MODEL))
     base = SiteWorkdir(tmp_path).frozen_base
     gm_zero, t_zero = GlobalModel.start(prepare(initial_model(zero), zero), zero)
     site_model(gm_zero.outgoing(t_zero, with_base=True), gm_zero.spec, base)
@@ -165,9 +164,14 @@ def test_a_site_holding_the_zero_head_federations_base_refuses_the_age_initialis
 
 def test_server_config_names_the_init_fields_it_refuses(tmp_path):
     base = {"federation": {"rounds": 1, "min_sites": 1}}
-    good = server_config_from_dict({**base, "model": {"init_age_model": str(AGE_MODEL)}}, "s.toml", tmp_path)
-    assert good.model.init_age_model == str(AGE_MODEL) and good.model.init_log_hr_per_year == math.log(2) / 8
-    both = {"init_age_model": str(AGE_MODEL), "encoder_checkpoint": str(ENCODER)}
+    good = server_config_from_dict(
+        {**base, "model": {"init_age_model": str(shipped.AGE_MODEL)}}, "s.toml", tmp_path
+    )
+    assert (
+        good.model.init_age_model == str(shipped.AGE_MODEL)
+        and good.model.init_log_hr_per_year == math.log(2) / 8
+    )
+    both = {"init_age_model": str(shipped.AGE_MODEL), "encoder_checkpoint": str(shipped.AGE_ENCODER)}
     with pytest.raises(
         ConfigError, match=r"s.toml: \[model\].init_age_model and \[model\].encoder_checkpoint"
     ):
@@ -185,8 +189,12 @@ def test_server_run_refuses_an_init_age_model_that_cannot_start_its_model_before
     not_weights = tmp_path / "notes.safetensors"
     not_weights.write_text("not weights")
     for arch, init, needle in [
-        ("vit_tiny", AGE_MODEL, "is a vit_micro at 112 px; [model].arch and img_size say vit_tiny at 112"),
-        ("vit_micro", ENCODER, "not a fahr age model (kind=None)"),
+        (
+            "vit_tiny",
+            shipped.AGE_MODEL,
+            "is a vit_micro at 112 px; [model].arch and img_size say vit_tiny at 112",
+        ),
+        ("vit_micro", shipped.AGE_ENCODER, "not a fahr age model (kind=None)"),
         ("vit_micro", not_weights, "not a safetensors file"),
     ]:
         path = tmp_path / "server.toml"
