@@ -144,7 +144,7 @@ def main() -> None:
             for name, d in zip(names, dirs, strict=True)
         ]
         for mode in a.modes.split(","):
-            spec = replace(ModelConfig(arch="vit_micro"), finetune=mode, wire_dtype=a.wire_dtype)
+            spec = replace(ModelConfig(arch=shipped.ARCH), finetune=mode, wire_dtype=a.wire_dtype)
             for dp in (True, False):
                 results.setdefault((mode, dp), []).append(run(spec, sites, a.rounds, dp))
                 r = results[(mode, dp)][-1]

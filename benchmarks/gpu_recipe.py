@@ -68,6 +68,7 @@ from fahr_core.cohort.faces import FaceRecord
 from fahr_core.config import ModelConfig, PrivacyConfig, TrainConfig
 from fahr_core.faces.images import load_face, to_input
 from fahr_core.io import atomic_write_bytes, atomic_write_json
+from fahr_core.models import shipped
 from fahr_core.models.checkpoint import load_weights
 from fahr_core.models.finetune import prepare
 from fahr_core.models.initial import initial_model
@@ -395,7 +396,9 @@ def _site(images: np.ndarray, ages: np.ndarray, horizon: float, rng: np.random.G
 
 def site_training(age_model: Path, images: np.ndarray, ages: np.ndarray, workdir: Path, arch: str) -> dict:
     """Part 4: one DP-SGD round of a site on the compute device, and its held-out risk scores."""
-    spec = ModelConfig(arch=arch, img_size=images.shape[-1], init_age_model=str(age_model), finetune="last:1")
+    spec = ModelConfig(
+        arch=arch, img_size=images.shape[-1], init_age_model=str(age_model), finetune=shipped.FINETUNE
+    )
     model = prepare(initial_model(spec), spec)
     rng = np.random.default_rng(0)  # the cohort's outcomes (not DP randomness: that stays secure)
     half = len(images) // 2

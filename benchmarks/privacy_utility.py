@@ -71,7 +71,9 @@ def main() -> None:
     ap.add_argument(
         "--encoder", type=Path, default=None, help="start from this encoder and a zero risk head instead"
     )
-    ap.add_argument("--finetune", default="last:1", help="what the sites train (the demo's: last:1)")
+    ap.add_argument(
+        "--finetune", default=shipped.FINETUNE, help=f"what the sites train (the demo's: {shipped.FINETUNE})"
+    )
     ap.add_argument("--lr", type=float, default=None, help="local lr (default: the demo's)")
     ap.add_argument("--local-epochs", type=int, default=None, help="local epochs (default: the demo's)")
     ap.add_argument("--batch", type=int, default=None, help="expected batch size (default: the demo's)")
@@ -87,7 +89,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fahr-privacy-utility-"))
     aligned = a.aligned or work / "aligned"
     start = {"encoder_checkpoint": str(a.encoder)} if a.encoder else {"init_age_model": str(a.age_model)}
-    spec = ModelConfig(arch="vit_micro", finetune=a.finetune, **start)
+    spec = ModelConfig(arch=shipped.ARCH, finetune=a.finetune, **start)
     faces = site_faces(a.data, work, aligned, spec.img_size)
     sizes = tuple(int(n) for n in a.sizes.split(","))
     demo = FederationSetup()

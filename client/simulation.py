@@ -41,7 +41,7 @@ State = dict[str, torch.Tensor]
 @dataclass(frozen=True)
 class FederationSetup:
     """The demo's federation (`fahr demo`): 3 rounds, epsilon 8, 3 local epochs (the spec's `finetune`
-    says what trains: the demo's is "last:1", the head and the last block).
+    says what trains: the demo's is `fahr_core.models.shipped.FINETUNE`, the head and the last block).
 
     lr 2e-3: on the demo's sites (13 seeds) it leaves the age-model start's mean held-out C where
     it was, as 5e-4 does, but on the model build's sites from the validation faces it added 0.02

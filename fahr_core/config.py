@@ -483,12 +483,15 @@ def load_server_config(path: Path) -> ServerConfig:
     return server_config_from_dict(_read_toml(path), str(path), path.parent)
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """A TOML literal of `v`; a string as a basic string, with every character TOML forbids raw in
+    one (backslash, quote, control characters: a path may hold a tab or a newline) escaped."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    text = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + "".join(f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in text) + '"'
 
 
 def model_table(spec: ModelConfig) -> str:
@@ -497,14 +500,14 @@ def model_table(spec: ModelConfig) -> str:
     default = ModelConfig()
     keys = [f.name for f in fields(spec) if f.name != "base_sha256"]
     chosen = [k for k in keys if k == "arch" or getattr(spec, k) != getattr(default, k)]
-    return "\n".join(["[model]", *(f"{k} = {_toml_value(getattr(spec, k))}" for k in chosen)]) + "\n"
+    return "\n".join(["[model]", *(f"{k} = {toml_value(getattr(spec, k))}" for k in chosen)]) + "\n"
 
 
 def dump_site_config(cfg: SiteConfig, path: Path) -> None:
     """Write `cfg` as TOML (atomically), with paths as given; used by `fahr cohort simulate` and the demo."""
     lines = ["[site]"]
     for key in ("name", "data", "workdir", "split_seed", "test_fraction"):
-        lines.append(f"{key} = {_toml_value(getattr(cfg, key))}")
+        lines.append(f"{key} = {toml_value(getattr(cfg, key))}")
     for table, obj in (
         ("privacy", cfg.privacy),
         ("train", cfg.train),
@@ -514,6 +517,6 @@ def dump_site_config(cfg: SiteConfig, path: Path) -> None:
         lines += ["", f"[{table}]"]
         for key, value in asdict(obj).items():  # an unset path is written as "" (not ".")
             lines.append(
-                f"{key} = {_toml_value('' if isinstance(value, Path) and not is_set(value) else value)}"
+                f"{key} = {toml_value('' if isinstance(value, Path) and not is_set(value) else value)}"
             )
     atomic_write_text(Path(path), "\n".join(lines) + "\n")

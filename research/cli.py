@@ -24,7 +24,7 @@ from fahr_core.workdir import SITE_WORKDIR, ServerWorkdir
 from fahr_ops.certs import create_server_tls, create_site_keys, renew_server_tls
 from fahr_ops.cli import new_app
 from fahr_research.age import app as age_app
-from fahr_research.local import local_credentials, run_local_federation
+from fahr_research.local import demo_server_toml, local_credentials, run_local_federation
 from fahr_research.options import AlignmentWorkers, Threads, set_threads
 from fahr_research.pretrain import export_encoder_command, pretrain_command, shards_app
 
@@ -137,7 +137,7 @@ def models_build(
 
 @models_app.command("shipped")
 def models_shipped() -> None:
-    """Where the shipped models are, and the server.toml model table that starts from them, as the demo."""
+    """Where the shipped models are, and the server.toml model table the demo starts from."""
     typer.echo(
         "# fahr's shipped models (docs/models.md; a model card, .md, beside each):\n"
         f"#   age model:               {shipped.AGE_MODEL}\n"
@@ -236,17 +236,7 @@ def demo(
         dump_site_config(cfg, sites_dir / name / SITE_CONFIG_FILE)
         shutil.rmtree(sites_dir / name / SITE_WORKDIR, ignore_errors=True)
     server_toml = out / "server.toml"
-    atomic_write_text(
-        server_toml,
-        f"""[federation]
-rounds = {rounds}
-min_sites = {len(names)}
-port = {port}
-workdir = "server"
-
-{model_table(shipped.start_spec())}
-{security}""",
-    )
+    atomic_write_text(server_toml, demo_server_toml(rounds, len(names), port, security))
     shutil.rmtree(out / "server", ignore_errors=True)
     code = run_local_federation(
         server_toml, [sites_dir / n / SITE_CONFIG_FILE for n in names], echo=typer.echo

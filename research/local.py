@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fahr_core.config import ConnectionConfig, load_server_config, load_site_config
+from fahr_core.config import ConnectionConfig, load_server_config, load_site_config, model_table, toml_value
+from fahr_core.models import shipped
 from fahr_core.workdir import ServerWorkdir
 from fahr_ops.certs import create_server_tls, create_site_keys
 from fahr_ops.flower import console_script, local_address
@@ -31,12 +32,24 @@ def local_credentials(
         private, public = create_site_keys(certs / "sites", site)
         pubs.append(public)
         connections[site] = ConnectionConfig(f"127.0.0.1:{port}", tls.ca_cert, private)
-    keys = ", ".join(f'"{p}"' for p in pubs)
+    keys = ", ".join(toml_value(p) for p in pubs)
     table = (
-        f'[security]\nca_cert = "{tls.ca_cert}"\nserver_cert = "{tls.cert}"\n'
-        f'server_key = "{tls.key}"\nsite_keys = [{keys}]\n'
+        f"[security]\nca_cert = {toml_value(tls.ca_cert)}\nserver_cert = {toml_value(tls.cert)}\n"
+        f"server_key = {toml_value(tls.key)}\nsite_keys = [{keys}]\n"
     )
     return table, connections
+
+
+def demo_server_toml(rounds: int, n_sites: int, port: int, security: str) -> str:
+    """The demo's server.toml: its sites on 127.0.0.1, started from the shipped models."""
+    return f"""[federation]
+rounds = {rounds}
+min_sites = {n_sites}
+port = {port}
+workdir = "server"
+
+{model_table(shipped.start_spec())}
+{security}"""
 
 
 def start_site(toml: Path, superlink: str, runtime_port: int, insecure: bool = False) -> Managed:

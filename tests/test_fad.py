@@ -185,7 +185,7 @@ def test_age_model_travels_byte_for_byte(tmp_path):
     with pytest.raises(ValueError, match="not the one the server sent"):
         receive_age_model(tampered, sha256, tmp_path / "other.safetensors")
     not_age = tmp_path / "encoder.safetensors"
-    not_age.write_bytes((shipped.AGE_ENCODER).read_bytes())
+    not_age.write_bytes(shipped.AGE_ENCODER.read_bytes())
     with pytest.raises(ValueError, match="not a fahr age model"):
         age_model_payload(not_age)
 

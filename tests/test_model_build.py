@@ -33,6 +33,7 @@ from fahr_core.models import shipped
 from fahr_core.models.initial import initial_model
 from fahr_core.train.pretrain import load_checkpoint
 from fahr_research.cli import app
+from fahr_research.local import demo_server_toml, local_credentials
 from fahr_research.models import (
     AGE_ENCODER,
     CHOICE,
@@ -106,7 +107,7 @@ def _choice(out: Path, name: str) -> ModelConfig:
 
 
 def test_a_model_table_loads_back_as_the_spec_it_was_written_from(tmp_path: Path) -> None:
-    encoder = tmp_path / "enc.safetensors"
+    encoder = tmp_path / 'a "quoted"\\ name\twith\na newline.safetensors'  # a path may hold anything
     encoder.write_bytes(shipped.AGE_ENCODER.read_bytes())
     spec = ModelConfig(
         arch="vit_tiny",
@@ -119,10 +120,11 @@ def test_a_model_table_loads_back_as_the_spec_it_was_written_from(tmp_path: Path
         init_log_hr_per_year=0.05,
         encoder_checkpoint=str(encoder),
     )
-    table = model_table(spec)
-    assert "lora_alpha" not in table  # a default says nothing a reader needs
-    raw = tomllib.loads(table)
-    assert server_config_from_dict(raw, "t.toml", tmp_path).model == spec
+    table = model_table(replace(spec, base_sha256="ab" * 32))  # the server's own, never in a file
+    assert "lora_alpha" not in table and "base_sha256" not in table  # a default says nothing new
+    assert server_config_from_dict(tomllib.loads(table), "t.toml", tmp_path).model == spec
+    # the architecture is always named, even the default one: the table says what it builds
+    assert tomllib.loads(model_table(ModelConfig()))["model"] == {"arch": ModelConfig().arch}
 
 
 def test_models_shipped_prints_a_server_table_that_starts_from_the_shipped_files(tmp_path: Path) -> None:
@@ -136,6 +138,18 @@ def test_models_shipped_prints_a_server_table_that_starts_from_the_shipped_files
     assert spec == shipped.start_spec() and spec.finetune == "last:1"
     assert spec.init_age_model == spec.age_checkpoint == str(shipped.AGE_MODEL)
     assert initial_model(spec).head.risk.weight.abs().sum() > 0  # the age head, folded in
+
+
+def test_the_demos_server_starts_from_the_shipped_models_wherever_its_folder_is(tmp_path: Path) -> None:
+    out = tmp_path / 'demo "run" \\ 1'  # `fahr demo --out` is the user's: a quote or backslash in it
+    security, _ = local_credentials(out / "certs", ["maastro", "boston"], 8123)
+    server_toml = out / "server.toml"
+    server_toml.write_text(demo_server_toml(3, 2, 8123, security))
+    cfg = load_server_config(server_toml)
+    assert cfg.model == shipped.start_spec()
+    assert (cfg.rounds, cfg.min_sites, cfg.port, cfg.workdir) == (3, 2, 8123, (out / "server").resolve())
+    assert cfg.security is not None and cfg.security.ca_cert.is_file()
+    assert [p.name for p in cfg.security.site_keys] == ["maastro.pub", "boston.pub"]
 
 
 @pytest.mark.slow
