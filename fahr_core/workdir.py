@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-REPORT_PAGE = "report.html"  # in a report folder, beside summary.json (fahr_core.report)
+REPORT_PAGE = "report.html"  # a report folder's page, for people (fahr_core.report)
+REPORT_SUMMARY = "summary.json"  # beside it, its numbers for programs (aggregates only)
 SITE_WORKDIR = ".fahr"  # a site's workdir unless site.toml names one: inside the site's data folder
 
 
@@ -30,12 +31,16 @@ class _Workdir:
 
     @property
     def report(self) -> Path:
-        """The validation report: summary.json and REPORT_PAGE (fahr_core.report)."""
+        """The validation report: REPORT_SUMMARY and REPORT_PAGE (fahr_core.report)."""
         return self.root / "report"
 
     @property
     def report_page(self) -> Path:
         return self.report / REPORT_PAGE
+
+    @property
+    def report_summary(self) -> Path:
+        return self.report / REPORT_SUMMARY
 
     @property
     def flwr_home(self) -> Path:

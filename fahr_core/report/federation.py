@@ -12,6 +12,7 @@ from fahr_core.report.html import esc, figure, fmt, fmt_p, kv_table, notes_list,
 from fahr_core.report.site import c_index_sentences, plain
 from fahr_core.survival.metrics import MIN_CENSORING_SURVIVAL
 from fahr_core.survival.pooling import pooled_hazard_ratio, weighted_c_index
+from fahr_core.workdir import REPORT_PAGE, REPORT_SUMMARY
 
 
 def _pooled(ratios: list[dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -255,6 +256,6 @@ def write_federation_report(
             missing_text="not reported",
         )
     out_dir = Path(out_dir)
-    atomic_write_text(out_dir / "report.html", _render(summary, c_forest, hr_forest, fad_forest))
-    atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_text(out_dir / REPORT_PAGE, _render(summary, c_forest, hr_forest, fad_forest))
+    atomic_write_json(out_dir / REPORT_SUMMARY, summary)
     return summary

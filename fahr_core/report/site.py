@@ -27,6 +27,7 @@ from fahr_core.survival.metrics import (
     quartile_skip_reason,
     risk_quartiles,
 )
+from fahr_core.workdir import REPORT_PAGE, REPORT_SUMMARY
 
 
 def plain(obj: Any) -> Any:
@@ -459,6 +460,6 @@ def write_site_report(
     out_dir = Path(out_dir)
     sal_png = None if saliency is None else figures.saliency_png(saliency.maps, saliency.mean_face)
     written = summary.to_json()
-    atomic_write_text(out_dir / "report.html", _render(written, km_png, cal_png, sal_png))
-    atomic_write_json(out_dir / "summary.json", written)
+    atomic_write_text(out_dir / REPORT_PAGE, _render(written, km_png, cal_png, sal_png))
+    atomic_write_json(out_dir / REPORT_SUMMARY, written)
     return summary
