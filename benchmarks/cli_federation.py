@@ -9,7 +9,8 @@ own process (`fahr_research.local.run_local_federation`, as `fahr demo`). It the
 site's held-out C from the site's own validation report (`summary.json`) and scores, on the same
 held-out patients, the simulator's true linear predictor (the oracle) and the start before any
 round. Sites are drawn from the bundled faces or, with `--data`, from the validation part of the
-model build's fixed decade split without the demo's faces: faces the shipped models never saw.
+model build's fixed decade split without the demo's faces: faces the shipped models were never
+trained on (the build's warm-start stage chose the start on sites drawn from them).
 
     python benchmarks/cli_federation.py --seeds 0,1,2 --data ../shared/data/utkface --sizes 326,280,228
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -79,10 +81,15 @@ def federation(run: Path, faces: list[FaceRecord], sizes: tuple[int, ...], seed:
         split = SiteRuntime(cfg).load(spec.img_size)
         truth = load_truth(cfg.data)
         t, e = split.test.time, split.test.event
+        if report["n"] != len(t) or report["events"] != int(e.sum()) or report["c_index"] is None:
+            raise SystemExit(
+                f"seed {seed}, site {cfg.name}: its report scored {report['n']} held-out patients "
+                f"({report['events']} deaths, C {report['c_index']}), not the {len(t)} ({int(e.sum())}) "
+                f"scored here; see {cfg.paths.report_summary}"
+            )
         row["sites"][cfg.name] = {
             "held_out_patients": len(t),
             "held_out_events": int(e.sum()),
-            "report_patients": report["n"],
             "epsilon_spent": report["privacy"]["epsilon"],
             "c": report["c_index"],
             "start_c": harrell_c(t, e, patient_risk(start, split.test)),
@@ -100,33 +107,33 @@ def main() -> None:
     )
     ap.add_argument("--sizes", default="150,120,90", help="patients per site")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--out", type=Path, default=None, help="JSON of every seed (default: not written)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON of every seed so far (default: not written)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (sites, server, logs)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     faces = unseen_faces(a.data)
     sizes = tuple(int(n) for n in a.sizes.split(","))
     work = Path(tempfile.mkdtemp(prefix="fahr-cli-federation-"))
     rows = []
-    for seed in (int(s) for s in a.seeds.split(",")):
+    for seed in (int(s) for s in a.seeds.split(",")):  # a failed seed exits, its folder kept for the logs
         rows.append(federation(work / f"seed-{seed}", faces, sizes, seed))
-        r = rows[-1]
-        print(
-            json.dumps({k: r[k] for k in ("seed", "mean_start_c", "mean_c", "mean_oracle_c", "seconds")}),
-            flush=True,
-        )
+        shown = ("seed", "mean_start_c", "mean_c", "mean_oracle_c", "seconds")
+        print(json.dumps({k: rows[-1][k] for k in shown}), flush=True)
+        if a.out:  # after every seed: a later seed's failure keeps the earlier ones
+            atomic_write_json(a.out, {"faces": str(a.data or "bundled"), "sizes": sizes, "rows": rows})
+    if not a.keep:
+        shutil.rmtree(work)
     gap = np.array([r["mean_oracle_c"] - r["mean_c"] for r in rows])
     change = np.array([r["mean_c"] - r["mean_start_c"] for r in rows])
     se = gap.std(ddof=1) / np.sqrt(len(gap)) if len(gap) > 1 else float("nan")
     mean = {key: np.mean([r[f"mean_{key}"] for r in rows]) for key in ("c", "start_c", "oracle_c")}
     print(
         f"\n# fahr-server run + fahr-client start, {time.strftime('%Y-%m-%d')}, {platform.node()}, "
-        f"faces {a.data or 'bundled'} ({len(faces)}), sites of {a.sizes}, seeds {a.seeds} (work {work})\n"
+        f"faces {a.data or 'bundled'} ({len(faces)}), sites of {a.sizes}, seeds {a.seeds}\n"
         f"mean held-out C {mean['c']:.3f}, start {mean['start_c']:.3f}, oracle {mean['oracle_c']:.3f}; "
         f"gap to oracle {gap.mean():.3f} (SE {se:.3f}); change from the start {change.mean():+.3f} "
         f"({change.min():+.3f} to {change.max():+.3f})"
     )
-    if a.out:
-        atomic_write_json(a.out, {"faces": str(a.data or "bundled"), "sizes": sizes, "rows": rows})
 
 
 if __name__ == "__main__":
