@@ -33,14 +33,14 @@ from fahr_client.runtime import SiteRuntime
 from fahr_core.age.split import decade_split
 from fahr_core.cohort import FaceRecord, demo_faces_dir, load_labelled_faces
 from fahr_core.cohort.simulate import SimulationParams, load_truth, simulate_sites
-from fahr_core.config import dump_site_config, load_site_config, model_table
+from fahr_core.config import dump_site_config, load_site_config
 from fahr_core.io import atomic_write_json, atomic_write_text
 from fahr_core.models import shipped
 from fahr_core.models.initial import initial_model
 from fahr_core.survival.metrics import harrell_c
 from fahr_core.train.local import patient_risk
 from fahr_ops.processes import free_local_port
-from fahr_research.local import local_credentials, run_local_federation
+from fahr_research.local import demo_server_toml, local_credentials, run_local_federation
 from fahr_research.models import demo_face_names
 
 SITES = ("north", "south", "west")
@@ -65,10 +65,9 @@ def federation(run: Path, faces: list[FaceRecord], sizes: tuple[int, ...], seed:
     tomls = [d / "site.toml" for d in sites]
     for toml, name in zip(tomls, SITES, strict=True):
         dump_site_config(replace(load_site_config(toml), connection=connections[name]), toml)
-    server_toml = run / "server.toml"
+    server_toml = run / "server.toml"  # the demo's: 3 rounds from the shipped start (`fahr models shipped`)
+    atomic_write_text(server_toml, demo_server_toml(3, len(SITES), port, security))
     spec = shipped.start_spec()
-    rounds = f'[federation]\nrounds = 3\nmin_sites = {len(SITES)}\nport = {port}\nworkdir = "server"\n'
-    atomic_write_text(server_toml, f"{rounds}\n{model_table(spec)}\n{security}")
     started = time.perf_counter()
     code = run_local_federation(server_toml, tomls, echo=lambda s: None)
     if code:
