@@ -591,7 +591,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["recipe"] = asdict(recipe)
     if run.run("mae", build.mae) is None:
         return result
-    if run.run("age", lambda: build.age("age", build.out / "mae" / MAE_ENCODER)) is None:
+    encoder = build.out / "mae" / MAE_ENCODER
+    if run.run("age", lambda: build.age("age", encoder, torch.get_num_threads())) is None:
         return result
     age_model = build.out / "age" / FINAL_MODEL
     decades = json.loads((build.out / "age" / "validation" / METRICS_FILE).read_text(encoding="utf-8"))

@@ -111,25 +111,31 @@ def models_build(
     workers: AlignmentWorkers = 0,
     threads: Threads = 0,
     only: Annotated[
-        str, typer.Option(help="stages to run, comma-separated (default: all, see docs/models.md)")
+        str,
+        typer.Option(
+            help="stages to run, comma-separated (default: the shipped models' stages; age-random, "
+            "the random-init comparison, runs when named: docs/models.md)"
+        ),
     ] = "",
     jobs: Annotated[
         int,
         typer.Option(
             min=1,
             max=2,
-            help="2: MAE on two processes, then age-random and half the warm-start arms beside (2 cores)",
+            help="2: MAE on two processes and the warm-start arms split in two; an age stage on twice "
+            "the threads, or, with both named, age-random in a second process beside age (2 cores)",
         ),
     ] = 1,
 ) -> None:
-    """MAE encoder, age model (and its random-init twin) and survival warm start (docs/models.md)."""
-    from fahr_research.models import STAGES, ModelBuild, recipe_from_json
+    """MAE encoder, age model and survival warm start; with --only age-random, the age model's
+    random-init twin (docs/models.md)."""
+    from fahr_research.models import DEFAULT_STAGES, ModelBuild, recipe_from_json
 
     set_threads(threads)
     try:
         r = recipe_from_json(recipe)
         build = ModelBuild(data, out, r, aligned, workers or None, echo=lambda s: typer.echo(s), jobs=jobs)
-        build.run(only.split(",") if only else STAGES)
+        build.run(only.split(",") if only else DEFAULT_STAGES)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

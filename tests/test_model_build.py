@@ -37,6 +37,7 @@ from fahr_research.local import demo_server_toml, local_credentials
 from fahr_research.models import (
     AGE_ENCODER,
     CHOICE,
+    DEFAULT_STAGES,
     DONE,
     MAE_ENCODER,
     STAGES,
@@ -158,6 +159,12 @@ def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None
     out = tmp_path / "run"
     lines: list[str] = []
     summary = ModelBuild(faces, out, TINY, workers=1, echo=lines.append).run()
+    # the default build is the shipped models' chain; the random-init comparison waits to be named
+    assert list(summary["stages"]) == list(DEFAULT_STAGES) and not (out / "age-random").exists()
+    assert summary["stages"]["age"]["threads"] == 1
+    summary = ModelBuild(faces, out, TINY, workers=1, echo=lines.append).run(["age-random"])
+    assert list(summary["stages"]) == list(STAGES)
+    assert json.loads((out / "summary.json").read_text())["stages"] == summary["stages"]
     stages = summary["stages"]
     # the demo faces are never trained on: neither in the MAE shards nor in the age model's faces
     shard_names = (out / "shards" / "train" / "files.txt").read_text().split()
@@ -201,7 +208,7 @@ def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None
     # a re-run skips every complete stage; removing one stage's marker re-runs only that stage
     (out / "age-random" / DONE).unlink()
     lines.clear()
-    ModelBuild(faces, out, TINY, workers=1, echo=lines.append).run()
+    ModelBuild(faces, out, TINY, workers=1, echo=lines.append).run(STAGES)
     skipped = [line for line in lines if line.endswith("complete, skipped")]
     assert len(skipped) == 4 and any(line.startswith("[age-random] 2") for line in lines)
     assert json.loads((out / "age-random" / DONE).read_text())["pid"] == os.getpid()
@@ -210,11 +217,16 @@ def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None
         (out / done / DONE).unlink()
     for arm in (out / "warm-start").glob("arm-*.json"):
         arm.unlink()
-    summary = ModelBuild(faces, out, TINY, workers=1, echo=lines.append, jobs=2).run()
+    summary = ModelBuild(faces, out, TINY, workers=1, echo=lines.append, jobs=2).run(STAGES)
     assert list(summary["stages"]) == list(STAGES)
     assert summary["stages"]["age-random"]["pid"] not in (os.getpid(), None)
+    assert summary["stages"]["age-random"]["threads"] == 1  # a core each: the chain has the other
     arm_pids = {json.loads(p.read_text())["pid"] for p in (out / "warm-start").glob("arm-*.json")}
     assert os.getpid() in arm_pids and len(arm_pids) == 2
+    # an age stage with nothing beside it takes both cores' threads, and gives them back after
+    (out / "age-random" / DONE).unlink()
+    summary = ModelBuild(faces, out, TINY, workers=1, echo=lines.append, jobs=2).run(["age-random"])
+    assert summary["stages"]["age-random"]["threads"] == 2 and torch.get_num_threads() == 1
 
 
 @pytest.mark.slow
