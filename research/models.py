@@ -69,7 +69,7 @@ DONE = "done.json"
 MAE_ENCODER = "mae_encoder.safetensors"
 AGE_ENCODER = "age_encoder.safetensors"
 SURVIVAL_ENCODER = "survival_encoder.safetensors"
-SUMMARY = "summary.json"
+SUMMARY = "build.json"  # not a site report's summary.json: another file
 STAGES = ("shards", "mae", "age", "warm-start", "age-random")  # in order; each needs those before it
 DEFAULT_STAGES = STAGES[:-1]  # what the shipped models need; age-random is the comparison
 # where the survival model can start (ModelBuild.warm_start_spec): an encoder with a zero risk head,
@@ -236,7 +236,7 @@ class ModelBuild:
 
     def run(self, only: Sequence[str] = DEFAULT_STAGES) -> dict[str, Any]:
         """Run the stages in `only` that are not yet complete, in order; once every default stage
-        is complete, (re)write `summary.json` with every complete stage. A subset lets a second
+        is complete, (re)write `build.json` with every complete stage. A subset lets a second
         process run an independent stage (age-random needs only the faces) beside the chain on
         the same build folder. With `jobs=2` the build keeps both cores of a 2-core machine busy:
         MAE pre-training as two processes, the warm start's arms split between two, and either

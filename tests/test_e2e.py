@@ -13,7 +13,7 @@ from fahr_core.io import atomic_write_text
 from fahr_core.models.checkpoint import load_weights
 from fahr_core.models.initial import initial_model
 from fahr_core.privacy.audit import verify_audit_log
-from fahr_core.workdir import ServerWorkdir
+from fahr_core.workdir import REPORT_SUMMARY, ServerWorkdir
 from fahr_ops.flower import flower_env, start_supernode
 from fahr_research.local import local_credentials, run_local_federation
 from fahr_server.cli import run_federation
@@ -65,7 +65,7 @@ arch = "vit_micro"
         ledger = json.loads(site.paths.ledger.read_text())
         assert 0 < ledger["epsilon"] <= site.privacy.epsilon * (1 + 1e-9)
         assert len(ledger["history"]) == 2
-        summary = json.loads((site.paths.report / "summary.json").read_text())
+        summary = json.loads(site.paths.report_summary.read_text())
         assert summary["site"] == site.name and summary["n"] > 0
         assert "data:image/png;base64," in site.paths.report_page.read_text()
         assert verify_audit_log(site.paths.audit) == 4  # 2 trains, the evaluation admitted, its reply
@@ -85,7 +85,7 @@ arch = "vit_micro"
         assert event in console, console
     assert "INFO" not in console  # Flower's log went to run.log
 
-    fed = json.loads((work / "report" / "summary.json").read_text())
+    fed = json.loads((work / "report" / REPORT_SUMMARY).read_text())
     assert {s["site"] for s in fed["sites"]} == {"site1", "site2"}
     assert flower_processes_under(tmp_path) == []
 

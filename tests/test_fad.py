@@ -34,7 +34,7 @@ from fahr_core.protocol.wire import metrics_to_summary, summary_to_metrics
 from fahr_core.report.site import write_site_report
 from fahr_core.report.summary import PatientScores, SiteContext
 from fahr_core.survival.fad import REDUNDANCY_ALARM, fad_statistics
-from fahr_core.workdir import REPORT_PAGE
+from fahr_core.workdir import REPORT_PAGE, REPORT_SUMMARY
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def test_report_shows_fad_with_cis_and_sends_only_scalars(cohort, tmp_path):
     assert set(summary["fad"]["hr_per_decade"]) == hr_keys | {"n", "adjusted_for"}
     assert set(summary["fad"]["joint"]["risk_per_sd"]) == hr_keys and "notes" not in summary["fad"]
     assert summary["fad"]["joint"]["adjusted_for"] == ["risk_per_sd", "age", "male"]
-    assert json.loads((tmp_path / "summary.json").read_text())["fad"] == summary["fad"]
+    assert json.loads((tmp_path / REPORT_SUMMARY).read_text())["fad"] == summary["fad"]
     html = (tmp_path / REPORT_PAGE).read_text()
     assert "Hazard ratio per decade of FAD, adjusted for age and sex" in html
     assert f"{hr['hr']:.2f} (95% CI {hr['ci_low']:.2f}\u2013{hr['ci_high']:.2f})" in html

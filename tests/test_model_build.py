@@ -41,6 +41,7 @@ from fahr_research.models import (
     DONE,
     MAE_ENCODER,
     STAGES,
+    SUMMARY,
     SURVIVAL_ENCODER,
     WARM_STARTS,
     ModelBuild,
@@ -164,7 +165,7 @@ def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None
     assert summary["stages"]["age"]["threads"] == 1
     summary = ModelBuild(faces, out, TINY, workers=1, echo=lines.append).run(["age-random"])
     assert list(summary["stages"]) == list(STAGES)
-    assert json.loads((out / "summary.json").read_text())["stages"] == summary["stages"]
+    assert json.loads((out / SUMMARY).read_text())["stages"] == summary["stages"]
     stages = summary["stages"]
     # the demo faces are never trained on: neither in the MAE shards nor in the age model's faces
     shard_names = (out / "shards" / "train" / "files.txt").read_text().split()

@@ -47,7 +47,7 @@ def test_round_trains_accounts_and_reports(demo_site):
 
     evaluation, summary = site.evaluate(state, spec, {"server_round": 2})
     assert evaluation["num-examples"] == len(held_out) and summary["n"] == len(held_out)
-    assert cfg.paths.report_page.exists() and (cfg.paths.report / "summary.json").exists()
+    assert cfg.paths.report_page.exists() and cfg.paths.report_summary.exists()
     assert summary["privacy"]["epsilon"] == pytest.approx(metrics2["epsilon"], abs=5e-5)  # 4 decimals
     assert 0 < summary["privacy"]["epsilon_prv"] < summary["privacy"]["epsilon"]  # PRV: tighter than RDP
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fahr_core.workdir import REPORT_PAGE, SITE_WORKDIR, ServerWorkdir, SiteWorkdir
+from fahr_core.workdir import REPORT_PAGE, REPORT_SUMMARY, SITE_WORKDIR, ServerWorkdir, SiteWorkdir
 from tests.support import spelled_keys
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,13 +19,13 @@ SCANNED = ("server", "client", "research", "ops", "tests", "benchmarks")
 # Folder names that are plain words, also used for other folders (an alignment run's output, a report
 # written to a chosen folder): the workdir's own go through the classes, but a match proves nothing.
 PLAIN_WORDS = {"report", "aligned", "cache", "app"}
-# The report module names its own page in any folder it is given; its tests check that name.
+# The report module names its own files in any folder it is given; its tests check those names.
 OWN_NAMES = {"test_workdir_names.py", "test_reports.py", "test_report_browser.py"}
 
 
 def workdir_names() -> dict[str, str]:
     """file or folder name -> the path it is given out as."""
-    names = {REPORT_PAGE: "REPORT_PAGE", SITE_WORKDIR: "SITE_WORKDIR"}
+    names = {REPORT_PAGE: "REPORT_PAGE", REPORT_SUMMARY: "REPORT_SUMMARY", SITE_WORKDIR: "SITE_WORKDIR"}
     for cls in (ServerWorkdir, SiteWorkdir):
         root = cls(Path("/w"))
         for attr in dir(cls):
@@ -41,6 +41,7 @@ def test_the_names_cover_both_sides():
     names = workdir_names()
     assert {"run.json", "state.json", "global_model.safetensors", "events.jsonl"} <= set(names)
     assert {"privacy_ledger.json", "outbound_audit.jsonl", "last_evaluation.json"} <= set(names)
+    assert {"report.html", "summary.json"} <= set(names)
 
 
 def test_the_plain_words_left_out_are_workdir_names():
