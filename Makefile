@@ -49,7 +49,7 @@ check: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not e2e and not slow"
 
 # Rebuild every shipped model from the shared faces (docs/models.md): about 100 minutes from a
-# fresh clone on the 2-core machine, both cores busy throughout; re-run to resume.
+# fresh clone on the 2-core machine (the sum of its stages' measured times); re-run to resume.
 # `make models-random` then adds the age recipe from random initialisation in the same folder (the
 # comparison that shows what pre-training is worth; about 50 minutes). MODELS_OUT must be outside
 # the repository.

@@ -123,7 +123,7 @@ def models_build(
             min=1,
             max=2,
             help="2: MAE on two processes and the warm-start arms split in two; an age stage on twice "
-            "the threads, or, with both named, age-random in a second process beside age (2 cores)",
+            "the threads, or, with both to run, age-random in a second process beside age (2 cores)",
         ),
     ] = 1,
 ) -> None:

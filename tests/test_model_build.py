@@ -163,7 +163,9 @@ def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None
     # the default build is the shipped models' chain; the random-init comparison waits to be named
     assert list(summary["stages"]) == list(DEFAULT_STAGES) and not (out / "age-random").exists()
     assert summary["stages"]["age"]["threads"] == 1
-    summary = ModelBuild(faces, out, TINY, workers=1, echo=lines.append).run(["age-random"])
+    # named, it runs in the same folder; a run of every stage writes build.json with all of them
+    assert list(ModelBuild(faces, out, TINY, workers=1).run(["age-random"])["stages"]) == ["age-random"]
+    summary = ModelBuild(faces, out, TINY, workers=1, echo=lines.append).run(STAGES)
     assert list(summary["stages"]) == list(STAGES)
     assert json.loads((out / SUMMARY).read_text())["stages"] == summary["stages"]
     stages = summary["stages"]
@@ -213,21 +215,25 @@ def test_build_runs_every_stage_and_resumes(faces: Path, tmp_path: Path) -> None
     skipped = [line for line in lines if line.endswith("complete, skipped")]
     assert len(skipped) == 4 and any(line.startswith("[age-random] 2") for line in lines)
     assert json.loads((out / "age-random" / DONE).read_text())["pid"] == os.getpid()
-    # with jobs=2, age-random and every other warm-start arm run in a second process beside the chain
-    for done in ("age-random", "warm-start"):
+    # with jobs=2 and both age stages to run, age-random runs in a second process beside the age
+    # model, one core each; every other warm-start arm runs in a second process too
+    for done in ("age", "age-random", "warm-start"):
         (out / done / DONE).unlink()
     for arm in (out / "warm-start").glob("arm-*.json"):
         arm.unlink()
     summary = ModelBuild(faces, out, TINY, workers=1, echo=lines.append, jobs=2).run(STAGES)
     assert list(summary["stages"]) == list(STAGES)
-    assert summary["stages"]["age-random"]["pid"] not in (os.getpid(), None)
-    assert summary["stages"]["age-random"]["threads"] == 1  # a core each: the chain has the other
+    age, age_random = summary["stages"]["age"], summary["stages"]["age-random"]
+    assert (age["pid"], age["threads"]) == (os.getpid(), 1)
+    assert age_random["pid"] not in (os.getpid(), None) and age_random["threads"] == 1
     arm_pids = {json.loads(p.read_text())["pid"] for p in (out / "warm-start").glob("arm-*.json")}
     assert os.getpid() in arm_pids and len(arm_pids) == 2
-    # an age stage with nothing beside it takes both cores' threads, and gives them back after
+    # with nothing to run beside it (age complete), age-random runs here on both cores' threads
+    # and gives them back after
     (out / "age-random" / DONE).unlink()
-    summary = ModelBuild(faces, out, TINY, workers=1, echo=lines.append, jobs=2).run(["age-random"])
-    assert summary["stages"]["age-random"]["threads"] == 2 and torch.get_num_threads() == 1
+    summary = ModelBuild(faces, out, TINY, workers=1, echo=lines.append, jobs=2).run(STAGES)
+    age_random = summary["stages"]["age-random"]
+    assert (age_random["pid"], age_random["threads"]) == (os.getpid(), 2) and torch.get_num_threads() == 1
 
 
 @pytest.mark.slow
@@ -238,6 +244,7 @@ def test_two_jobs_pretrain_as_two_ranks_that_train_like_one_process(faces: Path,
     torch.set_num_threads(1)
     one = ModelBuild(faces, tmp_path / "one", TINY, workers=1, echo=lambda s: None)
     one.run(["shards", "mae"])
+    assert not (tmp_path / "one" / SUMMARY).exists()  # build.json only after every default stage
     two = ModelBuild(faces, tmp_path / "two", TINY, one.aligned, workers=1, echo=lambda s: None, jobs=2)
     two.run(["shards", "mae"])
     a, b = (load_checkpoint(out / "mae" / "checkpoint.pt") for out in (tmp_path / "two", tmp_path / "one"))
@@ -314,13 +321,31 @@ def test_a_rank_that_dies_between_two_reads_of_the_exit_codes_still_ends_the_wai
 
 
 def test_a_failure_in_the_second_process_fails_the_build_by_name(faces: Path, tmp_path: Path) -> None:
-    """jobs=2: an age-random that cannot run (too few faces for one batch) stops the build with an
-    error naming it, instead of a build that goes on as if it had run."""
+    """jobs=2: an age-random that cannot run in the second process (too few faces for one batch)
+    stops the build with an error naming it, instead of a build that goes on as if it had run."""
     torch.set_num_threads(1)
     big_batch = replace(TINY, age_batch=100_000, age_epochs=1, balanced_epochs=0)
     build = ModelBuild(faces, tmp_path / "run", big_batch, workers=1, echo=lambda s: None, jobs=2)
-    with pytest.raises(RuntimeError, match=r"\[age-random\] failed in the second process"):
-        build.run(["shards", "age-random"])
+    build.run(["shards"])
+    failed = pytest.raises(RuntimeError, match=r"\[age-random\] failed in the second process")
+    with failed, build._beside("[age-random]", stages=("age-random",)):
+        pass  # the chain's own stages succeed meanwhile
+
+
+def test_an_age_stage_gives_back_its_threads_when_it_fails(
+    faces: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.set_num_threads(1)
+    build = ModelBuild(faces, tmp_path / "run", TINY, workers=1, echo=lambda s: None, jobs=2)
+
+    def fails(*args: Any) -> dict[str, Any]:
+        assert torch.get_num_threads() == 2
+        raise ValueError("stopped")
+
+    monkeypatch.setattr(build, "_age", fails)
+    with pytest.raises(ValueError, match="stopped"):
+        build.run(["age-random"])
+    assert torch.get_num_threads() == 1
 
 
 def test_cli_refuses_a_bad_recipe_in_one_line(faces: Path, tmp_path: Path) -> None:
@@ -450,7 +475,7 @@ def test_the_second_process_ends_when_the_build_is_killed(faces: Path, tmp_path:
         "r = replace(smoke_recipe(Recipe()), age_epochs=100_000)\n"
         "b = ModelBuild(Path(sys.argv[1]), Path(sys.argv[2]), r, workers=1,"
         " echo=lambda s: print(s, flush=True), jobs=2)\n"
-        "b.run(['shards', 'age-random'])\n"
+        "b.run(['shards', 'mae', 'age', 'age-random'])\n"
     )
     build = subprocess.Popen(
         [sys.executable, "-c", script, str(faces), str(tmp_path / "run")], stdout=subprocess.PIPE, text=True
