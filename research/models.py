@@ -19,8 +19,7 @@ skipped when its output is complete so that a killed build continues where it st
 6. age-random: the same age recipe from random initialisation, the comparison that shows what
    pre-training is worth. It ships nothing, so the default build (`DEFAULT_STAGES`) leaves it to
    its own command: beside it the age model had one core instead of two, and the shipped models
-   took about 140 minutes on 2 cores instead of about 100, the sum of their stages' measured
-   times.
+   took about 140 minutes on 2 cores instead of 85 (docs/models.md).
 
 The bundled demo faces are left out of all training, so the demo's patients stay unseen. The
 shipped age model is the recipe's final model (the mean of its two stages' last weights; no epoch
